@@ -1,0 +1,1 @@
+"""Side-by-side measurement of methods (parameters, memory, speed, quality)."""

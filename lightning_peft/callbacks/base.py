@@ -1,0 +1,316 @@
+"""``PEFTCallback``: the Lightning glue every method callback shares.
+
+What it does, in Lightning's order (``Trainer.fit``):
+
+1. ``setup``: inject the adapters and freeze the base. If the LightningModule builds its model in
+   ``configure_model``, injection runs right after that hook instead. Either way it happens before
+   the checkpoint restore, the precision plugin, the strategy wrap (DDP/FSDP) and ``configure_optimizers``.
+2. Checkpoints hold the adapter only: the LightningModule's ``on_save_checkpoint`` (which Lightning
+   calls even with ``save_weights_only=True``) drops base weights from ``checkpoint["state_dict"]``
+   and records the adapter's settings under ``checkpoint["lightning_peft"]``.
+3. Resume: ``strict_loading`` is turned off for the base weights, and ``on_load_checkpoint`` checks,
+   before anything is loaded, that the checkpoint's adapter keys, shapes and settings match this
+   model's; a mismatch raises one error naming every bad key.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any, ClassVar, Optional, Union
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.model_helpers import is_overridden
+from torch import nn
+from typing_extensions import override
+
+from lightning_peft.core import adapter_param_names, count_parameters, mark_trainable
+from lightning_peft.targeting import match_name
+
+__all__ = [
+    "PEFTCallback",
+    "adapter_checkpoint_state",
+    "check_adapter_checkpoint",
+    "load_adapter_checkpoint",
+    "peft_state",
+]
+
+_STATE_ATTR = "_lightning_peft"
+_CKPT_KEY = "lightning_peft"
+
+
+def peft_state(module: nn.Module) -> dict[str, Any]:
+    """The record of what was injected into ``module`` (methods' settings, trained base parameters)."""
+    state = module.__dict__.get(_STATE_ATTR)
+    if state is None:
+        state = {"methods": [], "trainable": []}
+        module.__dict__[_STATE_ATTR] = state
+    return state
+
+
+def _kept_names(module: nn.Module) -> set[str]:
+    return set(adapter_param_names(module)) | set(peft_state(module)["trainable"])
+
+
+def _method_prefixes() -> tuple[str, ...]:
+    from lightning_peft.core import AdapterLayer
+
+    def walk(cls):
+        for sub in cls.__subclasses__():
+            yield sub
+            yield from walk(sub)
+
+    return tuple({c.adapter_prefix for c in walk(AdapterLayer) if c.adapter_prefix})
+
+
+def adapter_checkpoint_state(module: nn.Module, checkpoint: dict[str, Any]) -> None:
+    """Strip ``checkpoint["state_dict"]`` to the adapter (and trained base parameters), in place."""
+    state_dict = checkpoint.get("state_dict")
+    if state_dict is None:  # e.g. DeepSpeed, which saves through its engine
+        return
+    keep = _kept_names(module)
+    checkpoint["state_dict"] = type(state_dict)((k, v) for k, v in state_dict.items() if k in keep)
+    checkpoint[_CKPT_KEY] = {
+        "format_version": 1,
+        "methods": list(peft_state(module)["methods"]),
+        "trainable": list(peft_state(module)["trainable"]),
+        "shapes": {k: list(v.shape) for k, v in checkpoint["state_dict"].items()},
+    }
+
+
+def check_adapter_checkpoint(module: nn.Module, checkpoint: dict[str, Any]) -> None:
+    """Raise one ``ValueError`` naming every adapter key, shape or setting of ``checkpoint`` that does not fit ``module``."""
+    state_dict = checkpoint.get("state_dict", {})
+    params = dict(module.named_parameters())
+    expected = {k: tuple(params[k].shape) for k in _kept_names(module) if k in params}
+    prefixes = _method_prefixes()
+
+    def looks_like_adapter(key: str) -> bool:
+        return any(part.startswith(prefixes) for part in key.split(".")) if prefixes else False
+
+    problems = []
+    for key in sorted(expected):
+        if key not in state_dict:
+            problems.append(f"missing {key} (expected shape {list(expected[key])})")
+        elif tuple(state_dict[key].shape) != expected[key]:
+            problems.append(f"{key}: checkpoint shape {list(state_dict[key].shape)}, model shape {list(expected[key])}")
+    for key in sorted(k for k in state_dict if k not in expected and looks_like_adapter(k)):
+        problems.append(f"unexpected {key} (shape {list(state_dict[key].shape)}): this model has no such adapter parameter")
+    saved = checkpoint.get(_CKPT_KEY, {}).get("methods")
+    current = peft_state(module)["methods"]
+    if saved is not None and saved != current:
+        saved_by = {m.get("method"): m for m in saved}
+        for cur in current:
+            old = saved_by.get(cur["method"])
+            if old is None:
+                problems.append(f"method {cur['method']}: not in the checkpoint (it has {sorted(saved_by)})")
+                continue
+            for k in sorted(set(cur) | set(old)):
+                if cur.get(k) != old.get(k):
+                    problems.append(f"{cur['method']} setting {k}: checkpoint {old.get(k)!r}, now {cur.get(k)!r}")
+    if problems:
+        listed = "\n  ".join(problems)
+        raise ValueError(
+            f"The checkpoint does not match this model's adapters ({len(problems)} problem(s)):\n  {listed}\n"
+            "Resume with the same PEFT settings the checkpoint was made with, or start a new run without ckpt_path."
+        )
+
+
+class _CheckpointHook:
+    """Wraps a LightningModule's ``on_save_checkpoint``/``on_load_checkpoint`` (picklable, unlike a closure)."""
+
+    def __init__(self, module: pl.LightningModule, original: Any, kind: str) -> None:
+        self.module, self.original, self.kind = module, original, kind
+
+    def __call__(self, checkpoint: dict[str, Any]) -> None:
+        if self.kind == "load":
+            check_adapter_checkpoint(self.module, checkpoint)
+            self.original(checkpoint)
+        else:
+            self.original(checkpoint)
+            adapter_checkpoint_state(self.module, checkpoint)
+
+
+def _install_checkpoint_hooks(module: pl.LightningModule) -> None:
+    from lightning_peft.mixin import PEFTMixin
+
+    module.strict_loading = False  # base weights are not in an adapter checkpoint
+    if isinstance(module, PEFTMixin):  # the mixin implements both hooks itself
+        return
+    for kind, hook in (("save", "on_save_checkpoint"), ("load", "on_load_checkpoint")):
+        if not isinstance(getattr(module, hook), _CheckpointHook):
+            setattr(module, hook, _CheckpointHook(module, getattr(module, hook), kind))
+
+
+class PEFTCallback(Callback):
+    """Base class of the method callbacks: inject, freeze, and keep checkpoints adapter-only.
+
+    Subclasses set ``method_name`` and implement :meth:`_inject` (the pure-PyTorch injection rule of
+    their ``methods/`` file) and :meth:`config`.
+
+    Args:
+        target_modules: modules to adapt: ``"all-linear"``, a regular expression matching whole
+            qualified names, or a list of names / dotted suffixes (see :mod:`lightning_peft.targeting`).
+        exclude_modules: modules to leave alone, in the same forms.
+        trainable_modules: base modules trained in full and saved with the adapter (Hugging Face PEFT's
+            ``modules_to_save``), e.g. ``["classifier"]`` for a new classification head.
+        save_dir: if set, the adapter is written there in Hugging Face PEFT's format at the end of ``fit``.
+    """
+
+    method_name: ClassVar[str] = "adapter"
+    _registry: ClassVar[dict[str, type[PEFTCallback]]] = {}
+
+    def __init__(
+        self,
+        target_modules: Union[str, list[str]] = "all-linear",
+        exclude_modules: Optional[Union[str, list[str]]] = None,
+        trainable_modules: Optional[list[str]] = None,
+        save_dir: Optional[str] = None,
+    ) -> None:
+        super().__init__()
+        for arg, value in (("target_modules", target_modules), ("exclude_modules", exclude_modules)):
+            if value is not None and not isinstance(value, (str, list, tuple)):
+                raise TypeError(f"{arg} must be a string or a list of strings, got {type(value).__name__}: {value!r}.")
+        self.target_modules = target_modules if isinstance(target_modules, str) else list(target_modules)
+        self.exclude_modules = exclude_modules if exclude_modules is None or isinstance(exclude_modules, str) else list(exclude_modules)
+        self.trainable_modules = list(trainable_modules or [])
+        self.save_dir = save_dir
+        self.injected: list[str] = []
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        PEFTCallback._registry[cls.method_name] = cls
+
+    # -- what a method provides -------------------------------------------------------------------
+    def _inject(self, module: nn.Module) -> list[str]:
+        """Inject the method's layers into ``module`` (all-or-nothing); return the wrapped module names."""
+        raise NotImplementedError
+
+    def config(self) -> dict[str, Any]:
+        """The settings that define the adapter (saved in checkpoints, checked on resume)."""
+        return {
+            "method": self.method_name,
+            "target_modules": self.target_modules,
+            "exclude_modules": self.exclude_modules,
+            "trainable_modules": self.trainable_modules,
+        }
+
+    # -- usable without a Trainer -----------------------------------------------------------------
+    def inject(self, module: nn.Module) -> nn.Module:
+        """Add this callback's adapters to ``module`` and freeze everything else; returns ``module``.
+
+        Works on any ``nn.Module`` with no Trainer. All checks run before the model is touched, so an
+        error leaves ``module`` unchanged.
+
+        Example::
+
+            model = LoRA(r=8, target_modules=["q_proj", "v_proj"]).inject(model)
+        """
+        if self.injected:
+            raise RuntimeError(
+                f"This {type(self).__name__} callback already injected adapters (into {len(self.injected)} modules). "
+                "Create one callback per model."
+            )
+        trainable = self._trainable_param_names(module)
+        names = self._inject(module)
+        state = peft_state(module)
+        state["methods"].append(self.config())
+        state["trainable"] = sorted(set(state["trainable"]) | set(trainable))
+        mark_trainable(module, extra=state["trainable"])
+        self.injected = names
+        return module
+
+    def _trainable_param_names(self, module: nn.Module) -> list[str]:
+        if not self.trainable_modules:
+            return []
+        names = [n for n, _ in module.named_modules() if n and match_name(n, self.trainable_modules)]
+        if not names:
+            candidates = sorted({n.split(".")[-1] for n, m in module.named_modules() if n and not list(m.children())})
+            raise ValueError(
+                f"trainable_modules={self.trainable_modules!r} matched no module of {type(module).__name__}. "
+                f"Candidates: {candidates[:20]}."
+            )
+        return sorted({f"{m}.{p}" for m in names for p, _ in module.get_submodule(m).named_parameters()})
+
+    # -- Lightning hooks --------------------------------------------------------------------------
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        for cb in trainer.callbacks:
+            if cb is not self and type(cb) is type(self):
+                raise ValueError(
+                    f"Two {type(self).__name__} callbacks are attached to this Trainer. One model takes one "
+                    f"{type(self).__name__}: merge their target_modules into one callback."
+                )
+        if self.injected:
+            return  # a second stage (validate after fit, ...) on the same module
+        if is_overridden("configure_model", pl_module):
+            self._defer_to_configure_model(pl_module)
+        else:
+            self._inject_lightning(pl_module)
+
+    def _defer_to_configure_model(self, pl_module: pl.LightningModule) -> None:
+        original = pl_module.configure_model
+
+        @functools.wraps(original)
+        def configure_model_then_inject() -> None:
+            del pl_module.configure_model  # back to the class's own method
+            original()
+            if not self.injected:
+                self._inject_lightning(pl_module)
+
+        pl_module.configure_model = configure_model_then_inject
+
+    def _inject_lightning(self, pl_module: pl.LightningModule) -> None:
+        self.inject(pl_module)
+        _install_checkpoint_hooks(pl_module)
+        rank_zero_info(f"{type(self).__name__}: adapted {len(self.injected)} modules. {count_parameters(pl_module)}")
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.save_dir and trainer.is_global_zero:
+            from lightning_peft.io import save_adapter
+
+            path = save_adapter(pl_module, self.save_dir)
+            rank_zero_info(f"{type(self).__name__}: adapter written to {path}")
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"config": self.config(), "injected": list(self.injected)}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved = state_dict.get("config")
+        if saved is not None and saved != self.config():
+            diff = {k: (saved.get(k), self.config().get(k)) for k in set(saved) | set(self.config()) if saved.get(k) != self.config().get(k)}
+            raise ValueError(f"{type(self).__name__} settings differ from the checkpoint's (checkpoint, now): {diff}.")
+
+
+def load_adapter_checkpoint(module: nn.Module, checkpoint: Union[str, Path, dict[str, Any]]) -> nn.Module:
+    """Load the adapter of a Lightning checkpoint made with lightning-peft into ``module``.
+
+    ``module`` is the base (built from its own source) with or without adapters: when it has none, the
+    adapters the checkpoint records are injected first. Returns ``module``.
+
+    Example::
+
+        model = MyLightningModule()            # base weights from their own source
+        load_adapter_checkpoint(model, "last.ckpt")
+    """
+    if not isinstance(checkpoint, dict):
+        checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    record = checkpoint.get(_CKPT_KEY)
+    if record is None:
+        raise ValueError("This checkpoint has no 'lightning_peft' record: it was not saved with a lightning-peft callback or PEFTMixin.")
+    if not peft_state(module)["methods"]:
+        for cfg in record["methods"]:
+            cfg = dict(cfg)
+            cls = PEFTCallback._registry[cfg.pop("method")]
+            cls(**cfg).inject(module)
+    check_adapter_checkpoint(module, checkpoint)  # every adapter key present, with the right shape
+    module.load_state_dict(checkpoint["state_dict"], strict=False)
+    if isinstance(module, pl.LightningModule):
+        _install_checkpoint_hooks(module)
+    return module

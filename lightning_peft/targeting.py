@@ -1,0 +1,152 @@
+"""Which modules of a model an adapter wraps.
+
+``target_modules`` follows Hugging Face PEFT's rules, so configs carry over:
+
+* ``"all-linear"``: every ``nn.Linear`` (and Hugging Face GPT-2 ``Conv1D``) except the output head
+  (``get_output_embeddings()``, ``lm_head``, and classification heads named ``classifier`` or ``score``);
+* any other string: a regular expression that must match the whole qualified module name;
+* a list of strings: each one matches a module whose qualified name equals it or ends with ``"." + it``
+  (a dotted suffix such as ``"self_attn.q_proj"`` works too).
+
+``exclude_modules`` takes the same forms and removes modules from the match.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Union
+
+from torch import nn
+
+from lightning_peft.core import AdapterLayer
+
+__all__ = ["TargetSpec", "find_targets", "linear_types", "match_name", "output_head_names"]
+
+TargetSpec = Union[str, Sequence[str]]
+
+#: Names of classification heads that ``"all-linear"`` leaves alone (as Hugging Face PEFT does).
+_HEAD_NAMES = ("lm_head", "classifier", "score")
+
+
+def linear_types() -> tuple[type[nn.Module], ...]:
+    """``nn.Linear`` and, when ``transformers`` is installed, its GPT-2 style ``Conv1D``."""
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return (nn.Linear,)
+    return (nn.Linear, Conv1D)
+
+
+def output_head_names(model: nn.Module) -> set[str]:
+    """Qualified names of the output head(s) that ``"all-linear"`` excludes.
+
+    The module returned by ``get_output_embeddings()`` of the model or of any Hugging Face model inside it
+    (a LightningModule usually holds one), and every module named ``lm_head``, ``classifier`` or ``score``.
+    """
+    modules = list(model.named_modules())
+    heads = {name for name, _ in modules if name.split(".")[-1] in _HEAD_NAMES}
+    outputs = []
+    for _, module in modules:
+        get_out = getattr(module, "get_output_embeddings", None)
+        if callable(get_out):
+            try:
+                out = get_out()
+            except (NotImplementedError, AttributeError):
+                out = None
+            if isinstance(out, nn.Module):
+                outputs.append(out)
+    heads |= {name for name, m in modules if any(m is out for out in outputs)}
+    return heads
+
+
+def match_name(name: str, spec: TargetSpec) -> bool:
+    """Whether a qualified module name is selected by ``spec`` (see the module docstring)."""
+    if isinstance(spec, str):
+        return re.fullmatch(spec, name) is not None
+    return any(name == t or name.endswith("." + t) for t in spec)
+
+
+def _under(name: str, prefixes: set[str]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in prefixes if p) or "" in prefixes
+
+
+def find_targets(
+    model: nn.Module,
+    target_modules: TargetSpec,
+    exclude_modules: TargetSpec | None = None,
+    supported: tuple[type[nn.Module], ...] | None = None,
+    method: str = "adapter",
+) -> list[str]:
+    """Qualified names of the modules to wrap, validated; raises before anything is changed.
+
+    Args:
+        model: the model to search.
+        target_modules: see the module docstring.
+        exclude_modules: same forms; matching modules are skipped.
+        supported: the module types the method can wrap (default: :func:`linear_types`).
+        method: the method's name, for error messages.
+
+    Raises:
+        ValueError: nothing matches (the message lists candidate names), or a target already carries an adapter.
+        TypeError: a matched module is not of a supported type.
+    """
+    supported = supported or linear_types()
+    if isinstance(target_modules, str) and target_modules != "all-linear":
+        try:
+            re.compile(target_modules)
+        except re.error as err:
+            raise ValueError(f"target_modules={target_modules!r} is not a valid regular expression: {err}") from None
+    if not isinstance(target_modules, str) and not target_modules:
+        raise ValueError(f"target_modules is empty: name the modules the {method} should wrap, e.g. ['q_proj', 'v_proj'], or 'all-linear'.")
+
+    modules = dict(model.named_modules())
+    wrapped = {n for n, m in modules.items() if isinstance(m, AdapterLayer)}
+    hf_peft = {n for n, m in modules.items() if type(m).__module__.startswith("peft.")}
+
+    if target_modules == "all-linear":
+        heads = output_head_names(model)
+        selected = [n for n, m in modules.items() if isinstance(m, supported) and n not in heads and not _under(n, heads)]
+    else:
+        selected = [n for n in modules if n and match_name(n, target_modules)]
+    if exclude_modules:
+        selected = [n for n in selected if not match_name(n, exclude_modules)]
+    # submodules of an adapter layer belong to it (its base layer, its adapter weights)
+    selected = [n for n in selected if not any(n.startswith(w + ".") for w in wrapped if w)]
+
+    if not selected:
+        candidates = sorted({n.split(".")[-1] for n, m in modules.items() if n and isinstance(m, supported)})
+        if not candidates:
+            candidates = sorted({n.split(".")[-1] for n in modules if n})
+        shown = ", ".join(candidates[:20]) + (", ..." if len(candidates) > 20 else "")
+        raise ValueError(
+            f"target_modules={target_modules!r} (exclude_modules={exclude_modules!r}) matched no module of "
+            f"{type(model).__name__}. Candidate module names: [{shown}]. Use names from that list, dotted suffixes, "
+            f"a regular expression matching whole names, or 'all-linear'."
+        )
+
+    already = [n for n in selected if n in wrapped or n in hf_peft]
+    if already:
+        kinds = {type(modules[n]).__name__ for n in already}
+        raise ValueError(
+            f"{len(already)} target module(s) already carry an adapter ({', '.join(sorted(kinds))}), e.g. "
+            f"{already[0]!r}. Adapters were injected before (another PEFT callback, PEFTMixin, inject(), or "
+            f"Hugging Face PEFT). Use one {method} per model (combine the target_modules in one callback), or "
+            f"start from the plain base model."
+        )
+    if hf_peft:
+        raise ValueError(
+            f"{type(model).__name__} is already wrapped by Hugging Face PEFT (e.g. module {sorted(hf_peft)[0]!r}). "
+            "Pass the plain base model (PeftModel.get_base_model() after unload()) to lightning-peft."
+        )
+
+    bad = [(n, type(modules[n]).__name__) for n in selected if not isinstance(modules[n], supported)]
+    if bad:
+        names = ", ".join(f"{n!r} ({t})" for n, t in bad[:10])
+        ok = ", ".join(t.__name__ for t in supported)
+        raise TypeError(
+            f"The {method} cannot wrap {len(bad)} matched module(s) of unsupported type: {names}. Supported types: "
+            f"{ok}. Point target_modules at those layers (e.g. the projections inside the block) or add "
+            f"the unsupported names to exclude_modules."
+        )
+    return selected
