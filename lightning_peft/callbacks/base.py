@@ -184,6 +184,12 @@ class PEFTCallback(Callback):
         super().__init_subclass__(**kwargs)
         PEFTCallback._registry[cls.method_name] = cls
 
+    @property
+    @override
+    def state_key(self) -> str:
+        # unique per configuration, so that two callbacks of one type reach our own, clearer error in setup
+        return self._generate_state_key(targets=repr(self.target_modules), exclude=repr(self.exclude_modules))
+
     # -- what a method provides -------------------------------------------------------------------
     def _inject(self, module: nn.Module) -> list[str]:
         """Inject the method's layers into ``module`` (all-or-nothing); return the wrapped module names."""

