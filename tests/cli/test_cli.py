@@ -48,3 +48,31 @@ def test_causal_lm_config_runs_end_to_end_on_alpaca(tmp_path, shared_data, minil
     ])
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
     assert not any("alpaca" in p.name for p in (REPO / "lightning_peft").rglob("*"))  # the package ships no Alpaca data
+
+
+def test_alpaca_prompt_tokens_are_masked_from_the_loss(shared_data, minilm_path):
+    """The data the causal-LM config trains on: labels are -100 on every prompt token and on padding."""
+    import json
+
+    import torch
+    from transformers import AutoTokenizer
+
+    from lightning_peft.tasks import InstructionData, alpaca_prompt
+
+    alpaca = shared_data / "instructions" / "alpaca_data_1k_sample.json"
+    dm = InstructionData(train_file=str(alpaca), max_rows=16, val_fraction=0.0, batch_size=16, max_length=512, tokenizer_name_or_path=str(minilm_path))
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    tok = AutoTokenizer.from_pretrained(str(minilm_path))
+    prompts = {}
+    for e in json.loads(alpaca.read_text()):
+        p = tok(alpaca_prompt(e["instruction"], e.get("input", "")), add_special_tokens=False)["input_ids"]
+        prompts[tuple(p)] = len(p)
+    checked = 0
+    for ids, mask, labels in zip(batch["input_ids"], batch["attention_mask"], batch["labels"]):
+        n = int(mask.sum())
+        plen = next(k for p, k in prompts.items() if tuple(ids[:k].tolist()) == p)
+        assert (labels[:plen] == -100).all() and (labels[n:] == -100).all()
+        assert torch.equal(labels[plen:n], ids[plen:n])
+        checked += 1
+    assert checked == 16
