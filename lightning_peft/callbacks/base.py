@@ -16,6 +16,7 @@ What it does, in Lightning's order (``Trainer.fit``):
 from __future__ import annotations
 
 import functools
+import weakref
 from pathlib import Path
 from typing import Any, ClassVar, Optional, Union
 
@@ -179,6 +180,7 @@ class PEFTCallback(Callback):
         self.trainable_modules = list(trainable_modules or [])
         self.save_dir = save_dir
         self.injected: list[str] = []
+        self._injected_into: Optional[weakref.ref] = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -217,8 +219,8 @@ class PEFTCallback(Callback):
         """
         if self.injected:
             raise RuntimeError(
-                f"This {type(self).__name__} callback already injected adapters (into {len(self.injected)} modules). "
-                "Create one callback per model."
+                f"This {type(self).__name__} callback already injected adapters into another model "
+                f"({len(self.injected)} modules). Create one callback per model."
             )
         trainable = self._trainable_param_names(module)
         names = self._inject(module)
@@ -227,6 +229,7 @@ class PEFTCallback(Callback):
         state["trainable"] = sorted(set(state["trainable"]) | set(trainable))
         mark_trainable(module, extra=state["trainable"])
         self.injected = names
+        self._injected_into = weakref.ref(module)
         return module
 
     def _trainable_param_names(self, module: nn.Module) -> list[str]:
@@ -250,8 +253,9 @@ class PEFTCallback(Callback):
                     f"Two {type(self).__name__} callbacks are attached to this Trainer. One model takes one "
                     f"{type(self).__name__}: merge their target_modules into one callback."
                 )
-        if self.injected:
+        if self.injected and self._injected_into is not None and self._injected_into() is pl_module:
             return  # a second stage (validate after fit, ...) on the same module
+        # (a callback already used on another module raises in inject(): one callback per model)
         if is_overridden("configure_model", pl_module):
             self._defer_to_configure_model(pl_module)
         else:

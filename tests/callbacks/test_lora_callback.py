@@ -175,6 +175,16 @@ def test_validate_after_fit_reuses_the_adapters(tmp_path):
     assert sum(isinstance(m, LoRALinear) for m in module.modules()) == 2
 
 
+def test_reusing_a_callback_on_another_module_is_refused(tmp_path):
+    cb = LoRA(r=2, target_modules=["q_proj"])
+    trainer(tmp_path, [cb], max_steps=1).fit(TinyLM())
+    other = TinyLM()
+    before = _snapshot(other)
+    with pytest.raises(RuntimeError, match="already injected adapters into another model.*one callback per model"):
+        trainer(tmp_path, [cb], max_steps=1).fit(other)
+    assert _snapshot(other) == before
+
+
 class MixinLM(PEFTMixin, TinyLM):
     def __init__(self, r: int = 4):
         super().__init__()
