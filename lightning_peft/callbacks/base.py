@@ -253,7 +253,7 @@ class PEFTCallback(Callback):
                     f"Two {type(self).__name__} callbacks are attached to this Trainer. One model takes one "
                     f"{type(self).__name__}: merge their target_modules into one callback."
                 )
-        if self.injected and self._injected_into is not None and self._injected_into() is pl_module:
+        if self._injected_into is not None and self._injected_into() is pl_module:
             return  # a second stage (validate after fit, ...) on the same module
         # (a callback already used on another module raises in inject(): one callback per model)
         if is_overridden("configure_model", pl_module):
