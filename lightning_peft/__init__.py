@@ -4,20 +4,35 @@ from lightning_peft.callbacks import LoRA, PEFTCallback, load_adapter_checkpoint
 from lightning_peft.core import (
     AdapterLayer,
     ParameterCounts,
+    adapter_names,
     adapter_state_dict,
     count_parameters,
+    delete_adapter,
     disable_adapters,
     merge_adapters,
+    per_sample_adapters,
+    set_active_adapters,
+    set_adapter_trainable,
+    unload,
     unmerge_adapters,
 )
-from lightning_peft.io import save_adapter
-from lightning_peft.methods.lora import LoRALinear
+from lightning_peft.io import AdapterFileError, load_adapter, save_adapter
+from lightning_peft.methods.lora import LoRALinear, add_weighted_adapter
 from lightning_peft.mixin import PEFTMixin
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdapterFileError",
     "AdapterLayer",
+    "add_weighted_adapter",
+    "adapter_names",
+    "delete_adapter",
+    "load_adapter",
+    "per_sample_adapters",
+    "set_active_adapters",
+    "set_adapter_trainable",
+    "unload",
     "LoRA",
     "LoRALinear",
     "PEFTCallback",

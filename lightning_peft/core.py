@@ -22,6 +22,12 @@ from torch import nn
 
 __all__ = [
     "AdapterLayer",
+    "adapter_names",
+    "delete_adapter",
+    "set_active_adapters",
+    "set_adapter_trainable",
+    "per_sample_adapters",
+    "unload",
     "ParameterCounts",
     "adapter_modules",
     "adapter_param_names",
@@ -49,9 +55,15 @@ class AdapterLayer(nn.Module):
         self.disabled = False
         self.merged = False
 
-    def adapter_params(self) -> list[str]:
-        """Names (relative to this module) of the parameters the adapter adds."""
-        return [n for n, _ in self.named_parameters(recurse=True) if n.split(".")[-1].startswith(self.adapter_prefix)]
+    def adapter_params(self, trainable_only: bool = False) -> list[str]:
+        """Names (relative to this module) of the parameters the adapter adds.
+
+        A parameter belongs to the adapter when a component of its name starts with ``adapter_prefix``
+        (``lora_a.default``, ``ia3_scale``). Layers that hold several named adapters leave frozen ones out
+        when ``trainable_only``.
+        """
+        prefix = self.adapter_prefix
+        return [n for n, _ in self.named_parameters(recurse=True) if prefix and any(p.startswith(prefix) for p in n.split("."))]
 
     def merge(self) -> None:
         """Fold the adapter into the base weights. Safe to call twice."""
@@ -73,18 +85,25 @@ def adapter_modules(model: nn.Module) -> Iterator[tuple[str, AdapterLayer]]:
             yield name, module
 
 
-def adapter_param_names(model: nn.Module) -> list[str]:
-    """Qualified names of every adapter parameter in ``model`` (the parameters a method adds)."""
+def adapter_param_names(model: nn.Module, trainable_only: bool = False) -> list[str]:
+    """Qualified names of every adapter parameter in ``model`` (the parameters a method adds).
+
+    With ``trainable_only``, the parameters of frozen named adapters (see :func:`set_adapter_trainable`) are left out.
+    """
     names = []
     for mod_name, module in adapter_modules(model):
         prefix = f"{mod_name}." if mod_name else ""
-        names.extend(prefix + p for p in module.adapter_params())
+        names.extend(prefix + p for p in module.adapter_params(trainable_only=trainable_only))
     return names
 
 
 def mark_trainable(model: nn.Module, extra: list[str] | tuple[str, ...] = ()) -> None:
-    """Freeze everything except adapter parameters and the qualified parameter names in ``extra``."""
-    trainable = set(adapter_param_names(model)) | set(extra)
+    """Freeze everything except the (non-frozen) adapter parameters and the qualified parameter names in ``extra``.
+
+    The flags are recomputed from scratch each time, so a frozen named adapter never becomes trainable again
+    as a side effect of adding or loading another one.
+    """
+    trainable = set(adapter_param_names(model, trainable_only=True)) | set(extra)
     for name, param in model.named_parameters():
         param.requires_grad_(name in trainable)
 
@@ -184,4 +203,124 @@ def unmerge_adapters(model: nn.Module) -> nn.Module:
     """Undo :func:`merge_adapters` (idempotent). Returns ``model``."""
     for _, m in adapter_modules(model):
         m.unmerge()
+    return model
+
+
+# -- several named adapters on one base ------------------------------------------------------------
+def _named_layers(model: nn.Module) -> list[tuple[str, AdapterLayer]]:
+    """Adapter layers that hold named adapters (they implement ``adapter_names()``)."""
+    layers = list(adapter_modules(model))
+    if not layers:
+        raise ValueError(f"{type(model).__name__} carries no adapter layers: inject or load an adapter first.")
+    named = [(n, m) for n, m in layers if hasattr(m, "adapter_names")]
+    other = sorted({type(m).__name__ for _, m in layers if not hasattr(m, "adapter_names")})
+    if other:
+        raise NotImplementedError(
+            f"Named adapters are implemented for LoRA layers; this model also carries {other}, which hold a single "
+            "adapter each. Keep one model per adapter for those methods."
+        )
+    return named
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    """Names of the adapters in ``model``, in the order they were added."""
+    return list(dict.fromkeys(name for _, m in _named_layers(model) for name in m.adapter_names()))
+
+
+def _check_names(model: nn.Module, names: list[str]) -> None:
+    known = adapter_names(model)
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(f"No adapter named {unknown[0]!r} in {type(model).__name__}: its adapters are {known}.")
+
+
+def set_active_adapters(model: nn.Module, names: str | list[str]) -> nn.Module:
+    """Apply exactly the adapters ``names`` (one name, or several whose updates add up). Returns ``model``.
+
+    Example::
+
+        set_active_adapters(model, "sst2")        # switch
+        set_active_adapters(model, ["a", "b"])    # both updates at once
+    """
+    names = [names] if isinstance(names, str) else list(names)
+    _check_names(model, names)
+    for _, m in _named_layers(model):
+        m.active = [n for n in names if n in m.adapter_names()]
+    return model
+
+
+def delete_adapter(model: nn.Module, name: str) -> nn.Module:
+    """Remove the adapter ``name`` from every layer of ``model`` (layers left without adapters are unwrapped)."""
+    _check_names(model, [name])
+    layers = _named_layers(model)
+    for _, m in layers:
+        if name in m.merged_adapters:
+            raise RuntimeError(f"Adapter {name!r} is merged into the base weights: call unmerge_adapters(model) first.")
+    for qual, m in layers:
+        if name in m.adapter_names():
+            m.delete_adapter(name)
+            if not m.adapter_names():
+                model.set_submodule(qual, m.base_layer())
+    return model
+
+
+def set_adapter_trainable(model: nn.Module, name: str, trainable: bool = True, extra: list[str] | tuple[str, ...] = ()) -> nn.Module:
+    """Mark the adapter ``name`` trainable or frozen, then recompute every ``requires_grad`` flag of ``model``.
+
+    ``extra`` are qualified names of base parameters that train too (``trainable_modules``).
+    """
+    _check_names(model, [name])
+    for _, m in _named_layers(model):
+        if name in m.adapter_names():
+            (m.frozen.discard if trainable else m.frozen.add)(name)
+    mark_trainable(model, extra)
+    return model
+
+
+@contextlib.contextmanager
+def per_sample_adapters(model: nn.Module, names: list[str | None]) -> Iterator[nn.Module]:
+    """Inside the block, row ``i`` of each batch goes through adapter ``names[i]`` (``None``: the base model).
+
+    The result equals running each sample alone with its adapter active. For inference: adapters must not
+    be merged, and dropout is not applied.
+
+    Example::
+
+        with per_sample_adapters(model, ["sst2", "cola", None]):
+            logits = model(**batch_of_three)
+    """
+    names = list(names)
+    _check_names(model, [n for n in names if n is not None])
+    layers = [m for _, m in _named_layers(model)]
+    for m in layers:
+        m.sample_adapters = names
+    try:
+        yield model
+    finally:
+        for m in layers:
+            m.sample_adapters = None
+
+
+def unload(model: nn.Module, merge: bool = False) -> nn.Module:
+    """Replace every adapter layer by its plain base layer (``type(layer) is nn.Linear`` again). Returns ``model``.
+
+    With ``merge=True`` the active mergeable adapters are folded into the base weights first (a merged,
+    adapter-free model for serving); otherwise merged adapters are taken out first and the base comes back
+    as it was. The module's lightning-peft record is cleared.
+    """
+    layers = list(adapter_modules(model))
+    if merge:
+        cannot = sorted({type(m).__name__ for _, m in layers if not m.mergeable})
+        if cannot:
+            raise ValueError(f"unload(merge=True): {cannot} cannot be merged into the base weights; use unload(merge=False).")
+    for name, m in layers:
+        if merge:
+            m.merge()
+        elif m.merged:
+            m.unmerge()
+        if name:
+            model.set_submodule(name, m.base_layer())
+    model.__dict__.pop("_lightning_peft", None)
+    for p in model.parameters():
+        p.requires_grad_(True)
     return model

@@ -1,29 +1,75 @@
-"""Adapter files in Hugging Face PEFT's directory layout.
+"""Adapter files in Hugging Face PEFT's directory layout, both ways, loaded safely.
 
-``adapter_config.json`` + ``adapter_model.safetensors`` with keys
+A directory holds ``adapter_config.json`` + ``adapter_model.safetensors`` with keys
 ``base_model.model.<module path>.lora_A.weight`` / ``lora_B.weight`` and, for base modules trained in
 full (``trainable_modules``, PEFT's ``modules_to_save``), ``base_model.model.<module path>.<param>``.
 Paths are relative to the Hugging Face model inside a LightningModule (or to the module itself), so
-``peft.PeftModel.from_pretrained(hf_model, path)`` loads the directory.
+``peft.PeftModel.from_pretrained(hf_model, path)`` loads a directory written here, and
+:func:`load_adapter` loads one written by ``peft``.
+
+Safety: only JSON and safetensors are read unless the caller passes ``allow_pickle=True`` for a
+``.bin`` file; the config is validated field by field; every tensor's shape is checked against the
+model before the model is changed; a file written here records a fingerprint of its base model and
+loading it onto a different base is refused unless ``check_base=False``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
+from typing import Any, Optional, Union
 
 import torch
-from safetensors.torch import save_file
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lightning_peft.callbacks.base import peft_state
-from lightning_peft.core import adapter_modules
-from lightning_peft.methods.lora import LoRALinear
+from lightning_peft.core import AdapterLayer, adapter_modules, adapter_param_names, mark_trainable
+from lightning_peft.methods.lora import LoRALinear, inject_lora, pattern_value
+from lightning_peft.targeting import find_targets, linear_types, match_name
 
-__all__ = ["find_base_model", "save_adapter"]
+__all__ = ["AdapterFileError", "base_fingerprint", "find_base_model", "load_adapter", "register_peft_format", "save_adapter"]
 
-_PEFT_PREFIX = "base_model.model."
+PEFT_PREFIX = "base_model.model."
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_NAME = "adapter_model.bin"
+_FINGERPRINT_KEY = "lightning_peft_base"
+
+
+class AdapterFileError(ValueError):
+    """An adapter directory that cannot be loaded: bad config, bad tensors, or another base model."""
+
+
+@dataclass(frozen=True)
+class PeftFormat:
+    """How one method maps to Hugging Face PEFT's files.
+
+    ``to_peft(model, layers, adapter_name) -> (config, tensors)``: config fields (``peft_type`` included)
+    and tensors keyed ``base_model.model.<path>...`` for the adapter layers ``[(path, layer), ...]``.
+    ``from_peft(model, config, tensors, adapter_name) -> list[str]``: inject and load into ``model``;
+    it must validate everything (shapes included) before it changes ``model``.
+    ``fields``: required config fields and their accepted types, checked before ``from_peft`` runs.
+    """
+
+    peft_type: str
+    layer_type: type[AdapterLayer]
+    to_peft: Callable[..., tuple[dict[str, Any], dict[str, torch.Tensor]]]
+    from_peft: Callable[..., list[str]]
+    fields: dict[str, tuple[type, ...]]
+
+
+_FORMATS: dict[str, PeftFormat] = {}
+
+
+def register_peft_format(fmt: PeftFormat) -> None:
+    """Make a method's PEFT format known to :func:`save_adapter` and :func:`load_adapter`."""
+    _FORMATS[fmt.peft_type] = fmt
 
 
 def find_base_model(module: nn.Module) -> tuple[str, nn.Module]:
@@ -38,49 +84,403 @@ def find_base_model(module: nn.Module) -> tuple[str, nn.Module]:
     return "", module
 
 
-def save_adapter(module: nn.Module, directory: Union[str, Path]) -> Path:
-    """Write ``module``'s LoRA adapter to ``directory`` in Hugging Face PEFT's format; returns the directory."""
+# -- base-model fingerprint ---------------------------------------------------------------------------
+def _architecture(model: nn.Module) -> str:
+    archs = getattr(getattr(model, "config", None), "architectures", None)
+    return archs[0] if archs else type(model).__name__
+
+
+def base_fingerprint(model: nn.Module, targets: Optional[list[str]] = None) -> dict[str, Any]:
+    """What identifies a base model: architecture, parameter count, a digest of parameter names and shapes
+    (adapter parameters excluded), and the weight shapes of the adapted modules ``targets``."""
+    added = set(adapter_param_names(model))
+    base = [(n, tuple(p.shape)) for n, p in model.named_parameters() if n not in added]
+    digest = hashlib.sha256("\n".join(f"{n}:{list(s)}" for n, s in sorted(base)).encode()).hexdigest()[:16]
+    modules = dict(model.named_modules())
+    shapes = {t: list(modules[t].weight.shape) for t in (targets or []) if t in modules and hasattr(modules[t], "weight")}
+    return {"architecture": _architecture(model), "num_parameters": sum(_numel(s) for _, s in base), "digest": digest, "target_shapes": shapes}
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _check_fingerprint(model: nn.Module, saved: dict[str, Any], where: Path) -> None:
+    now = base_fingerprint(model, list(saved.get("target_shapes", {})))
+    problems = []
+    if saved.get("architecture") != now["architecture"]:
+        problems.append(f"architecture: adapter made for {saved.get('architecture')}, this model is {now['architecture']}")
+    for name, shape in saved.get("target_shapes", {}).items():
+        if name not in now["target_shapes"]:
+            problems.append(f"module {name}: in the adapter's base (weight {shape}), missing here")
+        elif now["target_shapes"][name] != shape:
+            problems.append(f"module {name}: weight {shape} in the adapter's base, {now['target_shapes'][name]} here")
+    if not problems and saved.get("digest") != now["digest"]:
+        problems.append(
+            f"parameter names or shapes differ elsewhere ({saved.get('num_parameters'):,} parameters in the adapter's "
+            f"base, {now['num_parameters']:,} here)"
+        )
+    if problems:
+        listed = "\n  ".join(problems[:10])
+        raise AdapterFileError(
+            f"The adapter in {where} was trained on a different base model:\n  {listed}\n"
+            "Load it onto the base it was trained on, or pass check_base=False to load it anyway."
+        )
+
+
+# -- reading files safely -------------------------------------------------------------------------------
+def _read_config(directory: Path) -> dict[str, Any]:
+    path = directory / CONFIG_NAME
+    if not directory.is_dir():
+        raise FileNotFoundError(f"Adapter directory {directory} does not exist.")
+    if not path.is_file():
+        raise AdapterFileError(f"{directory} has no {CONFIG_NAME}: it is not a Hugging Face PEFT / lightning-peft adapter directory.")
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise AdapterFileError(f"{path} is not valid JSON: {err}.") from None
+    if not isinstance(config, dict):
+        raise AdapterFileError(f"{path} must hold a JSON object, found {type(config).__name__}.")
+    peft_type = config.get("peft_type")
+    if peft_type is None:
+        raise AdapterFileError(f"{path} has no 'peft_type' field (e.g. \"LORA\"); it is not a PEFT adapter config.")
+    if peft_type not in _FORMATS:
+        raise AdapterFileError(f"{path}: peft_type {peft_type!r} is not supported by lightning-peft; supported: {sorted(_FORMATS)}.")
+    for field, types in _FORMATS[peft_type].fields.items():
+        if field not in config:
+            raise AdapterFileError(f"{path}: the {peft_type} config is missing the required field {field!r}.")
+        value = config[field]
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            names = " or ".join(t.__name__ for t in types)
+            raise AdapterFileError(f"{path}: field {field!r} must be {names}, found {type(value).__name__} {value!r}.")
+    return config
+
+
+def _read_tensors(directory: Path, allow_pickle: bool) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    path = directory / WEIGHTS_NAME
+    if path.is_file():
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                metadata = f.metadata() or {}
+            return load_file(str(path)), metadata
+        except (SafetensorError, OSError, RuntimeError, ValueError) as err:
+            raise AdapterFileError(
+                f"{path} is not a valid safetensors file (truncated or corrupted?): {err}. Nothing was loaded; "
+                "save the adapter again."
+            ) from None
+    pickled = directory / PICKLE_NAME
+    if pickled.is_file():
+        if not allow_pickle:
+            raise AdapterFileError(
+                f"{directory} holds only {PICKLE_NAME}, a pickle file, which can run arbitrary code when loaded; it is "
+                "refused by default. If you trust its source, pass allow_pickle=True (it is then read with "
+                "torch.load(weights_only=True)), or convert it to safetensors."
+            )
+        try:
+            return torch.load(pickled, map_location="cpu", weights_only=True), {}
+        except Exception as err:  # noqa: BLE001 - any unpickling failure is a bad file
+            raise AdapterFileError(f"{pickled} could not be read: {err}.") from None
+    raise AdapterFileError(f"{directory} has {CONFIG_NAME} but no {WEIGHTS_NAME} (nor {PICKLE_NAME}).")
+
+
+# -- save --------------------------------------------------------------------------------------------
+def _format_for(layers: list[tuple[str, AdapterLayer]]) -> PeftFormat:
+    kinds = {type(m) for _, m in layers}
+    for fmt in _FORMATS.values():
+        if kinds and all(issubclass(k, fmt.layer_type) for k in kinds):
+            return fmt
+    names = sorted(k.__name__ for k in kinds)
+    raise NotImplementedError(
+        f"No Hugging Face PEFT format for this combination of adapter layers: {names}. Supported: "
+        f"{sorted(f.layer_type.__name__ for f in _FORMATS.values())}, one method per adapter file."
+    )
+
+
+def save_adapter(module: nn.Module, directory: Union[str, Path], adapter_name: Optional[str] = None) -> Path:
+    """Write ``module``'s adapter to ``directory`` in Hugging Face PEFT's format; returns the directory.
+
+    Args:
+        module: a model (or LightningModule) carrying adapters.
+        directory: created if needed.
+        adapter_name: which named adapter to write. By default every adapter: the ``"default"`` one (or the
+            only one) at ``directory``, any other in ``directory/<name>`` (the layout ``peft`` writes).
+    """
     prefix, base = find_base_model(module)
-    layers = [(n, m) for n, m in adapter_modules(base)]
-    lora = [(n, m) for n, m in layers if isinstance(m, LoRALinear)]
+    layers = list(adapter_modules(base))
     if not layers:
         raise ValueError(f"{type(module).__name__} carries no adapter to save: inject one first (e.g. LoRA(...).inject(model)).")
-    if len(lora) != len(layers):
-        other = sorted({type(m).__name__ for _, m in layers if not isinstance(m, LoRALinear)})
-        raise NotImplementedError(f"Saving in PEFT format is implemented for LoRA only; this model also carries {other}.")
-    first = lora[0][1]
-    if any((m.r, m.alpha, m.use_rslora) != (first.r, first.alpha, first.use_rslora) for _, m in lora):
-        raise NotImplementedError("Saving adapters with per-module ranks or alphas in PEFT format is not implemented yet.")
+    names = _adapter_names(layers)
+    if adapter_name is not None and adapter_name not in names:
+        raise ValueError(f"No adapter named {adapter_name!r}: this model carries {names}.")
+    out = Path(directory)
+    chosen = [adapter_name] if adapter_name is not None else names
+    for name in chosen:
+        target = out if (adapter_name is not None or name == "default" or len(names) == 1) else out / name
+        _save_one(module, prefix, base, layers, name, target)
+    return out
 
-    tensors: dict[str, torch.Tensor] = {}
-    for name, m in lora:
-        tensors[f"{_PEFT_PREFIX}{name}.lora_A.weight"] = m.lora_a.detach()
-        tensors[f"{_PEFT_PREFIX}{name}.lora_B.weight"] = m.lora_b.detach()
+
+def _adapter_names(layers: list[tuple[str, AdapterLayer]]) -> list[str]:
+    names = [n for _, m in layers for n in (m.adapter_names() if hasattr(m, "adapter_names") else ["default"])]
+    return list(dict.fromkeys(names))
+
+
+def _save_one(module, prefix, base, layers, name, directory: Path) -> None:
+    mine = [(n, m) for n, m in layers if name in (m.adapter_names() if hasattr(m, "adapter_names") else ["default"])]
+    fmt = _format_for(mine)
+    config, tensors = fmt.to_peft(base, mine, name)
     trained = [n[len(prefix):] for n in peft_state(module)["trainable"] if n.startswith(prefix)]
     params = dict(base.named_parameters())
-    for name in trained:
-        tensors[f"{_PEFT_PREFIX}{name}"] = params[name].detach()
-    modules_to_save = sorted({n.rsplit(".", 1)[0] for n in trained}) or None
-
+    for pname in trained:
+        tensors[f"{PEFT_PREFIX}{pname}"] = params[pname].detach()
     name_or_path = getattr(getattr(base, "config", None), "_name_or_path", None)
     config = {
-        "peft_type": "LORA",
+        "peft_type": fmt.peft_type,
         "task_type": None,
         "base_model_name_or_path": name_or_path or None,
-        "r": first.r,
-        "lora_alpha": first.alpha,
-        "lora_dropout": first.dropout,
-        "use_rslora": first.use_rslora,
-        "target_modules": sorted(n for n, _ in lora),
-        "modules_to_save": modules_to_save,
-        "fan_in_fan_out": first.fan_in_fan_out,
-        "bias": "none",
-        "init_lora_weights": True,
+        **config,
+        "modules_to_save": sorted({n.rsplit(".", 1)[0] for n in trained}) or None,
         "inference_mode": True,
         "library": "lightning-peft",
     }
-    out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
-    (out / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
-    return out
+    fingerprint = base_fingerprint(base, [n for n, _ in mine])
+    directory.mkdir(parents=True, exist_ok=True)
+    metadata = {"format": "pt", _FINGERPRINT_KEY: json.dumps(fingerprint)}
+    save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(directory / WEIGHTS_NAME), metadata=metadata)
+    (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+
+
+# -- load --------------------------------------------------------------------------------------------
+def load_adapter(
+    module: nn.Module,
+    directory: Union[str, Path],
+    adapter_name: str = "default",
+    is_trainable: bool = False,
+    activate: Optional[bool] = None,
+    allow_pickle: bool = False,
+    check_base: bool = True,
+) -> nn.Module:
+    """Load an adapter directory (written here or by Hugging Face PEFT) into ``module``; returns ``module``.
+
+    On a plain base model the adapter its config describes (method, targets, ranks) is injected and its
+    weights loaded; on a model that already carries adapters it is added under ``adapter_name``.
+    Everything (config fields, tensor names and shapes, base fingerprint) is checked before ``module``
+    is changed, so a bad file leaves it as it was.
+
+    Args:
+        module: the base model (or a LightningModule holding it), with or without adapters.
+        directory: the adapter directory (``adapter_config.json`` + ``adapter_model.safetensors``).
+        adapter_name: the name the adapter gets in ``module``.
+        is_trainable: train this adapter (default: frozen, for inference or as a fixed component).
+        activate: apply the adapter in forward. Default: only if ``module`` had no adapter before.
+        allow_pickle: also read a pickled ``adapter_model.bin`` (with ``torch.load(weights_only=True)``).
+        check_base: refuse an adapter whose recorded base fingerprint differs from ``module``'s base.
+
+    Example::
+
+        model = AutoModelForSequenceClassification.from_pretrained(base_path)
+        load_adapter(model, "outputs/quickstart/adapter")
+    """
+    directory = Path(directory)
+    config = _read_config(directory)
+    tensors, metadata = _read_tensors(directory, allow_pickle)
+    prefix, base = find_base_model(module)
+    had_adapters = any(True for _ in adapter_modules(base))
+    if check_base and _FINGERPRINT_KEY in metadata:
+        _check_fingerprint(base, json.loads(metadata[_FINGERPRINT_KEY]), directory)
+    # modules_to_save: base parameters stored in full
+    saved_modules = config.get("modules_to_save") or []
+    if not isinstance(saved_modules, list) or not all(isinstance(m, str) for m in saved_modules):
+        raise AdapterFileError(f"{directory / CONFIG_NAME}: 'modules_to_save' must be a list of module names or null, found {saved_modules!r}.")
+    full, rest = _split_modules_to_save(base, tensors, saved_modules, directory)
+    if full and had_adapters:
+        raise NotImplementedError(
+            f"The adapter in {directory} also stores trained base modules ({saved_modules}); loading it as an "
+            "additional named adapter would overwrite the base modules the other adapters use. Load it onto a "
+            "fresh base model."
+        )
+    fmt = _FORMATS[config["peft_type"]]
+    try:
+        injected = fmt.from_peft(base, config, rest, adapter_name)
+    except AdapterFileError:
+        raise
+    except (ValueError, TypeError, KeyError) as err:
+        raise AdapterFileError(f"{directory}: {err}") from err
+    with torch.no_grad():
+        params = dict(base.named_parameters())
+        for pname, value in full.items():
+            params[pname].copy_(value.to(params[pname].dtype))
+    layers = [m for _, m in adapter_modules(base)]
+    for m in layers:
+        if hasattr(m, "adapter_names") and adapter_name in m.adapter_names():
+            if not is_trainable:
+                m.frozen.add(adapter_name)
+            if activate is False or (activate is None and had_adapters):
+                m.active = [n for n in m.active if n != adapter_name]
+            elif adapter_name not in m.active:
+                m.active.append(adapter_name)
+    state = peft_state(module)
+    if is_trainable and full:
+        state["trainable"] = sorted(set(state["trainable"]) | {prefix + n for n in full})
+    record = fmt_record(config, adapter_name, prefix, saved_modules)
+    if record is not None:
+        state["methods"].append(record)
+    mark_trainable(module, extra=state["trainable"])
+    return module
+
+
+def _split_modules_to_save(base: nn.Module, tensors: dict[str, torch.Tensor], modules: list[str], where: Path):
+    params = dict(base.named_parameters())
+    full, rest = {}, {}
+    for key, value in tensors.items():
+        if not key.startswith(PEFT_PREFIX):
+            raise AdapterFileError(f"{where / WEIGHTS_NAME}: tensor {key!r} does not start with {PEFT_PREFIX!r} (not a PEFT adapter file).")
+        path = key[len(PEFT_PREFIX):].replace(".modules_to_save.", ".")  # peft writes <module>.modules_to_save.<param> at times
+        if path in params and "." in path and match_name(path.rsplit(".", 1)[0], modules):
+            if tuple(value.shape) != tuple(params[path].shape):
+                raise AdapterFileError(
+                    f"{where}: module {path.rsplit('.', 1)[0]} ({path.rsplit('.', 1)[1]}): the model has shape "
+                    f"{list(params[path].shape)}, the adapter file {list(value.shape)}."
+                )
+            full[path] = value
+        else:
+            rest[key] = value
+    return full, rest
+
+
+def fmt_record(config: dict[str, Any], adapter_name: str, prefix: str, saved_modules: list[str]) -> Optional[dict[str, Any]]:
+    """The callback config recorded on the module for a loaded adapter (checkpoints and resume use it)."""
+    if config["peft_type"] != "LORA":
+        return None
+    record = {
+        "method": "lora",
+        "target_modules": config["target_modules"],
+        "exclude_modules": config.get("exclude_modules"),
+        "trainable_modules": list(saved_modules),
+        "r": config["r"],
+        "alpha": float(config["lora_alpha"]),
+        "dropout": float(config.get("lora_dropout", 0.0) or 0.0),
+        "use_rslora": bool(config.get("use_rslora", False)),
+        "init": "gaussian" if config.get("init_lora_weights") == "gaussian" else "kaiming",
+    }
+    if adapter_name != "default":
+        record["adapter_name"] = adapter_name
+    if config.get("rank_pattern"):
+        record["rank_pattern"] = dict(config["rank_pattern"])
+    if config.get("alpha_pattern"):
+        record["alpha_pattern"] = {k: float(v) for k, v in config["alpha_pattern"].items()}
+    return record
+
+
+# -- LoRA ------------------------------------------------------------------------------------------------
+def _lora_to_peft(base: nn.Module, layers: list[tuple[str, LoRALinear]], name: str):
+    specs = {path: m.specs[name] for path, m in layers}
+    r = Counter(s.r for s in specs.values()).most_common(1)[0][0]
+    alpha = Counter(s.alpha for s in specs.values()).most_common(1)[0][0]
+    if len({s.use_rslora for s in specs.values()}) > 1:
+        raise NotImplementedError(f"Adapter {name!r} mixes rsLoRA and plain LoRA scaling across modules; PEFT's format has one use_rslora.")
+    first = next(iter(specs.values()))
+    tensors = {}
+    for path, m in layers:
+        tensors[f"{PEFT_PREFIX}{path}.lora_A.weight"] = m.lora_a[name].detach()
+        tensors[f"{PEFT_PREFIX}{path}.lora_B.weight"] = m.lora_b[name].detach()
+    config = {
+        "r": r,
+        "lora_alpha": alpha,
+        "rank_pattern": {p: s.r for p, s in specs.items() if s.r != r},
+        "alpha_pattern": {p: s.alpha for p, s in specs.items() if s.alpha != alpha},
+        "lora_dropout": first.dropout,
+        "use_rslora": first.use_rslora,
+        "target_modules": sorted(specs),
+        "fan_in_fan_out": layers[0][1].fan_in_fan_out,
+        "bias": "none",
+        "use_dora": False,
+        "init_lora_weights": "gaussian" if first.init == "gaussian" else True,
+    }
+    return config, tensors
+
+
+_LORA_UNSUPPORTED = {
+    "use_dora": (False, None),
+    "bias": ("none", None),
+    "layers_to_transform": (None,),
+    "layers_pattern": (None,),
+    "target_parameters": (None, []),
+    "lora_bias": (False, None),
+    "trainable_token_indices": (None,),
+    "megatron_config": (None,),
+}
+
+
+def _lora_from_peft(base: nn.Module, config: dict[str, Any], tensors: dict[str, torch.Tensor], adapter_name: str) -> list[str]:
+    for field, ok in _LORA_UNSUPPORTED.items():
+        if field in config and config[field] not in ok:
+            raise NotImplementedError(f"This LoRA adapter uses {field}={config[field]!r}, which lightning-peft does not support yet.")
+    rank_pattern = config.get("rank_pattern") or {}
+    alpha_pattern = config.get("alpha_pattern") or {}
+    for field, value in (("rank_pattern", rank_pattern), ("alpha_pattern", alpha_pattern)):
+        if not isinstance(value, dict):
+            raise AdapterFileError(f"field {field!r} must be an object mapping module names to values, found {value!r}.")
+    r, alpha = config["r"], float(config["lora_alpha"])
+    targets = config["target_modules"]
+    targets = targets if isinstance(targets, str) else list(targets)
+    exclude = config.get("exclude_modules")
+    names = find_targets(base, targets, exclude, supported=linear_types(), method="LoRA", extend=(LoRALinear,))
+    modules = dict(base.named_modules())
+    expected: dict[str, tuple[int, ...]] = {}
+    for n in names:
+        m = modules[n]
+        if isinstance(m, LoRALinear):
+            in_f, out_f = m.in_features, m.out_features
+        else:
+            w = m.weight
+            in_f, out_f = (w.shape[0], w.shape[1]) if not isinstance(m, nn.Linear) else (w.shape[1], w.shape[0])
+        rank = pattern_value(n, rank_pattern, r)
+        expected[f"{PEFT_PREFIX}{n}.lora_A.weight"] = (rank, in_f)
+        expected[f"{PEFT_PREFIX}{n}.lora_B.weight"] = (out_f, rank)
+    # peft may keep the adapter name in keys (lora_A.<name>.weight); accept that spelling too
+    normalized = {}
+    for key, value in tensors.items():
+        for part in ("lora_A", "lora_B"):
+            key = key.replace(f".{part}.{adapter_name}.weight", f".{part}.weight").replace(f".{part}.default.weight", f".{part}.weight")
+        normalized[key] = value
+    problems = []
+    for key, shape in expected.items():
+        if key not in normalized:
+            problems.append(f"missing {key} for module {key[len(PEFT_PREFIX):].rsplit('.', 2)[0]} (expected shape {list(shape)})")
+        elif tuple(normalized[key].shape) != shape:
+            module = key[len(PEFT_PREFIX):].rsplit(".", 2)[0]
+            problems.append(f"module {module} ({key.rsplit('.', 2)[1]}): expected shape {list(shape)}, found {list(normalized[key].shape)}")
+    for key in sorted(set(normalized) - set(expected)):
+        problems.append(f"unexpected tensor {key} (shape {list(normalized[key].shape)}): no such adapted module in this model")
+    if problems:
+        listed = "\n  ".join(problems[:20])
+        raise AdapterFileError(f"the adapter's tensors do not fit this model ({len(problems)} problem(s)):\n  {listed}")
+    init = "gaussian" if config.get("init_lora_weights") == "gaussian" else "kaiming"
+    injected = inject_lora(
+        base, names, None, r=r, alpha=alpha, dropout=float(config.get("lora_dropout", 0.0) or 0.0),
+        use_rslora=bool(config.get("use_rslora", False)), init=init, adapter_name=adapter_name,
+        rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
+    )
+    with torch.no_grad():
+        for n in injected:
+            layer = base.get_submodule(n)
+            layer.lora_a[adapter_name].copy_(normalized[f"{PEFT_PREFIX}{n}.lora_A.weight"])
+            layer.lora_b[adapter_name].copy_(normalized[f"{PEFT_PREFIX}{n}.lora_B.weight"])
+    return injected
+
+
+register_peft_format(
+    PeftFormat(
+        peft_type="LORA",
+        layer_type=LoRALinear,
+        to_peft=_lora_to_peft,
+        from_peft=_lora_from_peft,
+        fields={"r": (int,), "lora_alpha": (int, float), "target_modules": (str, list)},
+    )
+)

@@ -77,6 +77,7 @@ def find_targets(
     exclude_modules: TargetSpec | None = None,
     supported: tuple[type[nn.Module], ...] | None = None,
     method: str = "adapter",
+    extend: tuple[type[nn.Module], ...] = (),
 ) -> list[str]:
     """Qualified names of the modules to wrap, validated; raises before anything is changed.
 
@@ -86,6 +87,7 @@ def find_targets(
         exclude_modules: same forms; matching modules are skipped.
         supported: the module types the method can wrap (default: :func:`linear_types`).
         method: the method's name, for error messages.
+        extend: adapter layer types that may be selected again (to add another named adapter to them).
 
     Raises:
         ValueError: nothing matches (the message lists candidate names), or a target already carries an adapter.
@@ -102,11 +104,12 @@ def find_targets(
 
     modules = dict(model.named_modules())
     wrapped = {n for n, m in modules.items() if isinstance(m, AdapterLayer)}
+    supported_or_extended = supported + tuple(extend)
     hf_peft = {n for n, m in modules.items() if type(m).__module__.startswith("peft.")}
 
     if target_modules == "all-linear":
         heads = output_head_names(model)
-        selected = [n for n, m in modules.items() if isinstance(m, supported) and n not in heads and not _under(n, heads)]
+        selected = [n for n, m in modules.items() if isinstance(m, supported_or_extended) and n not in heads and not _under(n, heads)]
     else:
         selected = [n for n in modules if n and match_name(n, target_modules)]
     if exclude_modules:
@@ -125,7 +128,7 @@ def find_targets(
             f"a regular expression matching whole names, or 'all-linear'."
         )
 
-    already = [n for n in selected if n in wrapped or n in hf_peft]
+    already = [n for n in selected if (n in wrapped and not isinstance(modules[n], tuple(extend))) or n in hf_peft]
     if already:
         kinds = {type(modules[n]).__name__ for n in already}
         raise ValueError(
@@ -140,7 +143,7 @@ def find_targets(
             "Pass the plain base model (PeftModel.get_base_model() after unload()) to lightning-peft."
         )
 
-    bad = [(n, type(modules[n]).__name__) for n in selected if not isinstance(modules[n], supported)]
+    bad = [(n, type(modules[n]).__name__) for n in selected if not isinstance(modules[n], supported_or_extended)]
     if bad:
         names = ", ".join(f"{n!r} ({t})" for n, t in bad[:10])
         ok = ", ".join(t.__name__ for t in supported)

@@ -26,6 +26,11 @@ class LoRA(PEFTCallback):
         init: initialisation of ``A``: ``"kaiming"`` (uniform) or ``"gaussian"``; ``B`` starts at zero.
         trainable_modules: base modules trained in full and saved with the adapter, e.g. ``["classifier"]``.
         save_dir: write the adapter there in Hugging Face PEFT's format at the end of ``fit``.
+        adapter_name: name of this adapter; a model that already carries LoRA adapters gets it as an
+            additional named adapter (the others stay as they are, frozen ones stay frozen).
+        rank_pattern: per-module ranks overriding ``r``, e.g. ``{"q_proj": 16}`` (keys are regular
+            expressions matched against the end of module names, as in Hugging Face PEFT).
+        alpha_pattern: per-module alphas overriding ``alpha``, same keys.
 
     Example::
 
@@ -45,16 +50,39 @@ class LoRA(PEFTCallback):
         init: Literal["kaiming", "gaussian"] = "kaiming",
         trainable_modules: Optional[list[str]] = None,
         save_dir: Optional[str] = None,
+        adapter_name: str = "default",
+        rank_pattern: Optional[dict[str, int]] = None,
+        alpha_pattern: Optional[dict[str, float]] = None,
     ) -> None:
         check_lora_args(r, alpha, dropout, init)
+        for value in (rank_pattern or {}).values():
+            check_lora_args(value, alpha, dropout, init)
+        for value in (alpha_pattern or {}).values():
+            check_lora_args(r, value, dropout, init)
         super().__init__(target_modules, exclude_modules, trainable_modules, save_dir)
         self.r, self.alpha, self.dropout, self.use_rslora, self.init = r, float(alpha), float(dropout), use_rslora, init
+        self.adapter_name = adapter_name
+        self.rank_pattern = dict(rank_pattern or {})
+        self.alpha_pattern = {k: float(v) for k, v in (alpha_pattern or {}).items()}
 
     def config(self) -> dict[str, Any]:
-        return {**super().config(), "r": self.r, "alpha": self.alpha, "dropout": self.dropout, "use_rslora": self.use_rslora, "init": self.init}
+        cfg = {**super().config(), "r": self.r, "alpha": self.alpha, "dropout": self.dropout, "use_rslora": self.use_rslora, "init": self.init}
+        # only when set, so checkpoints of single default adapters keep their settings unchanged
+        if self.adapter_name != "default":
+            cfg["adapter_name"] = self.adapter_name
+        if self.rank_pattern:
+            cfg["rank_pattern"] = dict(self.rank_pattern)
+        if self.alpha_pattern:
+            cfg["alpha_pattern"] = dict(self.alpha_pattern)
+        return cfg
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(targets=repr(self.target_modules), exclude=repr(self.exclude_modules), name=self.adapter_name)
 
     def _inject(self, module: nn.Module) -> list[str]:
         return inject_lora(
             module, self.target_modules, self.exclude_modules, r=self.r, alpha=self.alpha, dropout=self.dropout,
-            use_rslora=self.use_rslora, init=self.init,
+            use_rslora=self.use_rslora, init=self.init, adapter_name=self.adapter_name,
+            rank_pattern=self.rank_pattern, alpha_pattern=self.alpha_pattern,
         )

@@ -18,6 +18,8 @@ from a seed drawn in forward.
 from __future__ import annotations
 
 import math
+import re
+from dataclasses import dataclass
 from typing import Literal, Optional
 
 import torch
@@ -27,7 +29,7 @@ from torch import nn
 from lightning_peft.core import AdapterLayer
 from lightning_peft.targeting import TargetSpec, find_targets, linear_types
 
-__all__ = ["LoRALinear", "check_lora_args", "inject_lora", "lora_linear"]
+__all__ = ["LoRALinear", "LoRASpec", "add_weighted_adapter", "check_lora_args", "inject_lora", "lora_linear", "pattern_value"]
 
 LoRAInit = Literal["kaiming", "gaussian"]
 
@@ -111,11 +113,39 @@ def lora_linear(x, weight, bias, lora_a, lora_b, scaling: float, dropout: float 
     return _LoRAFunction.apply(x, weight, bias, lora_a, lora_b, scaling, dropout, seed, fan_in_fan_out)
 
 
-class LoRALinear(AdapterLayer):
-    """A linear layer (``nn.Linear`` or HF ``Conv1D``) with a LoRA update.
+def _check_adapter_name(name: str) -> None:
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_-]*", name):
+        raise ValueError(
+            f"Adapter names must be non-empty identifiers (letters, digits, '_' or '-', no dots), got {name!r}."
+        )
 
-    The base parameters stay under their own names (``weight``, ``bias``); the adapter adds
-    ``lora_a`` (r x in) and ``lora_b`` (out x r), created in the base weight's dtype and device.
+
+@dataclass(frozen=True)
+class LoRASpec:
+    """Settings of one named LoRA adapter on a layer."""
+
+    r: int
+    alpha: float
+    dropout: float = 0.0
+    use_rslora: bool = False
+    init: str = "kaiming"
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / math.sqrt(self.r) if self.use_rslora else self.alpha / self.r
+
+
+class LoRALinear(AdapterLayer):
+    """A linear layer (``nn.Linear`` or HF ``Conv1D``) with one or several named LoRA updates.
+
+    The base parameters stay under their own names (``weight``, ``bias``); each adapter ``name`` adds
+    ``lora_a.<name>`` (r x in) and ``lora_b.<name>`` (out x r), created in the base weight's dtype and
+    device. The first adapter is called ``"default"`` unless named otherwise.
+
+    Several adapters: :meth:`add_adapter`, :meth:`delete_adapter`, ``active`` (the adapters whose
+    updates are applied, in order), ``frozen`` (adapters whose parameters never train), and
+    ``sample_adapters`` (per-sample routing for inference: one adapter name, or ``None`` for the base,
+    per row of the batch). The functions in :mod:`lightning_peft.adapters` set these model-wide.
 
     Args:
         base: the layer to adapt; its parameters are shared, not copied.
@@ -124,13 +154,16 @@ class LoRALinear(AdapterLayer):
         dropout: dropout probability on the adapter's input.
         use_rslora: rank-stabilized scaling ``alpha / sqrt(r)``.
         init: ``"kaiming"`` (uniform, as the reference implementation) or ``"gaussian"`` (std ``1/r``) for ``A``; ``B`` is zero.
+        adapter_name: the name of this first adapter.
     """
 
     adapter_prefix = "lora_"
     mergeable = True
 
-    def __init__(self, base: nn.Module, r: int = 8, alpha: float = 16.0, dropout: float = 0.0, use_rslora: bool = False, init: LoRAInit = "kaiming") -> None:
-        check_lora_args(r, alpha, dropout, init)
+    def __init__(
+        self, base: nn.Module, r: int = 8, alpha: float = 16.0, dropout: float = 0.0, use_rslora: bool = False,
+        init: LoRAInit = "kaiming", adapter_name: str = "default",
+    ) -> None:
         if not isinstance(base, linear_types()):
             raise TypeError(f"LoRALinear wraps nn.Linear or transformers Conv1D, got {type(base).__name__}.")
         super().__init__()
@@ -140,74 +173,187 @@ class LoRALinear(AdapterLayer):
         self._base_type = type(base)
         self.weight = w
         self.bias = base.bias
-        dtype = w.dtype if w.dtype.is_floating_point else torch.float32
-        self.lora_a = nn.Parameter(torch.empty(r, self.in_features, dtype=dtype, device=w.device))
-        self.lora_b = nn.Parameter(torch.zeros(self.out_features, r, dtype=dtype, device=w.device))
-        self.r, self.alpha, self.dropout, self.use_rslora, self.init = r, alpha, float(dropout), use_rslora, init
-        self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
-        self.reset_lora_parameters()
+        self.lora_a = nn.ParameterDict()
+        self.lora_b = nn.ParameterDict()
+        self.specs: dict[str, LoRASpec] = {}
+        self.active: list[str] = []
+        self.frozen: set[str] = set()
+        self.merged_adapters: list[str] = []
+        self.sample_adapters: Optional[list[Optional[str]]] = None
+        self.add_adapter(adapter_name, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, init=init)
 
-    def reset_lora_parameters(self) -> None:
-        if self.lora_a.is_meta:
+    # -- named adapters -----------------------------------------------------------------------------
+    def add_adapter(
+        self, name: str, r: int = 8, alpha: float = 16.0, dropout: float = 0.0, use_rslora: bool = False,
+        init: LoRAInit = "kaiming", active: bool = True,
+    ) -> None:
+        """Add a named adapter (``B = 0``: the output does not change); it is applied when ``active``."""
+        check_lora_args(r, alpha, dropout, init)
+        _check_adapter_name(name)
+        if name in self.specs:
+            raise ValueError(f"This layer already has an adapter named {name!r} (adapters: {sorted(self.specs)}).")
+        w = self.weight
+        dtype = w.dtype if w.dtype.is_floating_point else torch.float32
+        self.lora_a[name] = nn.Parameter(torch.empty(r, self.in_features, dtype=dtype, device=w.device))
+        self.lora_b[name] = nn.Parameter(torch.zeros(self.out_features, r, dtype=dtype, device=w.device))
+        self.specs[name] = LoRASpec(r, float(alpha), float(dropout), bool(use_rslora), init)
+        self.reset_lora_parameters(name)
+        if active:
+            self.active.append(name)
+
+    def delete_adapter(self, name: str) -> None:
+        """Remove a named adapter (unmerge it first if it is merged)."""
+        self._check_known(name)
+        if name in self.merged_adapters:
+            raise RuntimeError(f"Adapter {name!r} is merged into the base weights: unmerge it before deleting it.")
+        del self.lora_a[name], self.lora_b[name], self.specs[name]
+        self.active = [n for n in self.active if n != name]
+        self.frozen.discard(name)
+
+    def adapter_names(self) -> list[str]:
+        return list(self.specs)
+
+    def _check_known(self, name: str) -> None:
+        if name not in self.specs:
+            raise KeyError(f"No adapter named {name!r} on this layer (adapters: {sorted(self.specs)}).")
+
+    def adapter_params(self, trainable_only: bool = False) -> list[str]:
+        names = [n for n in self.specs if not (trainable_only and n in self.frozen)]
+        return [f"lora_a.{n}" for n in names] + [f"lora_b.{n}" for n in names]
+
+    def _only(self) -> LoRASpec:
+        if len(self.specs) != 1:
+            raise AttributeError(
+                f"This layer holds {len(self.specs)} adapters ({sorted(self.specs)}): read their settings from "
+                "layer.specs[name]."
+            )
+        return next(iter(self.specs.values()))
+
+    # single-adapter conveniences (the common case)
+    r = property(lambda self: self._only().r)
+    alpha = property(lambda self: self._only().alpha)
+    dropout = property(lambda self: self._only().dropout)
+    use_rslora = property(lambda self: self._only().use_rslora)
+    init = property(lambda self: self._only().init)
+    scaling = property(lambda self: self._only().scaling)
+
+    @property
+    def merged(self) -> bool:  # type: ignore[override]
+        return bool(self.merged_adapters)
+
+    @merged.setter
+    def merged(self, value: bool) -> None:
+        if value != bool(getattr(self, "merged_adapters", [])):
+            raise AttributeError("Use merge() / unmerge() to change what is merged into a LoRALinear.")
+
+    def reset_lora_parameters(self, name: str = "default") -> None:
+        a, b, spec = self.lora_a[name], self.lora_b[name], self.specs[name]
+        if a.is_meta:
             return
         with torch.no_grad():
-            if self.init == "gaussian":
-                nn.init.normal_(self.lora_a, std=1.0 / self.r)
+            if spec.init == "gaussian":
+                nn.init.normal_(a, std=1.0 / spec.r)
             else:
-                nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
-            self.lora_b.zero_()
+                nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+            b.zero_()
 
-    def delta_weight(self) -> torch.Tensor:
-        """``s * B A`` in the base weight's layout, computed in float32."""
-        delta = (self.lora_b.float() @ self.lora_a.float()) * self.scaling  # (out, in)
+    def delta_weight(self, name: Optional[str] = None) -> torch.Tensor:
+        """``s * B A`` of adapter ``name`` (the only one by default) in the base weight's layout, in float32."""
+        if name is None:
+            name = self._only_name()
+        self._check_known(name)
+        delta = (self.lora_b[name].float() @ self.lora_a[name].float()) * self.specs[name].scaling  # (out, in)
         return delta.t() if self.fan_in_fan_out else delta
 
-    def _lora_out(self, x: torch.Tensor) -> torch.Tensor:
-        return (x @ self.lora_a.t().to(x.dtype)) @ self.lora_b.t().to(x.dtype) * self.scaling
+    def _only_name(self) -> str:
+        self._only()
+        return next(iter(self.specs))
 
+    def _lora_out(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        a, b = self.lora_a[name], self.lora_b[name]
+        return (x @ a.t().to(x.dtype)) @ b.t().to(x.dtype) * self.specs[name].scaling
+
+    # -- forward ------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.disabled or self.merged:
-            out = _base_linear(x, self.weight, self.bias, self.fan_in_fan_out)
-            if self.disabled and self.merged:  # the base alone = merged weights minus the update
-                out = out - self._lora_out(x)
-            return out
-        weight, bias, lora_a, lora_b = self.weight, self.bias, self.lora_a, self.lora_b
         device_type = x.device.type
         if torch.is_autocast_enabled(device_type):
             dtype = torch.get_autocast_dtype(device_type)
-            x, weight, lora_a, lora_b = x.to(dtype), weight.to(dtype), lora_a.to(dtype), lora_b.to(dtype)
-            bias = bias.to(dtype) if bias is not None else None
             with torch.autocast(device_type, enabled=False):
-                return self._apply_fn(x, weight, bias, lora_a, lora_b)
-        return self._apply_fn(x, weight, bias, lora_a, lora_b)
+                return self._forward(x.to(dtype), dtype)
+        return self._forward(x, None)
 
-    def _apply_fn(self, x, weight, bias, lora_a, lora_b):
-        p = self.dropout if self.training else 0.0
+    def _forward(self, x: torch.Tensor, dtype: Optional[torch.dtype]) -> torch.Tensor:
+        weight, bias = self.weight, self.bias
+        if dtype is not None:
+            weight = weight.to(dtype)
+            bias = bias.to(dtype) if bias is not None else None
+        if self.sample_adapters is not None:
+            return self._routed_forward(x, weight, bias)
+        wanted = [] if self.disabled else [n for n in self.active if n in self.specs]
+        add = [n for n in wanted if n not in self.merged_adapters]
+        remove = [n for n in self.merged_adapters if n not in wanted]
+        if add:  # the first update goes through the memory-lean autograd function
+            first = add.pop(0)
+            out = self._apply_fn(x, weight, bias, first)
+        else:
+            out = _base_linear(x, weight, bias, self.fan_in_fan_out)
+        for name in add:
+            out = out + self._lora_out(self._dropout(x, name), name)
+        for name in remove:  # merged into the weight but not wanted now
+            out = out - self._lora_out(x, name)
+        return out
+
+    def _dropout(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        p = self.specs[name].dropout
+        return F.dropout(x, p, training=True) if p > 0 and self.training else x
+
+    def _apply_fn(self, x, weight, bias, name: str):
+        spec = self.specs[name]
+        lora_a, lora_b = self.lora_a[name], self.lora_b[name]
+        p = spec.dropout if self.training else 0.0
         seed = int(torch.randint(0, 2**62, (1,)).item()) if p > 0 else 0
         if lora_a.dtype != x.dtype:
             lora_a, lora_b = lora_a.to(x.dtype), lora_b.to(x.dtype)
-        return _LoRAFunction.apply(x, weight, bias, lora_a, lora_b, self.scaling, p, seed, self.fan_in_fan_out)
+        return _LoRAFunction.apply(x, weight, bias, lora_a, lora_b, spec.scaling, p, seed, self.fan_in_fan_out)
 
-    @torch.no_grad()
-    def merge(self) -> None:
-        if self.merged:
-            return
-        merged = self.weight.float() + self.delta_weight()
-        if not torch.isfinite(merged).all():
+    def _routed_forward(self, x: torch.Tensor, weight, bias) -> torch.Tensor:
+        names = self.sample_adapters
+        if self.merged_adapters:
+            raise RuntimeError("Per-sample adapter selection needs unmerged adapters: call unmerge_adapters(model) first.")
+        if x.shape[0] != len(names):
             raise ValueError(
-                f"Merging this LoRA adapter ({self.out_features}x{self.in_features}, r={self.r}) would write NaN/inf "
-                "into the base weight; the weight was left unchanged. The adapter weights are not finite: check the "
-                "training run (learning rate, loss scaling) or reload the adapter."
+                f"adapter_names has {len(names)} entries but the batch has {x.shape[0]} rows: give one adapter "
+                "name (or None for the base model) per sample."
             )
-        self.weight.copy_(merged.to(self.weight.dtype))
-        self.merged = True
+        out = _base_linear(x, weight, bias, self.fan_in_fan_out)
+        for name in dict.fromkeys(n for n in names if n is not None and n in self.specs):
+            rows = torch.tensor([i for i, n in enumerate(names) if n == name], device=x.device)
+            out = out.index_add(0, rows, self._lora_out(x.index_select(0, rows), name))
+        return out
+
+    # -- merge --------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def merge(self, names: Optional[list[str]] = None) -> None:
+        """Fold adapters (default: the active ones) into the base weight. Merging twice is a no-op."""
+        names = [n for n in (self.active if names is None else names) if n in self.specs and n not in self.merged_adapters]
+        for name in names:
+            merged = self.weight.float() + self.delta_weight(name)
+            if not torch.isfinite(merged).all():
+                spec = self.specs[name]
+                raise ValueError(
+                    f"Merging LoRA adapter {name!r} ({self.out_features}x{self.in_features}, r={spec.r}) would write "
+                    "NaN/inf into the base weight; the weight was left unchanged. The adapter weights are not finite: "
+                    "check the training run (learning rate, loss scaling) or reload the adapter."
+                )
+            self.weight.copy_(merged.to(self.weight.dtype))
+            self.merged_adapters.append(name)
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        if not self.merged:
-            return
-        self.weight.copy_((self.weight.float() - self.delta_weight()).to(self.weight.dtype))
-        self.merged = False
+        """Take every merged adapter back out of the base weight (no-op when none is merged)."""
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            self.weight.copy_((self.weight.float() - self.delta_weight(name)).to(self.weight.dtype))
 
     def base_layer(self) -> nn.Module:
         with torch.device("meta"):
@@ -217,10 +363,22 @@ class LoRALinear(AdapterLayer):
         return layer
 
     def extra_repr(self) -> str:
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, alpha={self.alpha}, "
-            f"scaling={self.scaling:.4g}, dropout={self.dropout}, merged={self.merged}"
+        adapters = ", ".join(
+            f"{n}(r={s.r}, alpha={s.alpha:g}, scaling={s.scaling:.4g}, dropout={s.dropout:g})" for n, s in self.specs.items()
         )
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, adapters=[{adapters}], "
+            f"active={self.active}, merged={self.merged_adapters}"
+        )
+
+
+def pattern_value(name: str, pattern: Optional[dict], default):
+    """The value of the first key of ``pattern`` that matches ``name`` as Hugging Face PEFT matches its
+    ``rank_pattern``/``alpha_pattern`` keys (a regular expression matching the end of the name at a dot), else ``default``."""
+    for key, value in (pattern or {}).items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
 
 
 def inject_lora(
@@ -232,15 +390,92 @@ def inject_lora(
     dropout: float = 0.0,
     use_rslora: bool = False,
     init: LoRAInit = "kaiming",
+    adapter_name: str = "default",
+    rank_pattern: Optional[dict[str, int]] = None,
+    alpha_pattern: Optional[dict[str, float]] = None,
 ) -> list[str]:
     """Wrap the matching layers of ``model`` in :class:`LoRALinear`, in place; returns their names.
+
+    Layers that are already :class:`LoRALinear` get ``adapter_name`` as an additional named adapter.
+    ``rank_pattern`` / ``alpha_pattern`` override ``r`` / ``alpha`` per module (keys are regular
+    expressions matched against the end of the module name, as in Hugging Face PEFT).
 
     All targets are validated and all new layers built before the first one is swapped in, so an
     error leaves ``model`` unchanged.
     """
     check_lora_args(r, alpha, dropout, init)
-    names = find_targets(model, target_modules, exclude_modules, supported=linear_types(), method="LoRA")
-    new = {n: LoRALinear(model.get_submodule(n), r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, init=init) for n in names}
-    for name, layer in new.items():
-        model.set_submodule(name, layer)
+    _check_adapter_name(adapter_name)
+    for key, value in (rank_pattern or {}).items():
+        check_lora_args(value, alpha, dropout, init)
+    for key, value in (alpha_pattern or {}).items():
+        check_lora_args(r, value, dropout, init)
+    names = find_targets(model, target_modules, exclude_modules, supported=linear_types(), method="LoRA", extend=(LoRALinear,))
+    clash = [n for n in names if isinstance(model.get_submodule(n), LoRALinear) and adapter_name in model.get_submodule(n).specs]
+    if clash:
+        raise ValueError(
+            f"{len(clash)} target layer(s) already carry a LoRA adapter named {adapter_name!r}, e.g. {clash[0]!r}. "
+            "Give the new adapter another name (adapter_name=...), or delete the old one first."
+        )
+    settings = {
+        n: dict(r=pattern_value(n, rank_pattern, r), alpha=pattern_value(n, alpha_pattern, alpha), dropout=dropout, use_rslora=use_rslora, init=init)
+        for n in names
+    }
+    new = {n: LoRALinear(model.get_submodule(n), adapter_name=adapter_name, **settings[n]) for n in names if not isinstance(model.get_submodule(n), LoRALinear)}
+    for name in names:
+        if name in new:
+            model.set_submodule(name, new[name])
+        else:
+            model.get_submodule(name).add_adapter(adapter_name, **settings[name])
     return names
+
+
+@torch.no_grad()
+def add_weighted_adapter(
+    model: nn.Module,
+    adapters: list[str],
+    weights: list[float],
+    adapter_name: str,
+    combination_type: Literal["linear", "cat"] = "cat",
+) -> nn.Module:
+    """Add ``adapter_name``, a weighted combination of existing LoRA adapters, to every layer holding one of them.
+
+    * ``"cat"``: ``A`` and ``B`` are concatenated (rank = the sum of ranks), so the update is exactly
+      ``sum_i w_i * s_i * B_i A_i``.
+    * ``"linear"``: ``A = sum_i sqrt(w_i s_i) A_i`` and ``B = sum_i sqrt(w_i s_i) B_i`` (equal ranks
+      required), as Hugging Face PEFT's ``"linear"``; the product has cross terms, so it is not the
+      weighted sum of the updates.
+
+    The new adapter has scaling 1, is frozen and not active: :func:`~lightning_peft.core.set_active_adapters` it.
+    """
+    if len(adapters) != len(weights) or not adapters:
+        raise ValueError(f"Give one weight per adapter: adapters={adapters!r}, weights={weights!r}.")
+    if combination_type not in ("linear", "cat"):
+        raise ValueError(f"combination_type must be 'linear' or 'cat', got {combination_type!r}.")
+    _check_adapter_name(adapter_name)
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear) and any(a in m.specs for a in adapters)]
+    known = {n for m in model.modules() if isinstance(m, LoRALinear) for n in m.specs}
+    missing = [a for a in adapters if a not in known]
+    if missing:
+        raise ValueError(f"No LoRA adapter named {missing[0]!r} in this model; its adapters are {sorted(known)}.")
+    if adapter_name in known:
+        raise ValueError(f"An adapter named {adapter_name!r} already exists; choose another name.")
+    if combination_type == "linear":
+        ranks = {m.specs[a].r for m in layers for a in adapters if a in m.specs}
+        if len(ranks) != 1:
+            raise ValueError(f"combination_type='linear' needs adapters of one rank, found ranks {sorted(ranks)}; use 'cat'.")
+    for m in layers:
+        present = [(a, w) for a, w in zip(adapters, weights) if a in m.specs]
+        if combination_type == "cat":
+            a_new = torch.cat([m.lora_a[a].float() * (w * m.specs[a].scaling) for a, w in present], 0)
+            b_new = torch.cat([m.lora_b[a].float() for a, _ in present], 1)
+        else:
+            a_new = sum(m.lora_a[a].float() * math.copysign(math.sqrt(abs(w * m.specs[a].scaling)), w * m.specs[a].scaling) for a, w in present)
+            b_new = sum(m.lora_b[a].float() * math.sqrt(abs(w * m.specs[a].scaling)) for a, w in present)
+        r = a_new.shape[0]
+        m.add_adapter(adapter_name, r=r, alpha=float(r), active=False)
+        m.lora_a[adapter_name].copy_(a_new)
+        m.lora_b[adapter_name].copy_(b_new)
+        m.frozen.add(adapter_name)
+        m.lora_a[adapter_name].requires_grad_(False)
+        m.lora_b[adapter_name].requires_grad_(False)
+    return model

@@ -104,9 +104,9 @@ def _ckpt(tmp_path, **lora):
 @pytest.mark.parametrize(
     "resume_with, match",
     [
-        ({"r": 8, "target_modules": ["q_proj"]}, r"lora_a: checkpoint shape \[4, 32\], model shape \[8, 32\]"),
+        ({"r": 8, "target_modules": ["q_proj"]}, r"lora_a\.default: checkpoint shape \[4, 32\], model shape \[8, 32\]"),
         ({"r": 4, "alpha": 16.0, "target_modules": ["q_proj"]}, r"lora setting alpha: checkpoint 8.0, now 16.0"),
-        ({"r": 4, "target_modules": ["q_proj", "k_proj"]}, r"missing model\.model\.layers\.0\.self_attn\.k_proj\.lora_a \(expected shape \[4, 32\]\)"),
+        ({"r": 4, "target_modules": ["q_proj", "k_proj"]}, r"missing model\.model\.layers\.0\.self_attn\.k_proj\.lora_a\.default \(expected shape \[4, 32\]\)"),
     ],
 )
 def test_resume_with_other_settings_names_keys_and_shapes(tmp_path, resume_with, match):
@@ -118,7 +118,7 @@ def test_resume_with_other_settings_names_keys_and_shapes(tmp_path, resume_with,
 
 def test_resume_fewer_targets_names_unexpected_keys(tmp_path):
     path = _ckpt(tmp_path, r=4, alpha=8, target_modules=["q_proj", "v_proj"])
-    with pytest.raises(ValueError, match=r"unexpected model\.model\.layers\.0\.self_attn\.v_proj\.lora_a"):
+    with pytest.raises(ValueError, match=r"unexpected model\.model\.layers\.0\.self_attn\.v_proj\.lora_a\.default"):
         trainer(tmp_path, [LoRA(r=4, alpha=8, target_modules=["q_proj"])], max_steps=4).fit(TinyLM(), ckpt_path=path)
 
 
@@ -138,7 +138,7 @@ def test_callback_on_an_already_wrapped_model_is_refused(tmp_path):
     module = TinyLM()
     LoRA(target_modules=["q_proj"]).inject(module)
     before = _snapshot(module)
-    with pytest.raises(ValueError, match="already carry an adapter"):
+    with pytest.raises(ValueError, match="already carry a LoRA adapter named 'default'"):
         trainer(tmp_path, [LoRA(target_modules=["q_proj"])]).fit(module)
     assert _snapshot(module) == before
 

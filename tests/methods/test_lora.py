@@ -12,8 +12,8 @@ from tests.conftest import tiny_llama
 def _random_lora(layer: LoRALinear, seed: int = 1) -> LoRALinear:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        layer.lora_a.copy_(torch.randn(layer.lora_a.shape, generator=g))
-        layer.lora_b.copy_(torch.randn(layer.lora_b.shape, generator=g))
+        layer.lora_a["default"].copy_(torch.randn(layer.lora_a["default"].shape, generator=g))
+        layer.lora_b["default"].copy_(torch.randn(layer.lora_b["default"].shape, generator=g))
     return layer
 
 
@@ -37,7 +37,7 @@ def test_forward_and_grads_match_the_formula():
     layer = _random_lora(LoRALinear(base, r=3, alpha=5.0).double())
     x = torch.randn(7, 6, dtype=torch.float64, requires_grad=True)
     out = layer(x)
-    ref = x @ base.weight.T + base.bias + (5.0 / 3) * (x @ layer.lora_a.T) @ layer.lora_b.T
+    ref = x @ base.weight.T + base.bias + (5.0 / 3) * (x @ layer.lora_a["default"].T) @ layer.lora_b["default"].T
     torch.testing.assert_close(out, ref)
     (gx,) = torch.autograd.grad(out.square().sum(), x)
     (rx,) = torch.autograd.grad(ref.square().sum(), x)
@@ -107,7 +107,7 @@ def test_merge_refuses_nan_and_leaves_weight_unchanged():
     layer = _random_lora(LoRALinear(nn.Linear(4, 4), r=2, alpha=2))
     w0 = layer.weight.detach().clone()
     with torch.no_grad():
-        layer.lora_b[0, 0] = float("nan")
+        layer.lora_b["default"][0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN/inf.*left unchanged"):
         layer.merge()
     assert not layer.merged
@@ -122,7 +122,7 @@ def test_conv1d_matches_linear_layout():
     layer = _random_lora(LoRALinear(conv, r=2, alpha=4))
     assert (layer.in_features, layer.out_features) == (6, 4)
     x = torch.randn(2, 3, 6)
-    ref = conv(x) + 2.0 * (x @ layer.lora_a.T) @ layer.lora_b.T
+    ref = conv(x) + 2.0 * (x @ layer.lora_a["default"].T) @ layer.lora_b["default"].T
     torch.testing.assert_close(layer(x), ref)
     layer.merge()
     torch.testing.assert_close(layer(x), ref, atol=1e-5, rtol=1e-5)
@@ -135,7 +135,7 @@ def test_autocast_bf16_runs_and_backprops():
         y = layer(x)
     assert y.dtype == torch.bfloat16
     y.float().sum().backward()
-    assert layer.lora_a.grad is not None and layer.lora_a.grad.dtype == torch.float32
+    assert layer.lora_a["default"].grad is not None and layer.lora_a["default"].grad.dtype == torch.float32
 
 
 @pytest.mark.parametrize(
@@ -179,7 +179,7 @@ def test_already_wrapped_is_refused():
     model = tiny_llama()
     inject_lora(model, ["q_proj"])
     before = _snapshot(model)
-    with pytest.raises(ValueError, match=r"already carry an adapter \(LoRALinear\)"):
+    with pytest.raises(ValueError, match=r"already carry a LoRA adapter named 'default'.*adapter_name="):
         LoRA(target_modules=["q_proj", "v_proj"]).inject(model)
     assert _snapshot(model) == before
 
@@ -208,7 +208,7 @@ def _copy_lora_into_peft(ours, peft_model):
     n = 0
     for name, p in peft_model.named_parameters():
         if ".lora_A.default." in name or ".lora_B.default." in name:
-            key = name.replace("base_model.model.", "").replace(".lora_A.default.weight", ".lora_a").replace(".lora_B.default.weight", ".lora_b")
+            key = name.replace("base_model.model.", "").replace(".lora_A.default.weight", ".lora_a.default").replace(".lora_B.default.weight", ".lora_b.default")
             with torch.no_grad():
                 p.copy_(ours_params[key])
             n += 1
@@ -219,7 +219,7 @@ def _copy_lora_into_peft(ours, peft_model):
 def _randomize(model, seed=3):
     g = torch.Generator().manual_seed(seed)
     for name, p in model.named_parameters():
-        if name.endswith(("lora_a", "lora_b")):
+        if ".lora_a." in name or ".lora_b." in name:
             with torch.no_grad():
                 p.copy_(torch.randn(p.shape, generator=g) * 0.1)
 
