@@ -5,12 +5,17 @@ Examples::
     lightning-peft fit --config configs/quickstart.yaml
     lightning-peft fit --config configs/quickstart.yaml --trainer.callbacks.init_args.r=16
     lightning-peft fit --config configs/quickstart.yaml --print_config > my.yaml
+    lightning-peft export --ckpt_path runs/last.ckpt --out my_adapter            # PEFT-format adapter
+    lightning-peft export --ckpt_path runs/last.ckpt --out merged_model --merged # plain HF model
 """
 
 from __future__ import annotations
 
+import importlib
 import os
-from typing import Optional
+import sys
+from pathlib import Path
+from typing import Any, Optional
 
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
@@ -24,6 +29,10 @@ def main(args: Optional[list[str]] = None) -> None:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     import lightning_peft.tasks  # noqa: F401  (registers the task classes for short class_path names)
 
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv and argv[0] == "export":
+        export_main(argv[1:])
+        return
     LightningCLI(
         LightningModule,
         LightningDataModule,
@@ -32,6 +41,79 @@ def main(args: Optional[list[str]] = None) -> None:
         save_config_kwargs={"overwrite": True},
         args=args,
     )
+
+
+def _find_run_config(ckpt_path: Path) -> Path:
+    """The ``config.yaml`` LightningCLI saved for the run that wrote ``ckpt_path`` (its log directory)."""
+    for folder in [ckpt_path.parent, *list(ckpt_path.parents)[1:3]]:
+        if (folder / "config.yaml").is_file():
+            return folder / "config.yaml"
+    raise FileNotFoundError(
+        f"No config.yaml found beside {ckpt_path} or in its two parent folders (LightningCLI saves one in the run's log "
+        "directory). Pass the run's config with --config."
+    )
+
+
+def _build_model(config_path: Path) -> Any:
+    import yaml
+    from lightning.pytorch import LightningModule
+
+    config = yaml.safe_load(config_path.read_text()) or {}
+    spec = config.get("model")
+    if not isinstance(spec, dict) or "class_path" not in spec:
+        raise ValueError(f"{config_path} has no model.class_path: pass the config of a `lightning-peft fit` run.")
+    class_path = spec["class_path"]
+    if "." not in class_path:
+        class_path = f"lightning_peft.tasks.{class_path}"
+    module_name, _, cls_name = class_path.rpartition(".")
+    cls = getattr(importlib.import_module(module_name), cls_name)
+    model = cls(**(spec.get("init_args") or {}))
+    if not isinstance(model, LightningModule):
+        raise TypeError(f"model.class_path {class_path} is not a LightningModule.")
+    model.configure_model()
+    return model
+
+
+def export_main(args: list[str]) -> Path:
+    """``lightning-peft export``: a Lightning checkpoint's adapter to Hugging Face PEFT's format, or a merged model."""
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(
+        prog="lightning-peft export",
+        description="Write the adapter of a lightning-peft checkpoint in Hugging Face PEFT's format (adapter_config.json + "
+        "adapter_model.safetensors), or with --merged a plain Hugging Face model with the adapter merged into it.",
+    )
+    parser.add_argument("--ckpt_path", type=str, required=True, help="Lightning checkpoint written during a lightning-peft run.")
+    parser.add_argument("--out", type=str, required=True, help="Output directory.")
+    parser.add_argument("--config", type=Optional[str], default=None, help="The run's config (default: the config.yaml LightningCLI saved beside the checkpoint).")
+    parser.add_argument("--merged", type=bool, default=False, help="Merge the adapter and save a plain Hugging Face model (save_pretrained) with its tokenizer.")
+    cfg = parser.parse_args(args)
+
+    from lightning_peft.callbacks.base import load_adapter_checkpoint
+    from lightning_peft.core import unload
+    from lightning_peft.io import find_base_model, save_adapter
+
+    ckpt = Path(cfg.ckpt_path)
+    if not ckpt.is_file():
+        raise FileNotFoundError(f"Checkpoint {ckpt} does not exist.")
+    config_path = Path(cfg.config) if cfg.config else _find_run_config(ckpt)
+    model = _build_model(config_path)
+    load_adapter_checkpoint(model, ckpt)
+    out = Path(cfg.out)
+    if not cfg.merged:
+        save_adapter(model, out)
+        print(f"adapter written to {out} (Hugging Face PEFT format)")
+        return out
+    _, base = find_base_model(model)
+    if not hasattr(base, "save_pretrained"):
+        raise TypeError(f"--merged needs a Hugging Face model inside {type(model).__name__}; found none.")
+    unload(base, merge=True)
+    base.save_pretrained(out)
+    tokenizer = getattr(model, "tokenizer", None)
+    if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
+        tokenizer.save_pretrained(out)
+    print(f"merged model written to {out} (transformers save_pretrained)")
+    return out
 
 
 if __name__ == "__main__":

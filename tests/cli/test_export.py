@@ -1,0 +1,54 @@
+"""`lightning-peft export`: a checkpoint of a CLI run to PEFT's format (loaded by peft) or to a merged HF model."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_peft.cli import main
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(autouse=True)
+def _in_repo(monkeypatch):
+    monkeypatch.chdir(REPO)
+
+
+def test_train_export_load_with_peft_and_merge(tmp_path, minilm_path, capsys):
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForSequenceClassification
+
+    from lightning_peft import load_adapter_checkpoint
+    from lightning_peft.tasks import SequenceClassifier
+
+    main([
+        "fit", "--config", "configs/quickstart.yaml", f"--trainer.default_root_dir={tmp_path}",
+        "--trainer.enable_checkpointing=true", "--trainer.max_steps=3", "--trainer.limit_val_batches=1",
+        "--trainer.enable_progress_bar=false", "--data.init_args.max_train_rows=48",
+        f"--trainer.callbacks.init_args.save_dir={tmp_path / 'fit_adapter'}",
+    ])
+    ckpt = next((tmp_path / "checkpoints").glob("*.ckpt"))
+    main(["export", "--ckpt_path", str(ckpt), "--out", str(tmp_path / "adapter")])
+    assert "adapter written to" in capsys.readouterr().out
+
+    ours = load_adapter_checkpoint(SequenceClassifier(model_name_or_path="all-MiniLM-L6-v2", num_labels=2), ckpt).eval()
+    batch = ours.tokenizer(["a gripping, funny film", "dull and far too long"], return_tensors="pt", padding=True)
+    expected = ours.model(**batch).logits
+    torch.manual_seed(1)  # the head's init must not matter: its trained weights are in the adapter
+    theirs = peft.PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(minilm_path, num_labels=2), tmp_path / "adapter").eval()
+    torch.testing.assert_close(theirs(**batch).logits, expected, atol=1e-5, rtol=0)
+
+    main(["export", "--ckpt_path", str(ckpt), "--out", str(tmp_path / "merged"), "--merged=true"])
+    plain = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged", local_files_only=True).eval()
+    torch.testing.assert_close(plain(**batch).logits, expected, atol=1e-5, rtol=1e-5)
+    assert (tmp_path / "merged" / "tokenizer_config.json").is_file()
+
+
+def test_export_without_a_config_says_what_to_pass(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    ckpt = tmp_path / "deep" / "er" / "x.ckpt"
+    ckpt.parent.mkdir(parents=True)
+    torch.save({}, ckpt)
+    with pytest.raises(FileNotFoundError, match="No config.yaml found beside .* Pass the run's config with --config"):
+        main(["export", "--ckpt_path", str(ckpt), "--out", str(tmp_path / "o")])
