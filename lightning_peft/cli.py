@@ -33,6 +33,9 @@ def main(args: Optional[list[str]] = None) -> None:
     if argv and argv[0] == "export":
         export_main(argv[1:])
         return
+    if argv and argv[0] == "bench":
+        bench_main(argv[1:])
+        return
     LightningCLI(
         LightningModule,
         LightningDataModule,
@@ -41,6 +44,18 @@ def main(args: Optional[list[str]] = None) -> None:
         save_config_kwargs={"overwrite": True},
         args=args,
     )
+
+
+_BENCHES = {"speed": "speed", "quality": "quality", "saved-bytes": "saved_bytes"}
+
+
+def bench_main(args: list[str]) -> None:
+    """``lightning-peft bench speed|quality|saved-bytes ...``: the side-by-side measurements in ``lightning_peft.bench``."""
+    if not args or args[0] not in _BENCHES:
+        names = "|".join(_BENCHES)
+        print(f"usage: lightning-peft bench {{{names}}} [--help]", file=sys.stderr)
+        raise SystemExit(2)
+    importlib.import_module(f"lightning_peft.bench.{_BENCHES[args[0]]}").main(args[1:])
 
 
 def _find_run_config(ckpt_path: Path) -> Path:

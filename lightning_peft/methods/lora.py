@@ -311,9 +311,13 @@ class LoRALinear(AdapterLayer):
         spec = self.specs[name]
         lora_a, lora_b = self.lora_a[name], self.lora_b[name]
         p = spec.dropout if self.training else 0.0
-        seed = int(torch.randint(0, 2**62, (1,)).item()) if p > 0 else 0
         if lora_a.dtype != x.dtype:
             lora_a, lora_b = lora_a.to(x.dtype), lora_b.to(x.dtype)
+        if p > 0 and torch.compiler.is_compiling():
+            # under torch.compile: plain ops (the compiler fuses them; a host-side seed would break the graph)
+            xa = F.dropout(x, p, training=True) @ lora_a.t()
+            return _base_linear(x, weight, bias, self.fan_in_fan_out) + (xa @ lora_b.t()) * spec.scaling
+        seed = int(torch.randint(0, 2**62, (1,)).item()) if p > 0 else 0
         return _LoRAFunction.apply(x, weight, bias, lora_a, lora_b, spec.scaling, p, seed, self.fan_in_fan_out)
 
     def _routed_forward(self, x: torch.Tensor, weight, bias) -> torch.Tensor:

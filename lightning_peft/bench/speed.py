@@ -1,0 +1,314 @@
+"""``lightning-peft bench speed``: typed parameters, memory and speed of PEFT methods side by side.
+
+For each method, on the same model, batch and sequence length, each in a fresh subprocess (so the
+CPU's peak RSS belongs to that method alone):
+
+* ``trainable`` / ``added`` / ``changed`` parameters and ``base_params`` (never one mixed number);
+* ``adapter_file_bytes``: what the method's save writes (a full checkpoint for full fine-tuning);
+* ``saved_bytes_per_token``: unique storages autograd saves for backward in one training forward
+  (``saved_tensors_hooks``, parameters excluded), divided by the tokens of the batch;
+* ``peak_memory_bytes``: ``torch.cuda.max_memory_allocated()`` on a GPU, the process's peak RSS on the CPU;
+* ``step_time_s`` (median of the timed steps after warm-up) and ``tokens_per_s``.
+
+With ``--peers peft`` Hugging Face PEFT's equivalent configuration runs in the same invocation.
+
+Examples::
+
+    lightning-peft bench speed --model tiny-llama --methods full,lora --peers peft
+    lightning-peft bench speed --model llama-1.1b --methods full,lora,qlora --peers peft --batch-size 4 --seq-len 2048
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+__all__ = ["METHODS", "PEERS", "PRESETS", "build_model", "register_method", "run", "run_one"]
+
+#: Random-initialized model shapes. ``llama-1.1b`` is the TinyLlama-1.1B shape of ``../shared/BENCHMARKS.md``.
+PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
+    "tiny-llama": ("llama", dict(hidden_size=256, intermediate_size=688, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=1000)),
+    "tiny-qwen2": ("qwen2", dict(hidden_size=256, intermediate_size=688, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=1000)),
+    "tiny-gpt2": ("gpt2", dict(n_embd=256, n_layer=2, n_head=4, vocab_size=1000)),
+    "llama-1.1b": ("llama", dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4, vocab_size=32000)),
+}
+
+FIELDS = (
+    "method", "implementation", "model", "device", "dtype", "batch_size", "seq_len", "trainable", "added", "changed",
+    "base_params", "adapter_file_bytes", "saved_bytes_per_token", "peak_memory_bytes", "peak_memory_kind", "step_time_s",
+    "tokens_per_s",
+)
+
+
+def build_model(spec: str, dtype: torch.dtype, seed: int = 0) -> nn.Module:
+    """A causal LM from a preset name (random weights) or a local Hugging Face directory."""
+    from transformers import AutoConfig, AutoModelForCausalLM, CONFIG_MAPPING
+
+    torch.manual_seed(seed)
+    if spec in PRESETS:
+        model_type, kwargs = PRESETS[spec]
+        config = CONFIG_MAPPING[model_type](max_position_embeddings=8192, **kwargs)
+        config._attn_implementation = "sdpa"
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+    path = Path(spec)
+    if not path.is_dir():
+        raise ValueError(f"--model {spec!r} is neither a preset ({sorted(PRESETS)}) nor a local model directory.")
+    if any(path.glob("*.safetensors")) or any(path.glob("*.bin")):
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+    return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path, local_files_only=True), dtype=dtype)
+
+
+@dataclass(frozen=True)
+class BenchMethod:
+    """``apply(model) -> model`` adds the method; ``save(model, dir)`` writes what the method stores."""
+
+    apply: Callable[[nn.Module], nn.Module]
+    save: Optional[Callable[[nn.Module, Path], None]] = None
+    implementation: str = "lightning-peft"
+
+
+def _save_ours(model: nn.Module, directory: Path) -> None:
+    from lightning_peft.io import save_adapter
+
+    save_adapter(model, directory)
+
+
+def _save_full(model: nn.Module, directory: Path) -> None:
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(directory / "model.safetensors"))
+
+
+def _save_peft(model: nn.Module, directory: Path) -> None:
+    model.save_pretrained(directory)
+
+
+def _lora(model: nn.Module) -> nn.Module:
+    from lightning_peft import LoRA
+
+    return LoRA(r=16, alpha=32, target_modules="all-linear").inject(model)
+
+
+def _peft_lora(model: nn.Module) -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear"))
+
+
+#: Methods of this library (``--methods``); other method files register theirs with :func:`register_method`.
+METHODS: dict[str, BenchMethod] = {
+    "full": BenchMethod(apply=lambda m: m.requires_grad_(True), save=_save_full, implementation="full fine-tuning"),
+    "lora": BenchMethod(apply=_lora, save=_save_ours),
+}
+#: Peer implementations of the same methods (``--peers peft``): ``{peer: {method: BenchMethod}}``.
+PEERS: dict[str, dict[str, BenchMethod]] = {"peft": {"lora": BenchMethod(apply=_peft_lora, save=_save_peft, implementation="HF PEFT")}}
+
+
+def register_method(name: str, method: BenchMethod, peer: Optional[tuple[str, BenchMethod]] = None) -> None:
+    """Add a method (and optionally its peer implementation) to the speed bench."""
+    METHODS[name] = method
+    if peer is not None:
+        PEERS.setdefault(peer[0], {})[name] = peer[1]
+
+
+def _dir_bytes(directory: Path) -> int:
+    return sum(f.stat().st_size for f in directory.rglob("*") if f.is_file() and f.suffix in (".safetensors", ".bin"))
+
+
+def _peak_rss_bytes() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def run_one(
+    method: str, implementation: str = "lightning-peft", model: str = "tiny-llama", batch_size: int = 4, seq_len: int = 128,
+    steps: int = 5, warmup: int = 2, dtype: str = "bf16", device: str = "cpu", seed: int = 0,
+) -> dict[str, Any]:
+    """Measure one method in this process (``run`` calls it in a fresh subprocess per method)."""
+    from lightning_peft.bench.saved_bytes import measure_saved_bytes
+
+    table = METHODS if implementation == "lightning-peft" else PEERS[implementation]
+    if method not in table:
+        raise ValueError(f"Unknown method {method!r} for {implementation}: known {sorted(table)}.")
+    spec = table[method]
+    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+    dev = torch.device(device)
+    net = build_model(model, torch_dtype, seed)
+    before = {id(p) for p in net.parameters()}
+    base_params = sum(p.numel() for p in net.parameters())
+    net = spec.apply(net).to(dev)
+    params = list({id(p): p for p in net.parameters()}.values())
+    trainable = sum(p.numel() for p in params if p.requires_grad)
+    added = sum(p.numel() for p in params if id(p) not in before)
+    changed = sum(p.numel() for p in params if id(p) in before and p.requires_grad)
+    with tempfile.TemporaryDirectory() as tmp:
+        spec.save(net, Path(tmp) / "out")
+        file_bytes = _dir_bytes(Path(tmp) / "out")
+
+    vocab = net.get_input_embeddings().num_embeddings
+    g = torch.Generator().manual_seed(seed)
+    batch = torch.randint(0, vocab, (batch_size, seq_len), generator=g).to(dev)
+    saved = measure_saved_bytes(net, batch)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    opt = torch.optim.AdamW([p for p in params if p.requires_grad], lr=1e-5, **({"fused": True} if dev.type == "cuda" else {}))
+    net.train()
+    times = []
+    for step in range(warmup + steps):
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        t0 = time.perf_counter()
+        loss = net(input_ids=batch, labels=batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        if step >= warmup:
+            times.append(time.perf_counter() - t0)
+    step_time = statistics.median(times)
+    peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else _peak_rss_bytes()
+    tokens = batch_size * seq_len
+    return {
+        "method": method, "implementation": spec.implementation, "model": model, "device": _device_name(dev), "dtype": dtype,
+        "batch_size": batch_size, "seq_len": seq_len, "trainable": trainable, "added": added, "changed": changed,
+        "base_params": base_params, "adapter_file_bytes": file_bytes, "saved_bytes_per_token": saved / tokens,
+        "peak_memory_bytes": peak, "peak_memory_kind": "cuda_max_allocated" if dev.type == "cuda" else "process_peak_rss",
+        "step_time_s": step_time, "tokens_per_s": tokens / step_time,
+    }
+
+
+def _device_name(dev: torch.device) -> str:
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
+def run(
+    models: list[str], methods: list[str], peers: list[str], batch_size: int, seq_len: int, steps: int, warmup: int,
+    dtype: str, device: str, progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Every (model, method[, peer]) in a fresh subprocess; returns the rows."""
+    jobs = []
+    for model in models:
+        for method in methods:
+            if method not in METHODS:
+                raise ValueError(f"Unknown method {method!r}: known {sorted(METHODS)}.")
+            jobs.append((model, method, "lightning-peft"))
+            for peer in peers:
+                if peer not in PEERS:
+                    raise ValueError(f"Unknown peer {peer!r}: known {sorted(PEERS)}.")
+                if method in PEERS[peer]:
+                    jobs.append((model, method, peer))
+    rows = []
+    try:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(jobs, desc="bench speed", disable=not progress, file=sys.stderr)
+    except ImportError:  # pragma: no cover
+        bar = jobs
+    for model, method, impl in bar:
+        if hasattr(bar, "set_postfix_str"):
+            bar.set_postfix_str(f"{model} {method} ({impl})")
+        args = dict(method=method, implementation=impl, model=model, batch_size=batch_size, seq_len=seq_len, steps=steps, warmup=warmup, dtype=dtype, device=device)
+        proc = subprocess.run(
+            [sys.executable, "-m", "lightning_peft.bench.speed", "--_worker", json.dumps(args)],
+            capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"},
+        )
+        if proc.returncode != 0:
+            raise RuntimeError(f"bench speed: {method} ({impl}) on {model} failed:\n{proc.stderr[-4000:]}")
+        rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    return rows
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| model | method | implementation | trainable | added | changed | adapter file | saved/token | peak memory | step (s) | tokens/s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {r['method']} | {r['implementation']} | {r['trainable']:,} | {r['added']:,} | {r['changed']:,} | "
+            f"{r['adapter_file_bytes'] / 2**20:.2f} MiB | {r['saved_bytes_per_token'] / 1024:.1f} KiB | "
+            f"{r['peak_memory_bytes'] / 2**30:.2f} GiB | {r['step_time_s']:.3f} | {r['tokens_per_s']:,.0f} |"
+        )
+    if rows:
+        r = rows[0]
+        lines.append(f"\n{r['device']}, {r['dtype']}, batch {r['batch_size']} x {r['seq_len']}; peak memory: {r['peak_memory_kind']}.")
+    return "\n".join(lines)
+
+
+def chart(rows: list[dict[str, Any]], path: Path) -> Optional[Path]:
+    """Tokens/s and peak memory per method, one PNG; ``None`` when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    labels = [f"{r['method']}\n{r['implementation']}" + (f"\n{r['model']}" if len({x['model'] for x in rows}) > 1 else "") for r in rows]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(max(8, 1.6 * len(rows)), 4))
+    ax1.bar(labels, [r["tokens_per_s"] for r in rows], color="tab:blue")
+    ax1.set_ylabel("tokens / s")
+    ax2.bar(labels, [r["peak_memory_bytes"] / 2**30 for r in rows], color="tab:orange")
+    ax2.set_ylabel(f"peak memory (GiB, {rows[0]['peak_memory_kind']})")
+    for ax in (ax1, ax2):
+        ax.tick_params(axis="x", labelsize=8)
+    fig.suptitle(f"{rows[0]['device']}, {rows[0]['dtype']}, batch {rows[0]['batch_size']} x {rows[0]['seq_len']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="tiny-llama", help=f"comma-separated presets ({', '.join(PRESETS)}) or local HF directories")
+    parser.add_argument("--methods", default="full,lora", help=f"comma-separated, from: {', '.join(sorted(METHODS))}")
+    parser.add_argument("--peers", default="", help="comma-separated peer implementations to run too: peft")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, or auto (cuda when available)")
+    parser.add_argument("--out", default="bench_results/speed", help="output prefix: writes <out>.json and <out>.png")
+
+
+def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--_worker"]:
+        print(json.dumps(run_one(**json.loads(argv[1]))))
+        return []
+    parser = argparse.ArgumentParser(prog="lightning-peft bench speed", description=__doc__.split("\n")[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    split = lambda s: [x for x in s.split(",") if x]  # noqa: E731
+    rows = run(split(args.model), split(args.methods), split(args.peers), args.batch_size, args.seq_len, args.steps, args.warmup, args.dtype, device)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(rows, indent=2) + "\n")
+    png = chart(rows, out.with_suffix(".png"))
+    print(markdown(rows))
+    print(f"\nwritten: {out.with_suffix('.json')}" + (f", {png}" if png else " (no chart: matplotlib is not installed)"))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
