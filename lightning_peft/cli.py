@@ -14,8 +14,25 @@ from typing import Optional
 
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
+from torch.optim import Optimizer
 
-__all__ = ["main"]
+__all__ = ["PEFTCLI", "main"]
+
+
+class PEFTCLI(LightningCLI):
+    """``LightningCLI`` whose top-level ``optimizer:`` (e.g. ``bitsandbytes.optim.PagedAdamW8bit``) trains the adapters.
+
+    LightningCLI instantiates that optimizer over ``model.parameters()`` while it parses the config, before a PEFT
+    callback has injected the adapters and frozen the base: as is, it would hold only frozen base weights and
+    train nothing. Here its (single, still stateless) parameter group is pointed at the parameters that train
+    when Lightning calls ``configure_optimizers``; the class and its settings stay as configured.
+    """
+
+    @staticmethod
+    def configure_optimizers(lightning_module: LightningModule, optimizer: Optimizer, lr_scheduler=None):
+        if len(optimizer.param_groups) == 1 and not optimizer.state:
+            optimizer.param_groups[0]["params"] = [p for p in lightning_module.parameters() if p.requires_grad]
+        return LightningCLI.configure_optimizers(lightning_module, optimizer, lr_scheduler)
 
 
 def main(args: Optional[list[str]] = None) -> None:
@@ -24,7 +41,7 @@ def main(args: Optional[list[str]] = None) -> None:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     import lightning_peft.tasks  # noqa: F401  (registers the task classes for short class_path names)
 
-    LightningCLI(
+    PEFTCLI(
         LightningModule,
         LightningDataModule,
         subclass_mode_model=True,
