@@ -140,6 +140,19 @@ def test_no_weight_shaped_float_tensor_is_saved_for_backward():
         assert [s for s in saved_shapes(q) if s[0].is_floating_point and s[1] in shapes]
 
 
+def test_qlora_layers_save_no_float32_activation():
+    """bf16 in, bf16 (and packed uint8) saved: the fp32 adapters are cast, never the activations."""
+    _, q = _qlora_llama(hidden=64, targets=["q_proj"])
+    for layer in (q.model.layers[0].self_attn.q_proj, q.model.layers[0].mlp.up_proj):  # LoRALinear, QuantLinear
+        dtypes = []
+        x = torch.randn(3, 7, 64, dtype=torch.bfloat16, requires_grad=True)
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: dtypes.append(t.dtype) or t, lambda t: t):
+            y = layer(x)
+        y.sum().backward()
+        assert y.dtype == torch.bfloat16 and x.grad.dtype == torch.bfloat16
+        assert dtypes and set(dtypes) <= {torch.bfloat16, torch.uint8}, (type(layer).__name__, dtypes)
+
+
 def test_quantized_layer_outputs_agree_with_bf16_within_nf4_tolerance():
     torch.manual_seed(0)
     ref = tiny_llama(seed=0, hidden=128).to(torch.bfloat16)
