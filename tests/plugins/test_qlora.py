@@ -128,7 +128,7 @@ def test_no_weight_shaped_float_tensor_is_saved_for_backward():
             model(input_ids=ids, labels=ids).loss.backward()
         return found
 
-    bf16, q = _qlora_llama(hidden=64, targets=["q_proj", "v_proj", "down_proj"])  # the others become QuantLinear
+    _, q = _qlora_llama(hidden=64, targets=["q_proj", "v_proj", "down_proj"])  # the others become QuantLinear
     assert any(isinstance(m, QuantLinear) for m in q.modules()) and any(isinstance(m, LoRALinear) for m in q.modules())
     shapes = {tuple(weight_shape(m.weight)) for m in q.modules() if isinstance(m, (LoRALinear, QuantLinear))}
     shapes |= {s[::-1] for s in shapes}
@@ -186,7 +186,7 @@ def test_dtypes_after_conversion_adapters_float32_rest_in_compute_dtype():
 
 def test_rslora_and_lora_injected_after_quantization_work():
     """rsLoRA scaling goes through the same path; LoRA injected into an already quantized model wraps QuantLinear."""
-    bf16, q = _qlora_llama(hidden=64, use_rslora=True)
+    _, q = _qlora_llama(hidden=64, use_rslora=True)
     layer = q.model.layers[0].self_attn.q_proj
     assert layer.scaling == pytest.approx(8 / 2)
     model = tiny_llama(seed=0, hidden=64)
