@@ -19,6 +19,7 @@ from lightning_peft.core import (
 from lightning_peft.io import AdapterFileError, load_adapter, save_adapter
 from lightning_peft.methods.lora import LoRALinear, add_weighted_adapter
 from lightning_peft.mixin import PEFTMixin
+from lightning_peft.plugins import QLoRAPrecision
 
 __version__ = "0.1.0"
 
@@ -37,6 +38,7 @@ __all__ = [
     "LoRALinear",
     "PEFTCallback",
     "PEFTMixin",
+    "QLoRAPrecision",
     "ParameterCounts",
     "adapter_state_dict",
     "count_parameters",

@@ -19,8 +19,25 @@ from typing import Any, Optional
 
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
+from torch.optim import Optimizer
 
-__all__ = ["main"]
+__all__ = ["PEFTCLI", "main"]
+
+
+class PEFTCLI(LightningCLI):
+    """``LightningCLI`` whose top-level ``optimizer:`` (e.g. ``bitsandbytes.optim.PagedAdamW8bit``) trains the adapters.
+
+    LightningCLI instantiates that optimizer over ``model.parameters()`` while it parses the config, before a PEFT
+    callback has injected the adapters and frozen the base: as is, it would hold only frozen base weights and
+    train nothing. Here its (single, still stateless) parameter group is pointed at the parameters that train
+    when Lightning calls ``configure_optimizers``; the class and its settings stay as configured.
+    """
+
+    @staticmethod
+    def configure_optimizers(lightning_module: LightningModule, optimizer: Optimizer, lr_scheduler=None):
+        if len(optimizer.param_groups) == 1 and not optimizer.state:
+            optimizer.param_groups[0]["params"] = [p for p in lightning_module.parameters() if p.requires_grad]
+        return LightningCLI.configure_optimizers(lightning_module, optimizer, lr_scheduler)
 
 
 def main(args: Optional[list[str]] = None) -> None:
@@ -36,7 +53,7 @@ def main(args: Optional[list[str]] = None) -> None:
     if argv and argv[0] == "bench":
         bench_main(argv[1:])
         return
-    LightningCLI(
+    PEFTCLI(
         LightningModule,
         LightningDataModule,
         subclass_mode_model=True,

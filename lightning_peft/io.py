@@ -31,6 +31,7 @@ from torch import nn
 from lightning_peft.callbacks.base import peft_state
 from lightning_peft.core import AdapterLayer, adapter_modules, adapter_param_names, mark_trainable
 from lightning_peft.methods.lora import LoRALinear, inject_lora, pattern_value
+from lightning_peft.quant import weight_shape
 from lightning_peft.targeting import find_targets, linear_types, match_name
 
 __all__ = ["AdapterFileError", "base_fingerprint", "find_base_model", "load_adapter", "register_peft_format", "save_adapter"]
@@ -94,10 +95,10 @@ def base_fingerprint(model: nn.Module, targets: Optional[list[str]] = None) -> d
     """What identifies a base model: architecture, parameter count, a digest of parameter names and shapes
     (adapter parameters excluded), and the weight shapes of the adapted modules ``targets``."""
     added = set(adapter_param_names(model))
-    base = [(n, tuple(p.shape)) for n, p in model.named_parameters() if n not in added]
+    base = [(n, tuple(weight_shape(p))) for n, p in model.named_parameters() if n not in added]
     digest = hashlib.sha256("\n".join(f"{n}:{list(s)}" for n, s in sorted(base)).encode()).hexdigest()[:16]
     modules = dict(model.named_modules())
-    shapes = {t: list(modules[t].weight.shape) for t in (targets or []) if t in modules and hasattr(modules[t], "weight")}
+    shapes = {t: list(weight_shape(modules[t].weight)) for t in (targets or []) if t in modules and hasattr(modules[t], "weight")}
     return {"architecture": _architecture(model), "num_parameters": sum(_numel(s) for _, s in base), "digest": digest, "target_shapes": shapes}
 
 

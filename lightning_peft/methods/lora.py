@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_peft.core import AdapterLayer
+from lightning_peft.quant import QuantLinear, dequantize, is_quantized, requantize, weight_shape  # QLoRA: quantized base weights
 from lightning_peft.targeting import TargetSpec, find_targets, linear_types
 
 __all__ = ["LoRALinear", "LoRASpec", "add_weighted_adapter", "check_lora_args", "inject_lora", "lora_linear", "pattern_value"]
@@ -54,6 +55,7 @@ def _dropout_mask(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
 
 
 def _base_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], fan_in_fan_out: bool) -> torch.Tensor:
+    weight = dequantize(weight, x.dtype)  # a quantized base: a temporary copy, freed when this returns
     if fan_in_fan_out:  # HF Conv1D stores the weight as (in, out)
         weight = weight.t()
     return F.linear(x, weight, bias)
@@ -89,7 +91,8 @@ class _LoRAFunction(torch.autograd.Function):
 
         grad_x = grad_w = grad_bias = grad_a = grad_b = None
         if need_x:
-            w = weight.t() if ctx.fan_in_fan_out else weight  # (out, in)
+            w = dequantize(weight, g.dtype)  # saved packed when quantized, dequantized again here
+            w = w.t() if ctx.fan_in_fan_out else w  # (out, in)
             grad_x = g @ w.to(g.dtype)
             if mask is None:  # accumulate in place: a separate add of an (N, in) tensor costs as much as a matmul
                 grad_x.addmm_(gb, lora_a, alpha=s)
@@ -169,7 +172,8 @@ class LoRALinear(AdapterLayer):
         super().__init__()
         self.fan_in_fan_out = not isinstance(base, nn.Linear)
         w = base.weight
-        self.in_features, self.out_features = (w.shape[0], w.shape[1]) if self.fan_in_fan_out else (w.shape[1], w.shape[0])
+        shape = weight_shape(w)  # the logical shape, also of a quantized weight
+        self.in_features, self.out_features = (shape[0], shape[1]) if self.fan_in_fan_out else (shape[1], shape[0])
         self._base_type = type(base)
         self.weight = w
         self.bias = base.bias
@@ -285,7 +289,7 @@ class LoRALinear(AdapterLayer):
     def _forward(self, x: torch.Tensor, dtype: Optional[torch.dtype]) -> torch.Tensor:
         weight, bias = self.weight, self.bias
         if dtype is not None:
-            weight = weight.to(dtype)
+            weight = weight if is_quantized(weight) else weight.to(dtype)  # quantized: dequantized in the function
             bias = bias.to(dtype) if bias is not None else None
         if self.sample_adapters is not None:
             return self._routed_forward(x, weight, bias)
@@ -341,7 +345,7 @@ class LoRALinear(AdapterLayer):
         """Fold adapters (default: the active ones) into the base weight. Merging twice is a no-op."""
         names = [n for n in (self.active if names is None else names) if n in self.specs and n not in self.merged_adapters]
         for name in names:
-            merged = self.weight.float() + self.delta_weight(name)
+            merged = dequantize(self.weight, torch.float32).float() + self.delta_weight(name)
             if not torch.isfinite(merged).all():
                 spec = self.specs[name]
                 raise ValueError(
@@ -349,7 +353,7 @@ class LoRALinear(AdapterLayer):
                     "NaN/inf into the base weight; the weight was left unchanged. The adapter weights are not finite: "
                     "check the training run (learning rate, loss scaling) or reload the adapter."
                 )
-            self.weight.copy_(merged.to(self.weight.dtype))
+            self._write_weight(merged, f"LoRA adapter {name!r}")
             self.merged_adapters.append(name)
 
     @torch.no_grad()
@@ -357,11 +361,19 @@ class LoRALinear(AdapterLayer):
         """Take every merged adapter back out of the base weight (no-op when none is merged)."""
         while self.merged_adapters:
             name = self.merged_adapters.pop()
-            self.weight.copy_((self.weight.float() - self.delta_weight(name)).to(self.weight.dtype))
+            self._write_weight(dequantize(self.weight, torch.float32).float() - self.delta_weight(name), f"the unmerge of {name!r}")
+
+    def _write_weight(self, value: torch.Tensor, what: str) -> None:
+        if is_quantized(self.weight):  # QLoRA: dequantized, updated, re-quantized (rounds; requantize warns)
+            self.weight = requantize(self.weight, value, what)
+        else:
+            self.weight.copy_(value.to(self.weight.dtype))
 
     def base_layer(self) -> nn.Module:
         with torch.device("meta"):
             layer = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None) if not self.fan_in_fan_out else self._base_type(self.out_features, self.in_features)
+        if is_quantized(self.weight) and not self.fan_in_fan_out:  # QLoRA: a frozen quantized linear
+            return QuantLinear(self.weight, self.bias)
         layer.weight = self.weight
         layer.bias = self.bias
         return layer

@@ -1,0 +1,242 @@
+"""Quantized frozen base weights for QLoRA (Dettmers et al., 2023), stored through bitsandbytes.
+
+A frozen ``W`` (out x in) is kept as 4-bit codes plus per-block scales::
+
+    W ~= absmax_b * code[q_ij]        q_ij in 0..15, one absmax per block of 64 weights
+    nf4: code = the 16 quantiles of N(0, 1) (NormalFloat);  fp4: a 4-bit float code
+    -dq ("double quantization"): the absmax are quantized again to 8 bits (blocks of 256)
+
+so NF4 with double quantization costs 4 + 8/64 + 32/(64*256) = 4.127 bits = 0.516 bytes per weight.
+
+Everything that reads a base weight goes through :func:`dequantize`, which returns a plain tensor
+unchanged and rebuilds a compute-dtype copy of a quantized one; that copy is a temporary of one layer's
+forward or backward, never kept between them (the autograd functions save the packed weight, not the copy).
+
+``bitsandbytes`` is imported only when a weight is quantized (``pip install "lightning-peft[qlora]"``).
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from types import ModuleType
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "QUANT_MODES",
+    "QuantLinear",
+    "dequantize",
+    "dequantize_model",
+    "is_quantized",
+    "quantize_weight",
+    "quantized_bytes",
+    "requantize",
+    "weight_shape",
+]
+
+#: The 4-bit modes: NormalFloat or float codes, with (``-dq``) or without double quantization.
+QUANT_MODES = ("nf4", "nf4-dq", "fp4", "fp4-dq")
+
+_INSTALL = 'pip install "lightning-peft[qlora]"'
+
+
+@functools.lru_cache(maxsize=1)
+def import_bitsandbytes() -> ModuleType:
+    """``bitsandbytes``, or an ``ImportError`` that says how to install it."""
+    try:
+        import bitsandbytes
+    except ImportError as err:
+        raise ImportError(f"QLoRA needs the bitsandbytes package, which is not installed: {_INSTALL}") from err
+    return bitsandbytes
+
+
+def is_quantized(weight: torch.Tensor) -> bool:
+    """Whether ``weight`` is a bitsandbytes 4-bit (``Params4bit``) or int8 (``Int8Params``) quantized tensor."""
+    if getattr(weight, "quant_state", None) is not None:
+        return True
+    return weight.dtype == torch.int8 and getattr(weight, "SCB", None) is not None
+
+
+def dequantize(weight: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """The weight as a plain floating tensor: ``weight`` itself when it is not quantized (``dtype`` is then
+    ignored), else a new tensor in ``dtype`` (default: the dtype it was quantized from) and its logical shape."""
+    state = getattr(weight, "quant_state", None)
+    if state is not None:  # 4-bit: packed codes + QuantState
+        w = import_bitsandbytes().functional.dequantize_4bit(weight.data, state)
+    elif weight.dtype == torch.int8 and getattr(weight, "SCB", None) is not None:  # int8 rows, one absmax per row
+        w = weight.data.float() * (weight.SCB.float().unsqueeze(1) / 127.0)
+        dtype = dtype or torch.float16
+    else:
+        return weight
+    return w if dtype is None or w.dtype == dtype else w.to(dtype)
+
+
+def weight_shape(weight: torch.Tensor) -> torch.Size:
+    """The logical shape of a weight (a packed 4-bit weight is stored as a ``(n/2, 1)`` byte tensor)."""
+    state = getattr(weight, "quant_state", None)
+    return torch.Size(state.shape) if state is not None else weight.shape
+
+
+_CODEBOOKS: dict[tuple, torch.Tensor] = {}
+
+
+def _share_constant(t: torch.Tensor, name: str) -> torch.Tensor:
+    """One tensor per (codebook, device): bitsandbytes makes a fresh copy of its 16/256-entry codebooks per weight."""
+    key = (name, t.device, t.dtype, t.shape)
+    kept = _CODEBOOKS.get(key)
+    if kept is not None and torch.equal(kept, t):
+        return kept
+    _CODEBOOKS[key] = t
+    return t
+
+
+def quantize_weight(
+    weight: torch.Tensor, mode: str = "nf4-dq", dtype: Optional[torch.dtype] = None,
+    device: Optional[torch.device] = None, blocksize: int = 64,
+) -> nn.Parameter:
+    """A frozen bitsandbytes ``Params4bit`` holding ``weight`` in ``mode`` (see :data:`QUANT_MODES`).
+
+    Args:
+        weight: the floating weight to quantize (any layout; its shape is kept in the quant state).
+        mode: ``"nf4"``, ``"nf4-dq"``, ``"fp4"`` or ``"fp4-dq"``.
+        dtype: the dtype :func:`dequantize` returns by default (the compute dtype); default ``weight.dtype``.
+        device: where the packed weight lives (quantization runs there); default ``weight.device``.
+        blocksize: weights per absmax scale (64 as in the QLoRA paper).
+    """
+    if mode not in QUANT_MODES:
+        raise ValueError(f"Unknown quantization mode {mode!r}; choose one of {list(QUANT_MODES)}.")
+    bnb = import_bitsandbytes()
+    quant_type, double = mode.split("-")[0], mode.endswith("-dq")
+    w = weight.detach().to(device=device or weight.device, dtype=dtype or weight.dtype).contiguous()
+    packed, state = bnb.functional.quantize_4bit(w, blocksize=blocksize, compress_statistics=double, quant_type=quant_type)
+    state.code = _share_constant(state.code, quant_type)
+    if state.nested:
+        state.state2.code = _share_constant(state.state2.code, "dynamic")
+    return bnb.nn.Params4bit(
+        packed, requires_grad=False, quant_state=state, blocksize=blocksize, compress_statistics=double,
+        quant_type=quant_type, bnb_quantized=True,
+    )
+
+
+def requantize(old: torch.Tensor, new: torch.Tensor, what: str = "the weight") -> nn.Parameter:
+    """``new`` (a float tensor of the logical shape) quantized the way ``old`` (a ``Params4bit``) is.
+
+    Rounds: warns, since merging into a 4-bit base and unmerging do not give back the original weight.
+    """
+    state = old.quant_state
+    mode = state.quant_type + ("-dq" if state.nested else "")
+    warnings.warn(
+        f"Writing {what} into a {mode} quantized base weight: the result is re-quantized to 4 bits, which rounds it "
+        "(an update much smaller than the quantization step is lost, and unmerging does not restore the base "
+        "exactly). For a merged model without that rounding, dequantize first: "
+        "lightning_peft.quant.dequantize_model(model, torch.bfloat16), then merge.",
+        UserWarning,
+        stacklevel=3,
+    )
+    return quantize_weight(new, mode, dtype=state.dtype, device=old.device, blocksize=state.blocksize)
+
+
+class _FrozenLinearFunction(torch.autograd.Function):
+    """``y = x W^T + b`` for a frozen quantized ``W``: saves the packed ``W`` only and dequantizes it again in backward."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        out = F.linear(x, dequantize(weight, x.dtype), bias)
+        ctx.save_for_backward(weight)
+        ctx.bias_grad = bias is not None and ctx.needs_input_grad[2]
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (weight,) = ctx.saved_tensors
+        grad_x = grad_out @ dequantize(weight, grad_out.dtype) if ctx.needs_input_grad[0] else None
+        grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0) if ctx.bias_grad else None
+        return grad_x, None, grad_bias
+
+
+class QuantLinear(nn.Linear):
+    """A frozen ``nn.Linear`` whose weight is stored quantized (a ``Params4bit`` from :func:`quantize_weight`).
+
+    It is an ``nn.Linear`` (``in_features``/``out_features``, ``weight``, ``bias``), so targeting and
+    :class:`~lightning_peft.methods.lora.LoRALinear` accept it. The input is cast to the weight's compute dtype.
+    """
+
+    def __init__(self, weight: nn.Parameter, bias: Optional[nn.Parameter] = None) -> None:
+        nn.Module.__init__(self)  # not nn.Linear.__init__: it would allocate a float weight
+        self.out_features, self.in_features = weight_shape(weight)
+        self.weight = weight
+        self.bias = bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = self.weight.quant_state.dtype if getattr(self.weight, "quant_state", None) is not None else x.dtype
+        bias = self.bias.to(dtype) if self.bias is not None and self.bias.dtype != dtype else self.bias
+        return _FrozenLinearFunction.apply(x.to(dtype), self.weight, bias)
+
+    def dequantized(self, dtype: Optional[torch.dtype] = None) -> nn.Linear:
+        """A plain ``nn.Linear`` with the dequantized weight."""
+        with torch.device("meta"):
+            layer = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+        layer.weight = nn.Parameter(dequantize(self.weight, dtype), requires_grad=False)
+        layer.bias = self.bias
+        return layer
+
+    def extra_repr(self) -> str:
+        state = getattr(self.weight, "quant_state", None)
+        mode = f"{state.quant_type}{'-dq' if state.nested else ''}, compute_dtype={state.dtype}" if state is not None else "int8"
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, {mode}"
+
+
+def dequantize_model(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
+    """Replace every quantized weight of ``model`` by a plain frozen ``dtype`` weight, in place; returns ``model``.
+
+    :class:`QuantLinear` layers become ``nn.Linear``; LoRA layers keep their adapters over a plain base again.
+    Exporting a merged model from a QLoRA run::
+
+        dequantize_model(model, torch.bfloat16)
+        unload(model, merge=True)          # exact merge in bf16, no 4-bit rounding
+        hf_model.save_pretrained("merged")
+    """
+    for name, module in list(model.named_modules()):
+        if isinstance(module, QuantLinear):
+            if name:
+                model.set_submodule(name, module.dequantized(dtype))
+        elif is_quantized(getattr(module, "weight", torch.empty(0))):
+            module.weight = nn.Parameter(dequantize(module.weight, dtype), requires_grad=False)
+    return model
+
+
+def quantized_bytes(model: nn.Module) -> tuple[int, int]:
+    """``(bytes, parameters)`` of the quantized weights of ``model``: packed codes plus every quant-state
+    tensor (absmax, nested absmax and offset, codebooks), each storage counted once."""
+    seen: set[tuple] = set()
+    nbytes = params = 0
+
+    def add(t: Optional[torch.Tensor]) -> None:
+        nonlocal nbytes
+        if t is None:
+            return
+        key = (t.device, t.untyped_storage().data_ptr())
+        if key not in seen:
+            seen.add(key)
+            nbytes += t.untyped_storage().nbytes()
+
+    for p in {id(p): p for p in model.parameters()}.values():
+        if not is_quantized(p):
+            continue
+        params += weight_shape(p).numel()
+        add(p.data)
+        state = getattr(p, "quant_state", None)
+        if state is None:  # int8
+            add(p.SCB)
+            continue
+        for s in (state, state.state2):
+            if s is not None:
+                add(s.absmax)
+                add(s.code)
+        if state.nested:
+            add(state.offset)
+    return nbytes, params
