@@ -38,13 +38,13 @@ def check_fit(tmp_path, make_callback, is_trained, module_cls=TinyLM, min_drop=0
     return module, cb
 
 
-def check_checkpoint_and_resume(tmp_path, make_callback, is_saved, steps_per_epoch=4):
+def check_checkpoint_and_resume(tmp_path, make_callback, is_saved, steps_per_epoch=4, module_cls=TinyLM, **module_kw):
     """Checkpoints hold only what ``is_saved`` selects; resuming is exact; a fresh module + the checkpoint
     equals the trained module."""
 
     def run(max_epochs, ckpt_path=None):
         L.seed_everything(0)
-        module = TinyLM()
+        module = module_cls(**module_kw)
         cbs = [make_callback(), ModelCheckpoint(dirpath=tmp_path / "ck", save_top_k=-1)]
         trainer(tmp_path, cbs, max_epochs=max_epochs, max_steps=-1, enable_checkpointing=True).fit(module, ckpt_path=ckpt_path)
         return module
@@ -63,9 +63,18 @@ def check_checkpoint_and_resume(tmp_path, make_callback, is_saved, steps_per_epo
     b = {k: v for k, v in resumed.state_dict().items() if k in keys}
     for k in keys:
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=0)
-    fresh = TinyLM()
+    fresh = module_cls(**module_kw)
     load_adapter_checkpoint(fresh, last)
     ids = token_data(4)
     straight.eval(), fresh.eval()
     torch.testing.assert_close(fresh(ids), straight(ids), rtol=0, atol=0)
     return ckpt
+
+
+class TinyGPT2LM(TinyLM):
+    """TinyLM on a tiny GPT-2 (which has biases, unlike Llama)."""
+
+    def build(self):
+        from tests.methods.sst2_helpers import tiny_decoder
+
+        return tiny_decoder("gpt2").train()

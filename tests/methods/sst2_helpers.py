@@ -50,11 +50,12 @@ def tiny_decoder(family: str, seed: int = 0):
         return tiny_llama(seed=seed)
     torch.manual_seed(seed)
     if family == "gpt2":
-        cfg = GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=128, n_positions=64, bos_token_id=0, eos_token_id=0)
+        cfg = GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=128, n_positions=64, bos_token_id=0, eos_token_id=0, initializer_range=0.2,
+                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # no dropout: resume is exact
         cfg._attn_implementation = "eager"
         return GPT2LMHeadModel(cfg).eval()
     if family == "qwen2":
-        cfg = Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=128)
+        cfg = Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=128, initializer_range=0.2)
         cfg._attn_implementation = "eager"
         return Qwen2ForCausalLM(cfg).eval()
     raise ValueError(family)
