@@ -21,6 +21,7 @@ Llama/Mistral ``k_proj``, ``v_proj``, ``down_proj``; GPT-2 the fused ``c_attn`` 
 
 from __future__ import annotations
 
+import re
 from typing import Any, Optional
 
 import torch
@@ -212,6 +213,13 @@ def _is_feedforward(name: str, feedforward_modules: TargetSpec) -> bool:
     return bool(feedforward_modules) and match_name(name, feedforward_modules)
 
 
+def _peft_is_feedforward(name: str, feedforward_modules: TargetSpec) -> bool:
+    """PEFT's own rule (``IA3Model._check_target_module_feedforward``): a plain suffix, or a whole-name regex."""
+    if isinstance(feedforward_modules, str):
+        return re.fullmatch(feedforward_modules, name) is not None
+    return any(name.endswith(t) for t in feedforward_modules)
+
+
 def inject_ia3(
     model: nn.Module,
     target_modules: Optional[TargetSpec] = None,
@@ -281,7 +289,7 @@ def from_peft(model: nn.Module, config: dict[str, Any], tensors: dict[str, torch
     """Inject (IA)³ layers into a plain Hugging Face ``model`` as PEFT ``config`` says, and load ``tensors``.
 
     Module names in ``target_modules`` / ``feedforward_modules`` follow PEFT's matching (a list matches by
-    suffix, a string is a regular expression). Keys of trained base modules (``modules_to_save``) are loaded too.
+    suffix, a string is a regular expression; a feed-forward name matches as a plain, not dotted, suffix, as in PEFT). Keys of trained base modules (``modules_to_save``) are loaded too.
     Returns the names of the wrapped modules.
     """
     if config.get("peft_type") != "IA3":
@@ -305,7 +313,7 @@ def from_peft(model: nn.Module, config: dict[str, Any], tensors: dict[str, torch
             f"The (IA)³ tensors do not fit {type(model).__name__}: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
             f"unexpected {unknown[:5]}{'...' if len(unknown) > 5 else ''}. Load the adapter into the base model it was trained on."
         )
-    new = {n: IA3Linear(model.get_submodule(n), feedforward=_is_feedforward(n, ff)) for n in names}
+    new = {n: IA3Linear(model.get_submodule(n), feedforward=_peft_is_feedforward(n, ff)) for n in names}
     bad = [f"{n}.ia3_l: file {list(plain[n + '.ia3_l'].shape)}, model {m.ia3_l.numel()}" for n, m in new.items() if plain[n + ".ia3_l"].numel() != m.ia3_l.numel()]
     if bad:
         raise ValueError(f"(IA)³ tensor shapes do not fit the model: {bad[:5]}. Load the adapter into the base model it was trained on.")
