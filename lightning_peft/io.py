@@ -485,3 +485,21 @@ register_peft_format(
         fields={"r": (int,), "lora_alpha": (int, float), "target_modules": (str, list)},
     )
 )
+
+
+# -- (IA)3 -----------------------------------------------------------------------------------------------
+def _register_ia3() -> None:
+    from lightning_peft.methods import ia3
+
+    def to_peft(base, layers, name):
+        return ia3.to_peft(base, layers)
+
+    def from_peft(base, config, tensors, name):
+        if name != "default":
+            raise NotImplementedError(f"(IA)3 layers hold one adapter each: load it as 'default', not {name!r}.")
+        return ia3.from_peft(base, config, tensors)
+
+    register_peft_format(PeftFormat(peft_type="IA3", layer_type=ia3.IA3Linear, to_peft=to_peft, from_peft=from_peft, fields={"target_modules": (str, list)}))
+
+
+_register_ia3()

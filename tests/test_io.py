@@ -222,3 +222,22 @@ def test_unknown_tensor_prefix_is_refused(adapter_dir):
     save_file({"lora_A.weight": torch.zeros(2, 2)}, str(path))
     with pytest.raises(AdapterFileError, match=r"tensor 'lora_A\.weight' does not start with 'base_model\.model\.'"):
         load_adapter(tiny_llama(), adapter_dir)
+
+
+def test_ia3_round_trips_through_save_and_load_adapter(tmp_path):
+    from lightning_peft.callbacks.ia3 import IA3
+
+    ours = tiny_llama()
+    IA3().inject(ours)
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for n, p in ours.named_parameters():
+            if "ia3_" in n:
+                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=g))
+    save_adapter(ours, tmp_path / "ours")
+    assert json.loads((tmp_path / "ours" / "adapter_config.json").read_text())["peft_type"] == "IA3"
+    theirs = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "ours").eval()
+    torch.testing.assert_close(theirs(_ids()).logits, ours(_ids()).logits, atol=1e-5, rtol=0)
+    theirs.save_pretrained(tmp_path / "theirs")
+    loaded = load_adapter(tiny_llama(), tmp_path / "theirs")
+    torch.testing.assert_close(loaded(_ids()).logits, theirs(_ids()).logits, atol=1e-5, rtol=0)

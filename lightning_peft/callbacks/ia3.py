@@ -2,21 +2,14 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any, Optional, Union
 
-import lightning.pytorch as pl
-from lightning.pytorch.utilities import rank_zero_info
-from safetensors.torch import save_file
 from torch import nn
-from typing_extensions import override
 
-from lightning_peft.callbacks.base import PEFTCallback, peft_state
-from lightning_peft.core import adapter_modules
-from lightning_peft.methods.ia3 import IA3Linear, check_ia3_args, inject_ia3, to_peft
+from lightning_peft.callbacks.base import PEFTCallback
+from lightning_peft.methods.ia3 import check_ia3_args, inject_ia3
 
-__all__ = ["IA3", "save_ia3_adapter"]
+__all__ = ["IA3"]
 
 
 class IA3(PEFTCallback):
@@ -62,32 +55,3 @@ class IA3(PEFTCallback):
 
     def _inject(self, module: nn.Module) -> list[str]:
         return inject_ia3(module, self.target_modules, self.feedforward_modules, self.exclude_modules)
-
-    @override
-    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.save_dir and trainer.is_global_zero:
-            path = save_ia3_adapter(pl_module, self.save_dir)
-            rank_zero_info(f"{type(self).__name__}: adapter written to {path}")
-
-
-def save_ia3_adapter(module: nn.Module, directory: Union[str, Path]) -> Path:
-    """Write ``module``'s (IA)³ adapter (and trained base modules) in Hugging Face PEFT's format.
-
-    ``peft.PeftModel.from_pretrained(hf_model, directory)`` loads it. (The lead's ``io`` registry will
-    take this over; until then the IA3 callback's ``save_dir`` uses it.)
-    """
-    from lightning_peft.io import find_base_model
-
-    prefix, base = find_base_model(module)
-    config, tensors = to_peft(base, [(n, m) for n, m in adapter_modules(base) if isinstance(m, IA3Linear)])
-    trained = [n[len(prefix):] for n in peft_state(module)["trainable"] if n.startswith(prefix)]
-    params = dict(base.named_parameters())
-    for name in trained:
-        tensors[f"base_model.model.{name}"] = params[name].detach()
-    config["modules_to_save"] = sorted({n.rsplit(".", 1)[0] for n in trained}) or None
-    out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
-    (out / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
-    return out
-
