@@ -28,6 +28,11 @@ Run::
         --seeds 1 --max-train-rows 4000 --epochs 1
 
 prints a Markdown table and writes the rows as JSON (``--out``).
+
+Measured with that command (4,000 SST-2 rows, 1 epoch, seed 0, torch 2.13 CPU, 2 threads on 2 cores shared
+with other jobs, load average 5-7, so the times are inflated: 3,306 s in all), dev accuracy on the 872 dev rows:
+full 81.7 (22.7M trainable), LoRA 82.5 (339k), Houlsby 78.9 (227k), parallel 81.5 (114k), (IA)³ 67.1 (16.9k),
+BitFit 75.9 (26.9k), selective top-2 + head 81.8 (3.55M). One seed: differences of a point or two are noise.
 """
 
 from __future__ import annotations
