@@ -109,13 +109,40 @@ def _peft_lora(model: nn.Module) -> nn.Module:
     return get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear"))
 
 
+def _qlora(model: nn.Module) -> nn.Module:
+    from lightning_peft.plugins import QLoRAPrecision
+
+    dtype = next(model.parameters()).dtype
+    compute = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
+    return QLoRAPrecision("nf4-dq", compute_dtype=compute).convert_module(_lora(model))
+
+
+def _ia3(model: nn.Module) -> nn.Module:
+    from lightning_peft.callbacks.ia3 import IA3
+
+    return IA3().inject(model)
+
+
+def _peft_ia3(model: nn.Module) -> nn.Module:
+    from peft import IA3Config, get_peft_model
+
+    return get_peft_model(model, IA3Config(task_type="CAUSAL_LM"))
+
+
 #: Methods of this library (``--methods``); other method files register theirs with :func:`register_method`.
 METHODS: dict[str, BenchMethod] = {
     "full": BenchMethod(apply=lambda m: m.requires_grad_(True), save=_save_full, implementation="full fine-tuning"),
     "lora": BenchMethod(apply=_lora, save=_save_ours),
+    "qlora": BenchMethod(apply=_qlora, save=_save_ours),
+    "ia3": BenchMethod(apply=_ia3, save=_save_ours),
 }
 #: Peer implementations of the same methods (``--peers peft``): ``{peer: {method: BenchMethod}}``.
-PEERS: dict[str, dict[str, BenchMethod]] = {"peft": {"lora": BenchMethod(apply=_peft_lora, save=_save_peft, implementation="HF PEFT")}}
+PEERS: dict[str, dict[str, BenchMethod]] = {
+    "peft": {
+        "lora": BenchMethod(apply=_peft_lora, save=_save_peft, implementation="HF PEFT"),
+        "ia3": BenchMethod(apply=_peft_ia3, save=_save_peft, implementation="HF PEFT"),
+    }
+}
 
 
 def register_method(name: str, method: BenchMethod, peer: Optional[tuple[str, BenchMethod]] = None) -> None:
@@ -148,10 +175,10 @@ def run_one(
     spec = table[method]
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
     dev = torch.device(device)
-    net = build_model(model, torch_dtype, seed)
+    net = build_model(model, torch_dtype, seed).to(dev)
     before = {id(p) for p in net.parameters()}
     base_params = sum(p.numel() for p in net.parameters())
-    net = spec.apply(net).to(dev)
+    net = spec.apply(net)
     params = list({id(p): p for p in net.parameters()}.values())
     trainable = sum(p.numel() for p in params if p.requires_grad)
     added = sum(p.numel() for p in params if id(p) not in before)
