@@ -250,3 +250,22 @@ def test_adalora_with_lora_on_the_same_layers_is_refused(tmp_path):
 def test_bad_arguments_fail_at_construction(kwargs, match):
     with pytest.raises(ValueError, match=match):
         AdaLoRA(**kwargs)
+
+
+def test_config_parses_in_the_cli(minilm_path, monkeypatch):
+    import contextlib
+    import io
+    from pathlib import Path
+
+    import yaml
+
+    from lightning_peft.cli import main
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[2])
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf), pytest.raises(SystemExit) as exc:
+        main(["fit", "--config", "configs/adalora.yaml", "--trainer.callbacks.init_args.target_r=6", "--print_config"])
+    assert exc.value.code in (0, None)
+    cb = yaml.safe_load(buf.getvalue())["trainer"]["callbacks"][0]
+    assert cb["class_path"] == "lightning_peft.callbacks.adalora.AdaLoRA"
+    assert (cb["init_args"]["init_r"], cb["init_args"]["target_r"], cb["init_args"]["tfinal"]) == (12, 6, 150)
