@@ -335,14 +335,15 @@ def save_rank_heatmap(ranks: dict[str, int], path: Union[str, Path], init_r: Opt
     rows, cols, grid = rank_grid(ranks)
     data = torch.tensor([[float("nan") if v is None else float(v) for v in row] for row in grid]).t().numpy()  # (types, layers)
     fig, ax = plt.subplots(figsize=(max(5.0, 2.5 + 0.6 * len(rows)), 1.5 + 0.45 * len(cols)))
-    im = ax.imshow(data, cmap="YlGn", vmin=0, vmax=init_r or max(ranks.values(), default=1), aspect="auto")
+    vmax = init_r or max(ranks.values(), default=1)
+    im = ax.imshow(data, cmap="YlGn", vmin=0, vmax=vmax, aspect="auto")
     ax.set_xticks(range(len(rows)), rows)
     ax.set_yticks(range(len(cols)), [re.sub(r"^attention\.", "attn.", c) for c in cols])
     ax.set_xlabel("layer")
     for i in range(data.shape[0]):
         for j in range(data.shape[1]):
             if data[i, j] == data[i, j]:
-                ax.text(j, i, f"{int(data[i, j])}", ha="center", va="center", fontsize=8)
+                ax.text(j, i, f"{int(data[i, j])}", ha="center", va="center", fontsize=8, color="white" if data[i, j] > 0.6 * vmax else "black")
     fig.colorbar(im, ax=ax, label="final rank")
     ax.set_title("AdaLoRA rank allocation")
     fig.tight_layout()
