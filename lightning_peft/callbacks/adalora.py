@@ -83,7 +83,9 @@ class AdaLoRA(PEFTCallback):
         beta2: EMA factor of the uncertainty, in (0, 1).
         orth_reg_weight: weight of the orthogonal regularizer (0 switches it off).
         total_steps: optimizer steps of the whole run; None uses ``trainer.estimated_stepping_batches``.
-        alpha: scale numerator, ``s = alpha / init_r``.
+        alpha: scale numerator, ``s = alpha / init_r``. ``E`` starts at zero and Adam moves it by about the
+            learning rate per step, so runs of a few hundred steps need a larger ``alpha`` (or learning rate) than
+            LoRA's for the update to matter (see :mod:`lightning_peft.bench.adalora_vs_lora`).
         dropout: dropout on the adapter's input, in [0, 1).
         target_modules: ``"all-linear"``, a regular expression matching whole module names, or a list of names /
             dotted suffixes.
