@@ -1,6 +1,6 @@
 """lightning-peft: parameter-efficient fine-tuning as PyTorch Lightning callbacks."""
 
-from lightning_peft.callbacks import BitFit, Houlsby, IA3, LoRA, ParallelAdapter, PEFTCallback, Selective, load_adapter_checkpoint
+from lightning_peft.callbacks import AdaLoRA, BitFit, Houlsby, IA3, LoRA, ParallelAdapter, PEFTCallback, Selective, load_adapter_checkpoint
 from lightning_peft.core import (
     AdapterLayer,
     ParameterCounts,
@@ -24,6 +24,7 @@ from lightning_peft.plugins import QLoRAPrecision
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaLoRA",
     "BitFit",
     "Houlsby",
     "IA3",

@@ -503,3 +503,18 @@ def _register_ia3() -> None:
 
 
 _register_ia3()
+
+
+# -- AdaLoRA ---------------------------------------------------------------------------------------------
+def _register_adalora() -> None:
+    from lightning_peft.methods import adalora
+
+    register_peft_format(
+        PeftFormat(
+            peft_type="ADALORA", layer_type=adalora.AdaLoRALinear, to_peft=adalora.to_peft, from_peft=adalora.from_peft,
+            fields={"init_r": (int,), "lora_alpha": (int, float), "target_modules": (str, list)},
+        )
+    )
+
+
+_register_adalora()

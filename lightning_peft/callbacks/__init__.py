@@ -1,5 +1,6 @@
 """Lightning callbacks: one thin callback per method on the shared :class:`PEFTCallback`."""
 
+from lightning_peft.callbacks.adalora import AdaLoRA
 from lightning_peft.callbacks.base import PEFTCallback, load_adapter_checkpoint
 from lightning_peft.callbacks.bitfit import BitFit
 from lightning_peft.callbacks.houlsby import Houlsby
@@ -8,4 +9,4 @@ from lightning_peft.callbacks.lora import LoRA
 from lightning_peft.callbacks.parallel_adapter import ParallelAdapter
 from lightning_peft.callbacks.selective import Selective
 
-__all__ = ["BitFit", "Houlsby", "IA3", "LoRA", "PEFTCallback", "ParallelAdapter", "Selective", "load_adapter_checkpoint"]
+__all__ = ["AdaLoRA", "BitFit", "Houlsby", "IA3", "LoRA", "PEFTCallback", "ParallelAdapter", "Selective", "load_adapter_checkpoint"]

@@ -50,22 +50,6 @@ from lightning_peft.methods.adalora import (
 __all__ = ["AdaLoRA", "rank_grid", "save_rank_heatmap"]
 
 
-def _register_peft_format() -> None:
-    # io imports callbacks.base only, so this import is safe; the lead may move this registration into io.py
-    from lightning_peft import io
-
-    if "ADALORA" not in getattr(io, "_FORMATS", {}):
-        io.register_peft_format(
-            io.PeftFormat(
-                peft_type="ADALORA", layer_type=AdaLoRALinear, to_peft=to_peft, from_peft=from_peft,
-                fields={"init_r": (int,), "lora_alpha": (int, float), "target_modules": (str, list)},
-            )
-        )
-
-
-_register_peft_format()
-
-
 class AdaLoRA(PEFTCallback):
     """AdaLoRA: SVD-form low-rank updates whose ranks move to the layers that matter, scheduled automatically.
 
