@@ -289,14 +289,14 @@ def chart(rows: list[dict[str, Any]], path: Path) -> Optional[Path]:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    labels = [f"{r['method']}\n{r['implementation']}" + (f"\n{r['model']}" if len({x['model'] for x in rows}) > 1 else "") for r in rows]
+    labels = [f"{r['method']} ({r['implementation']})" + (f"\n{r['model']}" if len({x['model'] for x in rows}) > 1 else "") for r in rows]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(max(8, 1.6 * len(rows)), 4))
     ax1.bar(labels, [r["tokens_per_s"] for r in rows], color="tab:blue")
     ax1.set_ylabel("tokens / s")
     ax2.bar(labels, [r["peak_memory_bytes"] / 2**30 for r in rows], color="tab:orange")
     ax2.set_ylabel(f"peak memory (GiB, {rows[0]['peak_memory_kind']})")
     for ax in (ax1, ax2):
-        ax.tick_params(axis="x", labelsize=8)
+        ax.tick_params(axis="x", labelsize=8, labelrotation=30)
     fig.suptitle(f"{rows[0]['device']}, {rows[0]['dtype']}, batch {rows[0]['batch_size']} x {rows[0]['seq_len']}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
