@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,8 +25,8 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from lightning_peft.callbacks.base import peft_state
@@ -99,14 +100,7 @@ def base_fingerprint(model: nn.Module, targets: Optional[list[str]] = None) -> d
     digest = hashlib.sha256("\n".join(f"{n}:{list(s)}" for n, s in sorted(base)).encode()).hexdigest()[:16]
     modules = dict(model.named_modules())
     shapes = {t: list(weight_shape(modules[t].weight)) for t in (targets or []) if t in modules and hasattr(modules[t], "weight")}
-    return {"architecture": _architecture(model), "num_parameters": sum(_numel(s) for _, s in base), "digest": digest, "target_shapes": shapes}
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
+    return {"architecture": _architecture(model), "num_parameters": sum(math.prod(s) for _, s in base), "digest": digest, "target_shapes": shapes}
 
 
 def _check_fingerprint(model: nn.Module, saved: dict[str, Any], where: Path) -> None:
@@ -163,12 +157,9 @@ def _read_config(directory: Path) -> dict[str, Any]:
 def _read_tensors(directory: Path, allow_pickle: bool) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     path = directory / WEIGHTS_NAME
     if path.is_file():
-        try:
-            from safetensors import safe_open
-
+        try:  # one pass over the file: header metadata and tensors
             with safe_open(str(path), framework="pt") as f:
-                metadata = f.metadata() or {}
-            return load_file(str(path)), metadata
+                return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
         except (SafetensorError, OSError, RuntimeError, ValueError) as err:
             raise AdapterFileError(
                 f"{path} is not a valid safetensors file (truncated or corrupted?): {err}. Nothing was loaded; "
@@ -307,7 +298,7 @@ def load_adapter(
         )
     fmt = _FORMATS[config["peft_type"]]
     try:
-        injected = fmt.from_peft(base, config, rest, adapter_name)
+        fmt.from_peft(base, config, rest, adapter_name)
     except AdapterFileError:
         raise
     except (ValueError, TypeError, KeyError) as err:
@@ -328,7 +319,7 @@ def load_adapter(
     state = peft_state(module)
     if is_trainable and full:
         state["trainable"] = sorted(set(state["trainable"]) | {prefix + n for n in full})
-    record = fmt_record(config, adapter_name, prefix, saved_modules)
+    record = _method_record(config, adapter_name, saved_modules)
     if record is not None:
         state["methods"].append(record)
     mark_trainable(module, extra=state["trainable"])
@@ -354,7 +345,7 @@ def _split_modules_to_save(base: nn.Module, tensors: dict[str, torch.Tensor], mo
     return full, rest
 
 
-def fmt_record(config: dict[str, Any], adapter_name: str, prefix: str, saved_modules: list[str]) -> Optional[dict[str, Any]]:
+def _method_record(config: dict[str, Any], adapter_name: str, saved_modules: list[str]) -> Optional[dict[str, Any]]:
     """The callback config recorded on the module for a loaded adapter (checkpoints and resume use it)."""
     if config["peft_type"] != "LORA":
         return None
