@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
     table = saved_bytes_table(peers=not args.no_peers)
     full = table["full fine-tuning"]
     peft0 = table.get("HF PEFT LoRA, dropout 0")
-    print(f"| method | MiB saved | x full FT | x HF PEFT LoRA (dropout 0) |\n|---|---|---|---|")
+    print("| method | MiB saved | x full FT | x HF PEFT LoRA (dropout 0) |\n|---|---|---|---|")
     for name, nbytes in table.items():
         vs_peft = f"{nbytes / peft0:.2f}" if peft0 else "-"
         print(f"| {name} | {nbytes / 2**20:.2f} | {nbytes / full:.2f} | {vs_peft} |")

@@ -41,10 +41,8 @@ from lightning_peft.methods.adalora import (
     RankAllocator,
     check_adalora_args,
     check_schedule,
-    from_peft,
     inject_adalora,
     orthogonal_regularization,
-    to_peft,
 )
 
 __all__ = ["AdaLoRA", "rank_grid", "save_rank_heatmap"]
