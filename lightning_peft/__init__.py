@@ -1,6 +1,6 @@
 """lightning-peft: parameter-efficient fine-tuning as PyTorch Lightning callbacks."""
 
-from lightning_peft.callbacks import AdaLoRA, BitFit, Houlsby, IA3, LoRA, ParallelAdapter, PEFTCallback, PromptTuning, Selective, load_adapter_checkpoint
+from lightning_peft.callbacks import AdaLoRA, BitFit, Houlsby, IA3, LoRA, ParallelAdapter, PEFTCallback, PrefixTuning, PromptTuning, PTuningV2, Selective, load_adapter_checkpoint
 from lightning_peft.core import (
     AdapterLayer,
     ParameterCounts,
@@ -29,7 +29,9 @@ __all__ = [
     "Houlsby",
     "IA3",
     "ParallelAdapter",
+    "PrefixTuning",
     "PromptTuning",
+    "PTuningV2",
     "Selective",
     "AdapterFileError",
     "AdapterLayer",

@@ -40,16 +40,17 @@ def _out(model, out, n_out: int):
     return out.logits[:, -n_out:] if out.logits.dim() == 3 else out.logits
 
 
-def check_padding_invariance(model, a: torch.Tensor, b: torch.Tensor, pad_id: int = 0, atol: float = 1e-5) -> None:
+def check_padding_invariance(model, a: torch.Tensor, b: torch.Tensor, pad_id: int = 0, atol: float = 1e-5, sides=("left", "right")) -> None:
     """Samples ``a`` (short) and ``b`` (long), left- and right-padded into one batch, give each the result it gets alone.
 
-    For causal LMs the logits of the real tokens are compared; for classifiers the class logits.
+    For causal LMs the logits of the real tokens are compared; for classifiers the class logits. (A BERT
+    classifier pools position 0, so left padding changes the base model itself: test it on the right only.)
     """
     model.eval()
     with torch.no_grad():
         alone = [model(input_ids=x[None], attention_mask=torch.ones(1, len(x), dtype=torch.long)) for x in (a, b)]
         pad = len(b) - len(a)
-        for side in ("left", "right"):
+        for side in sides:
             filler = torch.full((pad,), pad_id, dtype=torch.long)
             row = torch.cat([filler, a]) if side == "left" else torch.cat([a, filler])
             m = torch.cat([torch.zeros(pad), torch.ones(len(a))]) if side == "left" else torch.cat([torch.ones(len(a)), torch.zeros(pad)])
