@@ -1,6 +1,6 @@
 """lightning-peft: parameter-efficient fine-tuning as PyTorch Lightning callbacks."""
 
-from lightning_peft.callbacks import AdaLoRA, BitFit, Houlsby, IA3, LoRA, ParallelAdapter, PEFTCallback, PrefixTuning, PromptTuning, PTuningV2, Selective, load_adapter_checkpoint
+from lightning_peft.callbacks import AdaLoRA, BitFit, Houlsby, IA3, LoRA, ParallelAdapter, PEFTCallback, PrefixTuning, PromptTuning, PTuning, PTuningV2, Selective, load_adapter_checkpoint
 from lightning_peft.core import (
     AdapterLayer,
     ParameterCounts,
@@ -31,6 +31,7 @@ __all__ = [
     "ParallelAdapter",
     "PrefixTuning",
     "PromptTuning",
+    "PTuning",
     "PTuningV2",
     "Selective",
     "AdapterFileError",

@@ -519,7 +519,7 @@ _register_adalora()
 
 # -- soft prompts: prompt tuning, P-tuning, prefix tuning (P-tuning v2 writes PREFIX_TUNING) ------------------
 def _register_soft_prompts() -> None:
-    from lightning_peft.methods import prefix_tuning, prompt_tuning
+    from lightning_peft.methods import p_tuning, prefix_tuning, prompt_tuning
 
     def single(from_peft):
         def load(base, config, tensors, name):
@@ -536,6 +536,12 @@ def _register_soft_prompts() -> None:
         PeftFormat(
             peft_type="PROMPT_TUNING", layer_type=prompt_tuning.PromptEmbedding, key_prefix="base_model.",
             to_peft=lambda base, layers, name: prompt_tuning.to_peft(base, layers), from_peft=single(prompt_tuning.from_peft), fields=prompt_fields,
+        )
+    )
+    register_peft_format(
+        PeftFormat(
+            peft_type="P_TUNING", layer_type=p_tuning.PromptEncoder, key_prefix="base_model.",
+            to_peft=lambda base, layers, name: p_tuning.to_peft(base, layers), from_peft=single(p_tuning.from_peft), fields=prompt_fields,
         )
     )
     register_peft_format(  # prefix tuning and P-tuning v2 (PrefixKV without projection)
