@@ -1,6 +1,6 @@
 """lightning-peft: parameter-efficient fine-tuning as PyTorch Lightning callbacks."""
 
-from lightning_peft.callbacks import AdaLoRA, BitFit, Houlsby, IA3, LoRA, ParallelAdapter, PEFTCallback, Selective, load_adapter_checkpoint
+from lightning_peft.callbacks import AdaLoRA, BitFit, Houlsby, IA3, LoRA, ParallelAdapter, PEFTCallback, PrefixTuning, PromptTuning, PTuning, PTuningV2, Selective, load_adapter_checkpoint
 from lightning_peft.core import (
     AdapterLayer,
     ParameterCounts,
@@ -29,6 +29,10 @@ __all__ = [
     "Houlsby",
     "IA3",
     "ParallelAdapter",
+    "PrefixTuning",
+    "PromptTuning",
+    "PTuning",
+    "PTuningV2",
     "Selective",
     "AdapterFileError",
     "AdapterLayer",

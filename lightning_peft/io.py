@@ -57,6 +57,8 @@ class PeftFormat:
     ``from_peft(model, config, tensors, adapter_name) -> list[str]``: inject and load into ``model``;
     it must validate everything (shapes included) before it changes ``model``.
     ``fields``: required config fields and their accepted types, checked before ``from_peft`` runs.
+    ``key_prefix``: how trained base parameters (``modules_to_save``) are keyed; PEFT's prompt-learning methods
+    (prompt tuning, P-tuning, prefix tuning) use ``base_model.`` and store their one tensor as ``prompt_embeddings``.
     """
 
     peft_type: str
@@ -64,6 +66,7 @@ class PeftFormat:
     to_peft: Callable[..., tuple[dict[str, Any], dict[str, torch.Tensor]]]
     from_peft: Callable[..., list[str]]
     fields: dict[str, tuple[type, ...]]
+    key_prefix: str = PEFT_PREFIX
 
 
 _FORMATS: dict[str, PeftFormat] = {}
@@ -229,7 +232,7 @@ def _save_one(module, prefix, base, layers, name, directory: Path) -> None:
     trained = [n[len(prefix):] for n in peft_state(module)["trainable"] if n.startswith(prefix)]
     params = dict(base.named_parameters())
     for pname in trained:
-        tensors[f"{PEFT_PREFIX}{pname}"] = params[pname].detach()
+        tensors[f"{fmt.key_prefix}{pname}"] = params[pname].detach()
     name_or_path = getattr(getattr(base, "config", None), "_name_or_path", None)
     config = {
         "peft_type": fmt.peft_type,
@@ -289,7 +292,7 @@ def load_adapter(
     saved_modules = config.get("modules_to_save") or []
     if not isinstance(saved_modules, list) or not all(isinstance(m, str) for m in saved_modules):
         raise AdapterFileError(f"{directory / CONFIG_NAME}: 'modules_to_save' must be a list of module names or null, found {saved_modules!r}.")
-    full, rest = _split_modules_to_save(base, tensors, saved_modules, directory)
+    full, rest = _split_modules_to_save(base, tensors, saved_modules, directory, _FORMATS[config["peft_type"]].key_prefix)
     if full and had_adapters:
         raise NotImplementedError(
             f"The adapter in {directory} also stores trained base modules ({saved_modules}); loading it as an "
@@ -326,13 +329,16 @@ def load_adapter(
     return module
 
 
-def _split_modules_to_save(base: nn.Module, tensors: dict[str, torch.Tensor], modules: list[str], where: Path):
+def _split_modules_to_save(base: nn.Module, tensors: dict[str, torch.Tensor], modules: list[str], where: Path, key_prefix: str = PEFT_PREFIX):
     params = dict(base.named_parameters())
     full, rest = {}, {}
     for key, value in tensors.items():
-        if not key.startswith(PEFT_PREFIX):
-            raise AdapterFileError(f"{where / WEIGHTS_NAME}: tensor {key!r} does not start with {PEFT_PREFIX!r} (not a PEFT adapter file).")
-        path = key[len(PEFT_PREFIX):].replace(".modules_to_save.", ".")  # peft writes <module>.modules_to_save.<param> at times
+        if key_prefix != PEFT_PREFIX and key == "prompt_embeddings":  # a prompt-learning method's own tensor
+            rest[key] = value
+            continue
+        if not key.startswith(key_prefix):
+            raise AdapterFileError(f"{where / WEIGHTS_NAME}: tensor {key!r} does not start with {key_prefix!r} (not a PEFT adapter file).")
+        path = key[len(key_prefix):].replace(".modules_to_save.", ".")  # peft writes <module>.modules_to_save.<param> at times
         if path in params and "." in path and match_name(path.rsplit(".", 1)[0], modules):
             if tuple(value.shape) != tuple(params[path].shape):
                 raise AdapterFileError(
@@ -509,3 +515,41 @@ def _register_adalora() -> None:
 
 
 _register_adalora()
+
+
+# -- soft prompts: prompt tuning, P-tuning, prefix tuning (P-tuning v2 writes PREFIX_TUNING) ------------------
+def _register_soft_prompts() -> None:
+    from lightning_peft.methods import p_tuning, prefix_tuning, prompt_tuning
+
+    def single(from_peft):
+        def load(base, config, tensors, name):
+            if name != "default":
+                raise NotImplementedError(f"A {config['peft_type']} adapter is one prompt per model: load it as 'default', not {name!r}.")
+            if any(isinstance(m, prompt_tuning.SoftPromptLayer) for m in base.modules()):
+                raise NotImplementedError(f"{type(base).__name__} already carries a soft prompt: load {config['peft_type']} onto a fresh base model.")
+            return from_peft(base, config, tensors)
+
+        return load
+
+    prompt_fields = {"num_virtual_tokens": (int,)}
+    register_peft_format(
+        PeftFormat(
+            peft_type="PROMPT_TUNING", layer_type=prompt_tuning.PromptEmbedding, key_prefix="base_model.",
+            to_peft=lambda base, layers, name: prompt_tuning.to_peft(base, layers), from_peft=single(prompt_tuning.from_peft), fields=prompt_fields,
+        )
+    )
+    register_peft_format(
+        PeftFormat(
+            peft_type="P_TUNING", layer_type=p_tuning.PromptEncoder, key_prefix="base_model.",
+            to_peft=lambda base, layers, name: p_tuning.to_peft(base, layers), from_peft=single(p_tuning.from_peft), fields=prompt_fields,
+        )
+    )
+    register_peft_format(  # prefix tuning and P-tuning v2 (PrefixKV without projection)
+        PeftFormat(
+            peft_type="PREFIX_TUNING", layer_type=prefix_tuning.PrefixKV, key_prefix="base_model.",
+            to_peft=lambda base, layers, name: prefix_tuning.to_peft(base, layers), from_peft=single(prefix_tuning.from_peft), fields=prompt_fields,
+        )
+    )
+
+
+_register_soft_prompts()

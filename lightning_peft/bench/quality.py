@@ -17,6 +17,10 @@ parallel      scaled parallel adapter beside the FFN, bottleneck 24, s = 4      
 ia3           (IA)³ on key, value, FFN (PEFT's defaults)                                     3e-3
 bitfit        BitFit, every bias                                                             3e-3
 selective     top-2 blocks (of 6) + head                                                     2e-4
+prompt_tuning prompt tuning, 20 virtual tokens (vocabulary init)                             3e-2
+p_tuning      P-tuning, 20 virtual tokens, MLP prompt encoder                                3e-3
+prefix_tuning prefix tuning, 20 prefixes per layer through an MLP                            3e-3
+p_tuning_v2   P-tuning v2, 20 deep prompts per layer                                         1e-2
 ============  ==========================================================================  =======
 
 The learning rates are usual values for each method on small encoders (the full fine-tuning, LoRA, (IA)³
@@ -88,6 +92,30 @@ def _selective():
     return Selective(train=["top:2", "head"])
 
 
+def _prompt_tuning():
+    from lightning_peft.callbacks.prompt_tuning import PromptTuning
+
+    return PromptTuning(num_virtual_tokens=20, trainable_modules=["classifier"])
+
+
+def _p_tuning():
+    from lightning_peft.callbacks.p_tuning import PTuning
+
+    return PTuning(num_virtual_tokens=20, trainable_modules=["classifier"])
+
+
+def _prefix_tuning():
+    from lightning_peft.callbacks.prefix_tuning import PrefixTuning
+
+    return PrefixTuning(num_virtual_tokens=20, trainable_modules=["classifier"])
+
+
+def _p_tuning_v2():
+    from lightning_peft.callbacks.p_tuning_v2 import PTuningV2
+
+    return PTuningV2(num_virtual_tokens=20, trainable_modules=["classifier"])
+
+
 #: name -> (callback factory (None: full fine-tuning), learning rate, description)
 METHODS: dict[str, tuple[Optional[Callable[[], Any]], float, str]] = {
     "full": (None, 5e-5, "full fine-tuning"),
@@ -97,6 +125,10 @@ METHODS: dict[str, tuple[Optional[Callable[[], Any]], float, str]] = {
     "ia3": (_ia3, 3e-3, "(IA)³ key/value/FFN"),
     "bitfit": (_bitfit, 3e-3, "BitFit, all biases"),
     "selective": (_selective, 2e-4, "top-2 blocks + head"),
+    "prompt_tuning": (_prompt_tuning, 3e-2, "prompt tuning, 20 tokens"),
+    "p_tuning": (_p_tuning, 3e-3, "P-tuning, 20 tokens, MLP encoder"),
+    "prefix_tuning": (_prefix_tuning, 3e-3, "prefix tuning, 20 prefixes, MLP"),
+    "p_tuning_v2": (_p_tuning_v2, 1e-2, "P-tuning v2, 20 deep prompts"),
 }
 
 #: task -> (train file, dev file relative to the data dir, TextClassificationData arguments, metric, max length).
