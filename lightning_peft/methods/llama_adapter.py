@@ -132,7 +132,7 @@ class LlamaAdapterAttention(AdapterLayer):
         k = k.repeat_interleave(groups, dim=1).to(q.dtype)  # (1, H, L, hd): head h uses kv head h // groups
         v = v.repeat_interleave(groups, dim=1).to(q.dtype)
         scores = q @ k.transpose(2, 3) / hd**0.5  # (B, H, T, L)
-        probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        probs = F.softmax(scores, dim=-1, dtype=torch.promote_types(q.dtype, torch.float32)).to(q.dtype)  # fp16/bf16: in fp32
         a = (self.adaption_gate.to(q.dtype) * probs) @ v  # (B, H, T, hd)
         a = a.transpose(1, 2).reshape(B, T, self.num_heads * hd)
         delta = self.o_proj(a)  # (B, T, C)
