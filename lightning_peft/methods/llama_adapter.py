@@ -75,6 +75,7 @@ class LlamaAdapterAttention(AdapterLayer):
         if problem:
             raise TypeError(f"LlamaAdapterAttention cannot wrap {type(attn).__name__}: {problem}.")
         super().__init__()
+        self.training = attn.training
         self.__dict__["_base"] = attn  # not registered: its children are, under their own names
         for name, child in attn.named_children():
             self._modules[name] = child
@@ -103,6 +104,14 @@ class LlamaAdapterAttention(AdapterLayer):
         return self
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("output_attentions"):
+            # transformers records attention weights with hooks on its own attention classes, found by walking the
+            # module tree, where the wrapped module no longer is: the result would silently miss these layers
+            raise NotImplementedError(
+                f"output_attentions=True is not supported on a model with LLaMA-Adapter layers (the wrapped "
+                f"{type(self._base).__name__} is not reachable by transformers' output recording). Call without it, or "
+                "inspect the base model's attention after lightning_peft.unload(model)."
+            )
         out = self._base(*args, **kwargs)
         if self.disabled:
             return out
@@ -111,7 +120,7 @@ class LlamaAdapterAttention(AdapterLayer):
         if position_embeddings is None:
             raise RuntimeError(
                 f"{type(self._base).__name__} was called without position_embeddings=(cos, sin): LLaMA-Adapter needs the "
-                "rotary embeddings the decoder layer passes to its attention (transformers >= 4.48 Llama-style models)."
+                "rotary embeddings that Llama-style decoder layers pass to their attention."
             )
         attn_out, *rest = out if isinstance(out, tuple) else (out,)
         delta = self._adapter_output(hidden_states, position_embeddings)

@@ -133,6 +133,13 @@ def test_top_layers_only_and_disable_and_unload():
     torch.testing.assert_close(model(ids).logits, base, rtol=0, atol=0)
 
 
+def test_output_attentions_is_refused_not_silently_short():
+    model = tiny_llama(seed=0)
+    inject_llama_adapter(model, adapter_len=3, adapter_layers=1)
+    with pytest.raises(NotImplementedError, match=r"output_attentions=True is not supported .*LlamaAttention"):
+        model(_ids(), output_attentions=True)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_padded_batch_equals_each_sample_alone(family, side):
