@@ -1,6 +1,21 @@
 """lightning-peft: parameter-efficient fine-tuning as PyTorch Lightning callbacks."""
 
-from lightning_peft.callbacks import AdaLoRA, BitFit, Houlsby, IA3, LoRA, ParallelAdapter, PEFTCallback, PrefixTuning, PromptTuning, PTuning, PTuningV2, Selective, load_adapter_checkpoint
+from lightning_peft.callbacks import (
+    AdaLoRA,
+    BitFit,
+    Houlsby,
+    IA3,
+    LlamaAdapter,
+    LoRA,
+    ParallelAdapter,
+    PEFTCallback,
+    PrefixTuning,
+    PromptTuning,
+    PTuning,
+    PTuningV2,
+    Selective,
+    load_adapter_checkpoint,
+)
 from lightning_peft.core import (
     AdapterLayer,
     ParameterCounts,
@@ -28,6 +43,7 @@ __all__ = [
     "BitFit",
     "Houlsby",
     "IA3",
+    "LlamaAdapter",
     "ParallelAdapter",
     "PrefixTuning",
     "PromptTuning",

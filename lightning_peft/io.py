@@ -552,4 +552,25 @@ def _register_soft_prompts() -> None:
     )
 
 
+# -- LLaMA-Adapter (PEFT's adaption prompt) ---------------------------------------------------------------
+def _register_llama_adapter() -> None:
+    from lightning_peft.methods import llama_adapter
+
+    def to_peft(base, layers, name):
+        return llama_adapter.to_peft(base, layers)
+
+    def from_peft(base, config, tensors, name):
+        if name != "default":
+            raise NotImplementedError(f"LLaMA-Adapter layers hold one adaption prompt each: load it as 'default', not {name!r}.")
+        return llama_adapter.from_peft(base, config, tensors)
+
+    register_peft_format(
+        PeftFormat(
+            peft_type="ADAPTION_PROMPT", layer_type=llama_adapter.LlamaAdapterAttention, to_peft=to_peft, from_peft=from_peft,
+            fields={"target_modules": (str,), "adapter_len": (int,), "adapter_layers": (int,)},
+        )
+    )
+
+
 _register_soft_prompts()
+_register_llama_adapter()

@@ -5,6 +5,7 @@ from lightning_peft.callbacks.base import PEFTCallback, load_adapter_checkpoint
 from lightning_peft.callbacks.bitfit import BitFit
 from lightning_peft.callbacks.houlsby import Houlsby
 from lightning_peft.callbacks.ia3 import IA3
+from lightning_peft.callbacks.llama_adapter import LlamaAdapter
 from lightning_peft.callbacks.lora import LoRA
 from lightning_peft.callbacks.parallel_adapter import ParallelAdapter
 from lightning_peft.callbacks.p_tuning import PTuning
@@ -13,4 +14,19 @@ from lightning_peft.callbacks.prefix_tuning import PrefixTuning
 from lightning_peft.callbacks.prompt_tuning import PromptTuning
 from lightning_peft.callbacks.selective import Selective
 
-__all__ = ["AdaLoRA", "BitFit", "Houlsby", "IA3", "LoRA", "PEFTCallback", "ParallelAdapter", "PTuning", "PTuningV2", "PrefixTuning", "PromptTuning", "Selective", "load_adapter_checkpoint"]
+__all__ = [
+    "AdaLoRA",
+    "BitFit",
+    "Houlsby",
+    "IA3",
+    "LlamaAdapter",
+    "LoRA",
+    "PEFTCallback",
+    "ParallelAdapter",
+    "PTuning",
+    "PTuningV2",
+    "PrefixTuning",
+    "PromptTuning",
+    "Selective",
+    "load_adapter_checkpoint",
+]
