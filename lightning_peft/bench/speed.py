@@ -81,9 +81,17 @@ class BenchMethod:
 
 
 def _save_ours(model: nn.Module, directory: Path) -> None:
+    """The PEFT-format adapter where the method has one; else the trained tensors as safetensors (what a checkpoint keeps)."""
     from lightning_peft.io import save_adapter
 
-    save_adapter(model, directory)
+    try:
+        save_adapter(model, directory)
+    except (NotImplementedError, ValueError):  # Houlsby, parallel adapter: no PEFT format; BitFit: trains base biases only
+        from safetensors.torch import save_file
+
+        directory.mkdir(parents=True, exist_ok=True)
+        kept = {k: p.detach().contiguous() for k, p in model.named_parameters() if p.requires_grad}
+        save_file(kept, str(directory / "adapter.safetensors"))
 
 
 def _save_full(model: nn.Module, directory: Path) -> None:
@@ -129,18 +137,61 @@ def _peft_ia3(model: nn.Module) -> nn.Module:
     return get_peft_model(model, IA3Config(task_type="CAUSAL_LM"))
 
 
+class _Callback:
+    """``apply``: inject the named callback (default settings unless given) into the model (picklable)."""
+
+    def __init__(self, name: str, **kwargs: Any) -> None:
+        self.name, self.kwargs = name, kwargs
+
+    def __call__(self, model: nn.Module) -> nn.Module:
+        import lightning_peft
+
+        return getattr(lightning_peft, self.name)(**self.kwargs).inject(model)
+
+
+class _Peft:
+    """``apply``: ``peft.get_peft_model`` with the named config class (picklable)."""
+
+    def __init__(self, config: str, **kwargs: Any) -> None:
+        self.config, self.kwargs = config, kwargs
+
+    def __call__(self, model: nn.Module) -> nn.Module:
+        import peft
+
+        return peft.get_peft_model(model, getattr(peft, self.config)(**self.kwargs))
+
+
 #: Methods of this library (``--methods``); other method files register theirs with :func:`register_method`.
+#: Every method runs with its callback's defaults (LoRA: r=16, alpha=32, every linear layer of the blocks).
+#: AdaLoRA runs its layers' forward and backward; its allocator (a callback hook) is not part of the step here.
 METHODS: dict[str, BenchMethod] = {
     "full": BenchMethod(apply=lambda m: m.requires_grad_(True), save=_save_full, implementation="full fine-tuning"),
     "lora": BenchMethod(apply=_lora, save=_save_ours),
     "qlora": BenchMethod(apply=_qlora, save=_save_ours),
+    "adalora": BenchMethod(apply=_Callback("AdaLoRA", init_r=12, target_r=8, total_steps=1000, heatmap=False), save=_save_ours),
     "ia3": BenchMethod(apply=_ia3, save=_save_ours),
+    "houlsby": BenchMethod(apply=_Callback("Houlsby"), save=_save_ours),
+    "parallel": BenchMethod(apply=_Callback("ParallelAdapter"), save=_save_ours),
+    "bitfit": BenchMethod(apply=_Callback("BitFit"), save=_save_ours),
+    "prompt_tuning": BenchMethod(apply=_Callback("PromptTuning", num_virtual_tokens=20), save=_save_ours),
+    "prefix_tuning": BenchMethod(apply=_Callback("PrefixTuning", num_virtual_tokens=20), save=_save_ours),
+    "p_tuning_v2": BenchMethod(apply=_Callback("PTuningV2", num_virtual_tokens=20), save=_save_ours),
+    "llama_adapter": BenchMethod(apply=_Callback("LlamaAdapter", adapter_len=10, adapter_layers=2), save=_save_ours),
 }
 #: Peer implementations of the same methods (``--peers peft``): ``{peer: {method: BenchMethod}}``.
 PEERS: dict[str, dict[str, BenchMethod]] = {
     "peft": {
         "lora": BenchMethod(apply=_peft_lora, save=_save_peft, implementation="HF PEFT"),
+        "adalora": BenchMethod(
+            apply=_Peft("AdaLoraConfig", init_r=12, target_r=8, total_step=1000, target_modules="all-linear"), save=_save_peft, implementation="HF PEFT",
+        ),
         "ia3": BenchMethod(apply=_peft_ia3, save=_save_peft, implementation="HF PEFT"),
+        "prompt_tuning": BenchMethod(apply=_Peft("PromptTuningConfig", task_type="CAUSAL_LM", num_virtual_tokens=20), save=_save_peft, implementation="HF PEFT"),
+        "prefix_tuning": BenchMethod(
+            apply=_Peft("PrefixTuningConfig", task_type="CAUSAL_LM", num_virtual_tokens=20, prefix_projection=True), save=_save_peft, implementation="HF PEFT",
+        ),
+        "p_tuning_v2": BenchMethod(apply=_Peft("PrefixTuningConfig", task_type="CAUSAL_LM", num_virtual_tokens=20), save=_save_peft, implementation="HF PEFT"),
+        "llama_adapter": BenchMethod(apply=_Peft("AdaptionPromptConfig", task_type="CAUSAL_LM", adapter_len=10, adapter_layers=2), save=_save_peft, implementation="HF PEFT"),
     }
 }
 

@@ -212,12 +212,12 @@ class SoftPromptLayer(AdapterLayer):
 
         if cache is None:
             cache = DynamicCache(config=self._config)
-        dtype = like.dtype if like.dtype.is_floating_point else None
+        # the model's compute dtype: that of the input embeddings given, else of the word embeddings (a bf16 model
+        # must get bf16 prefixes: attention refuses keys of another dtype than its queries)
+        dtype = like.dtype if like.dtype.is_floating_point else self._word_embeddings[0].weight.dtype
         for layer, (k, v) in enumerate(self.prefixes()):
-            k = k.permute(1, 0, 2).unsqueeze(0).expand(batch, -1, -1, -1)  # (B, kv_heads, n, head_dim)
-            v = v.permute(1, 0, 2).unsqueeze(0).expand(batch, -1, -1, -1)
-            if dtype is not None:
-                k, v = k.to(dtype), v.to(dtype)
+            k = k.to(dtype).permute(1, 0, 2).unsqueeze(0).expand(batch, -1, -1, -1)  # (B, kv_heads, n, head_dim)
+            v = v.to(dtype).permute(1, 0, 2).unsqueeze(0).expand(batch, -1, -1, -1)
             cache.update(k, v, layer)
         return cache
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from lightning_peft.bench import speed
 from lightning_peft.bench.speed import FIELDS
 from lightning_peft.cli import main
 from lightning_peft.methods.lora import LoRALinear
@@ -50,3 +51,28 @@ def test_lora_layer_compiles_without_graph_breaks(dropout):
     compiled = torch.compile(layer)
     compiled.eval(), layer.eval()
     torch.testing.assert_close(compiled(x), layer(x), atol=1e-5, rtol=1e-5)
+
+
+ADDITIVE = ["adalora", "ia3", "houlsby", "parallel", "prompt_tuning", "prefix_tuning", "p_tuning_v2", "llama_adapter"]
+
+
+@pytest.mark.parametrize("method", ADDITIVE)
+def test_every_additive_method_measures_consistently(method):
+    """Each method the bench offers runs a training step on the tiny Llama; adding parameters is all it does, its
+    file holds at least the trainable values, and where peft has the same configuration the counts agree."""
+    row = speed.run_one(method, steps=1, warmup=0, batch_size=2, seq_len=16)
+    assert set(FIELDS) <= set(row)
+    assert row["changed"] == 0 and row["added"] >= row["trainable"] > 0
+    if method == "prefix_tuning":  # the file holds the per-layer prefixes; the reparameterizing MLP is dropped
+        assert row["adapter_file_bytes"] < 2 * row["trainable"]
+    else:
+        assert row["adapter_file_bytes"] >= 2 * row["trainable"]  # at least bf16 for every trained value
+    assert row["saved_bytes_per_token"] > 0 and row["step_time_s"] > 0
+    if method in speed.PEERS["peft"] and method != "prefix_tuning":  # ours reparameterizes from the hidden size, peft from the KV width
+        peer = speed.run_one(method, "peft", steps=1, warmup=0, batch_size=2, seq_len=16)
+        assert peer["trainable"] == pytest.approx(row["trainable"], rel=1e-3), (peer["trainable"], row["trainable"])
+
+
+def test_bitfit_changes_base_biases_only():
+    row = speed.run_one("bitfit", model="tiny-gpt2", steps=1, warmup=0, batch_size=2, seq_len=16)
+    assert row["added"] == 0 and row["changed"] == row["trainable"] > 0 and row["adapter_file_bytes"] >= 2 * row["trainable"]

@@ -128,3 +128,23 @@ def test_peft_round_trip_minilm_classifier(tmp_path, minilm_path):
     randomize(model.classifier)
     batch = {"input_ids": torch.tensor([[101, 2023, 2003, 2307, 102]]), "attention_mask": torch.ones(1, 5, dtype=torch.long)}
     check_peft_round_trip(tmp_path, model, lambda: minilm_classifier(minilm_path), batch)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_half_precision_model_gets_prefixes_in_its_dtype(family):
+    """A bf16 model given token ids (no embeddings to read a dtype from) runs with fp32 prefix parameters cast to
+    bf16, and equals the fp32 model with the same weights up to bf16 rounding."""
+    model = _prefixed(family, n=3)
+    randomize(model.prefix_tuning)
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    want = model(input_ids=ids).logits
+    for name, p in model.named_parameters():  # the base in bf16, the prefix parameters stay fp32
+        if not name.startswith("prefix_tuning."):
+            p.data = p.data.to(torch.bfloat16)
+    assert {p.dtype for p in model.prefix_tuning.parameters()} == {torch.float32}
+    got = model(input_ids=ids).logits
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want, atol=0.1, rtol=0.05)
+    got.float().sum().backward()
+    grads = [p.grad for p in model.prefix_tuning.parameters() if p.requires_grad]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
