@@ -12,6 +12,8 @@ name          method                                                            
 ============  ==========================================================================  =======
 full          full fine-tuning                                                               5e-5
 lora          LoRA r=8, alpha 16, every linear layer                                         1e-3
+adalora       AdaLoRA init_r 12 -> target_r 8 (LoRA r=8's total rank), alpha 2048,           1e-3
+              tinit 10% / tfinal 30% of the steps, reallocation every 5 steps
 houlsby       Houlsby adapters after attention and FFN outputs, bottleneck 24 (384 / 16)     1e-3
 parallel      scaled parallel adapter beside the FFN, bottleneck 24, s = 4                   1e-3
 ia3           (IA)³ on key, value, FFN (PEFT's defaults)                                     3e-3
@@ -60,6 +62,17 @@ def _lora():
     from lightning_peft.callbacks.lora import LoRA
 
     return LoRA(r=8, alpha=16, target_modules="all-linear", trainable_modules=["classifier"])
+
+
+def _adalora():
+    from lightning_peft.callbacks.adalora import AdaLoRA
+
+    # Final budget = LoRA r=8's total rank on the same layers. alpha is large because E starts at zero and
+    # Adam moves it by about lr per step (see the AdaLoRA callback's docstring); tinit/tfinal are fractions of the run.
+    return AdaLoRA(
+        init_r=12, target_r=8, alpha=2048, tinit=0.1, tfinal=0.3, delta_t=5, target_modules="all-linear",
+        trainable_modules=["classifier"], log_ranks=False, heatmap=False,
+    )
 
 
 def _houlsby():
@@ -120,6 +133,7 @@ def _p_tuning_v2():
 METHODS: dict[str, tuple[Optional[Callable[[], Any]], float, str]] = {
     "full": (None, 5e-5, "full fine-tuning"),
     "lora": (_lora, 1e-3, "LoRA r=8, all linear"),
+    "adalora": (_adalora, 1e-3, "AdaLoRA r 12 -> 8, all linear, alpha 2048"),
     "houlsby": (_houlsby, 1e-3, "Houlsby, bottleneck 24"),
     "parallel": (_parallel, 1e-3, "parallel adapter (FFN), bottleneck 24, s=4"),
     "ia3": (_ia3, 3e-3, "(IA)³ key/value/FFN"),
