@@ -275,7 +275,9 @@ class TextClassificationData(L.LightningDataModule):
             raise ValueError(f"{owner}: num_labels must be >= 2, got {num_labels}.")
         if max_train_rows is not None and max_train_rows < 1:
             raise ValueError(f"{owner}: max_train_rows must be >= 1 or None (all rows), got {max_train_rows}.")
-        self.save_hyperparameters()
+        # None means "take it from the LightningModule": not recorded, so a logger's merge of the module's and the
+        # data's hyperparameters does not see two different values for one key
+        self.save_hyperparameters(ignore=[k for k, v in (("num_labels", num_labels), ("tokenizer_name_or_path", tokenizer_name_or_path)) if v is None])
         self.tokenizer = load_tokenizer(tokenizer_name_or_path) if tokenizer_name_or_path else None
         self.num_labels: Optional[int] = None  # resolved in setup
         self.datasets: dict[str, _ListDataset] = {}
@@ -284,7 +286,7 @@ class TextClassificationData(L.LightningDataModule):
 
     def _resolve_num_labels(self) -> int:
         hp = self.hparams
-        own = hp.num_labels if hp.num_labels is not None else (len(hp.label_names) if hp.label_names else None)
+        own = hp.get("num_labels") if hp.get("num_labels") is not None else (len(hp.label_names) if hp.label_names else None)
         module = _attached_module(self)
         model_n = getattr(module, "hparams", {}).get("num_labels") if module is not None else None
         if own is not None and model_n is not None and own != model_n:
@@ -475,7 +477,7 @@ class InstructionData(L.LightningDataModule):
             raise ValueError(f"{owner}: val_fraction must be in [0, 1), got {val_fraction}.")
         if max_rows is not None and max_rows < 1:
             raise ValueError(f"{owner}: max_rows must be >= 1 or None (all rows), got {max_rows}.")
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["tokenizer_name_or_path"] if tokenizer_name_or_path is None else [])  # as in TextClassificationData
         self.tokenizer = load_tokenizer(tokenizer_name_or_path) if tokenizer_name_or_path else None
         self.datasets: dict[str, _ListDataset] = {}
 

@@ -224,3 +224,22 @@ def test_repo_tiny_llama_config_fits_minilm_tokenizer(minilm_dir):
     cfg = model.model.config
     assert (cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers) == (len(model.tokenizer), 64, 128, 2)
     assert (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.max_position_embeddings) == (4, 2, 512)
+
+
+def test_a_logger_can_record_module_and_data_hyperparameters(minilm_dir, llama_dir, sst_files, tmp_path):
+    """A logger merges the module's and the data's hyperparameters; values the data module leaves to the model
+    (num_labels, the tokenizer) must not clash with the model's."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    train, dev = sst_files
+    model = SequenceClassifier(minilm_dir, num_labels=2)
+    data = TextClassificationData(train_file=train, val_file=dev, batch_size=4)
+    trainer = _trainer(max_steps=1, limit_val_batches=1, logger=CSVLogger(tmp_path, name="cls"))
+    trainer.fit(model, data)
+    assert data.num_labels == 2 and "num_labels: 2" in (tmp_path / "cls" / "version_0" / "hparams.yaml").read_text()
+    f = tmp_path / "alpaca.json"
+    f.write_text(json.dumps(EXAMPLES))
+    lm = CausalLM(llama_dir, tokenizer_name_or_path=minilm_dir, from_config=True)
+    trainer = _trainer(max_steps=1, limit_val_batches=1, logger=CSVLogger(tmp_path, name="lm"))
+    trainer.fit(lm, InstructionData(train_file=str(f), val_file=str(f), batch_size=2, max_length=64))
+    assert trainer.global_step == 1
