@@ -63,11 +63,11 @@ def main(args: Optional[list[str]] = None) -> None:
     )
 
 
-_BENCHES = {"speed": "speed", "quality": "quality", "saved-bytes": "saved_bytes"}
+_BENCHES = {"speed": "speed", "quality": "quality", "saved-bytes": "saved_bytes", "precision": "precision", "inference": "inference"}
 
 
 def bench_main(args: list[str]) -> None:
-    """``lightning-peft bench speed|quality|saved-bytes ...``: the side-by-side measurements in ``lightning_peft.bench``."""
+    """``lightning-peft bench speed|quality|saved-bytes|precision|inference ...``: the side-by-side measurements in ``lightning_peft.bench``."""
     if not args or args[0] not in _BENCHES:
         names = "|".join(_BENCHES)
         print(f"usage: lightning-peft bench {{{names}}} [--help]", file=sys.stderr)

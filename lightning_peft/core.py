@@ -322,5 +322,6 @@ def unload(model: nn.Module, merge: bool = False) -> nn.Module:
             model.set_submodule(name, m.base_layer())
     model.__dict__.pop("_lightning_peft", None)
     for p in model.parameters():
-        p.requires_grad_(True)
+        if p.is_floating_point():  # a quantized base weight (int8/uint8 codes) cannot require grad
+            p.requires_grad_(True)
     return model

@@ -21,10 +21,7 @@ Examples::
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,39 +33,28 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-__all__ = ["METHODS", "PEERS", "PRESETS", "build_model", "register_method", "run", "run_one"]
+from lightning_peft.bench.common import (
+    PRESETS,
+    build_model,
+    device_name,
+    matplotlib_pyplot,
+    peak_memory,
+    reset_peak_memory,
+    resolve_device,
+    run_rows,
+    split_list,
+    torch_dtype,
+    worker_main,
+    write_outputs,
+)
 
-#: Random-initialized model shapes. ``llama-1.1b`` is the TinyLlama-1.1B shape of ``../shared/BENCHMARKS.md``.
-PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
-    "tiny-llama": ("llama", dict(hidden_size=256, intermediate_size=688, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=1000)),
-    "tiny-qwen2": ("qwen2", dict(hidden_size=256, intermediate_size=688, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=1000)),
-    "tiny-gpt2": ("gpt2", dict(n_embd=256, n_layer=2, n_head=4, vocab_size=1000)),
-    "llama-1.1b": ("llama", dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4, vocab_size=32000)),
-}
+__all__ = ["METHODS", "PEERS", "PRESETS", "build_model", "register_method", "run", "run_one"]
 
 FIELDS = (
     "method", "implementation", "model", "device", "dtype", "batch_size", "seq_len", "trainable", "added", "changed",
     "base_params", "adapter_file_bytes", "saved_bytes_per_token", "peak_memory_bytes", "peak_memory_kind", "step_time_s",
     "tokens_per_s",
 )
-
-
-def build_model(spec: str, dtype: torch.dtype, seed: int = 0) -> nn.Module:
-    """A causal LM from a preset name (random weights) or a local Hugging Face directory."""
-    from transformers import AutoConfig, AutoModelForCausalLM, CONFIG_MAPPING
-
-    torch.manual_seed(seed)
-    if spec in PRESETS:
-        model_type, kwargs = PRESETS[spec]
-        config = CONFIG_MAPPING[model_type](max_position_embeddings=8192, **kwargs)
-        config._attn_implementation = "sdpa"
-        return AutoModelForCausalLM.from_config(config, dtype=dtype)
-    path = Path(spec)
-    if not path.is_dir():
-        raise ValueError(f"--model {spec!r} is neither a preset ({sorted(PRESETS)}) nor a local model directory.")
-    if any(path.glob("*.safetensors")) or any(path.glob("*.bin")):
-        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
-    return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path, local_files_only=True), dtype=dtype)
 
 
 @dataclass(frozen=True)
@@ -207,12 +193,6 @@ def _dir_bytes(directory: Path) -> int:
     return sum(f.stat().st_size for f in directory.rglob("*") if f.is_file() and f.suffix in (".safetensors", ".bin"))
 
 
-def _peak_rss_bytes() -> int:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-
-
 def run_one(
     method: str, implementation: str = "lightning-peft", model: str = "tiny-llama", batch_size: int = 4, seq_len: int = 128,
     steps: int = 5, warmup: int = 2, dtype: str = "bf16", device: str = "cpu", seed: int = 0,
@@ -224,9 +204,8 @@ def run_one(
     if method not in table:
         raise ValueError(f"Unknown method {method!r} for {implementation}: known {sorted(table)}.")
     spec = table[method]
-    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
     dev = torch.device(device)
-    net = build_model(model, torch_dtype, seed).to(dev)
+    net = build_model(model, torch_dtype(dtype), seed).to(dev)
     before = {id(p) for p in net.parameters()}
     base_params = sum(p.numel() for p in net.parameters())
     net = spec.apply(net)
@@ -242,8 +221,7 @@ def run_one(
     g = torch.Generator().manual_seed(seed)
     batch = torch.randint(0, vocab, (batch_size, seq_len), generator=g).to(dev)
     saved = measure_saved_bytes(net, batch)
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
+    reset_peak_memory(dev)
     opt = torch.optim.AdamW([p for p in params if p.requires_grad], lr=1e-5, **({"fused": True} if dev.type == "cuda" else {}))
     net.train()
     times = []
@@ -260,21 +238,15 @@ def run_one(
         if step >= warmup:
             times.append(time.perf_counter() - t0)
     step_time = statistics.median(times)
-    peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else _peak_rss_bytes()
+    peak, peak_kind = peak_memory(dev)
     tokens = batch_size * seq_len
     return {
-        "method": method, "implementation": spec.implementation, "model": model, "device": _device_name(dev), "dtype": dtype,
+        "method": method, "implementation": spec.implementation, "model": model, "device": device_name(dev), "dtype": dtype,
         "batch_size": batch_size, "seq_len": seq_len, "trainable": trainable, "added": added, "changed": changed,
         "base_params": base_params, "adapter_file_bytes": file_bytes, "saved_bytes_per_token": saved / tokens,
-        "peak_memory_bytes": peak, "peak_memory_kind": "cuda_max_allocated" if dev.type == "cuda" else "process_peak_rss",
+        "peak_memory_bytes": peak, "peak_memory_kind": peak_kind,
         "step_time_s": step_time, "tokens_per_s": tokens / step_time,
     }
-
-
-def _device_name(dev: torch.device) -> str:
-    if dev.type == "cuda":
-        return torch.cuda.get_device_name(dev)
-    return f"cpu ({torch.get_num_threads()} threads)"
 
 
 def run(
@@ -293,25 +265,12 @@ def run(
                     raise ValueError(f"Unknown peer {peer!r}: known {sorted(PEERS)}.")
                 if method in PEERS[peer]:
                     jobs.append((model, method, peer))
-    rows = []
-    try:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(jobs, desc="bench speed", disable=not progress, file=sys.stderr)
-    except ImportError:  # pragma: no cover
-        bar = jobs
-    for model, method, impl in bar:
-        if hasattr(bar, "set_postfix_str"):
-            bar.set_postfix_str(f"{model} {method} ({impl})")
-        args = dict(method=method, implementation=impl, model=model, batch_size=batch_size, seq_len=seq_len, steps=steps, warmup=warmup, dtype=dtype, device=device)
-        proc = subprocess.run(
-            [sys.executable, "-m", "lightning_peft.bench.speed", "--_worker", json.dumps(args)],
-            capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"},
-        )
-        if proc.returncode != 0:
-            raise RuntimeError(f"bench speed: {method} ({impl}) on {model} failed:\n{proc.stderr[-4000:]}")
-        rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-    return rows
+    return run_rows(
+        "lightning_peft.bench.speed",
+        [dict(method=method, implementation=impl, model=model, batch_size=batch_size, seq_len=seq_len, steps=steps, warmup=warmup, dtype=dtype, device=device)
+         for model, method, impl in jobs],
+        label=lambda j: f"{j['method']} ({j['implementation']}) on {j['model']}", progress=progress,
+    )
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
@@ -333,12 +292,8 @@ def markdown(rows: list[dict[str, Any]]) -> str:
 
 def chart(rows: list[dict[str, Any]], path: Path) -> Optional[Path]:
     """Tokens/s and peak memory per method, one PNG; ``None`` when matplotlib is missing."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = matplotlib_pyplot()
+    if plt is None:
         return None
     labels = [f"{r['method']} ({r['implementation']})" + (f"\n{r['model']}" if len({x['model'] for x in rows}) > 1 else "") for r in rows]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(max(8, 1.6 * len(rows)), 4))
@@ -370,21 +325,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["--_worker"]:
-        print(json.dumps(run_one(**json.loads(argv[1]))))
+    if worker_main(argv, run_one):
         return []
     parser = argparse.ArgumentParser(prog="lightning-peft bench speed", description=__doc__.split("\n")[0])
     add_arguments(parser)
     args = parser.parse_args(argv)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    split = lambda s: [x for x in s.split(",") if x]  # noqa: E731
-    rows = run(split(args.model), split(args.methods), split(args.peers), args.batch_size, args.seq_len, args.steps, args.warmup, args.dtype, device)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(rows, indent=2) + "\n")
-    png = chart(rows, out.with_suffix(".png"))
-    print(markdown(rows))
-    print(f"\nwritten: {out.with_suffix('.json')}" + (f", {png}" if png else " (no chart: matplotlib is not installed)"))
+    rows = run(
+        split_list(args.model), split_list(args.methods), split_list(args.peers), args.batch_size, args.seq_len, args.steps,
+        args.warmup, args.dtype, resolve_device(args.device),
+    )
+    write_outputs(rows, Path(args.out), markdown, chart)
     return rows
 
 

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_peft.core import AdapterLayer
-from lightning_peft.quant import QuantLinear, dequantize, is_quantized, requantize, weight_shape  # QLoRA: quantized base weights
+from lightning_peft.quant import QuantLinear, dequantize, frozen_linear, is_quantized, requantize, weight_shape  # QLoRA: quantized base weights
 from lightning_peft.targeting import TargetSpec, find_targets, linear_types
 
 __all__ = ["LoRALinear", "LoRASpec", "add_weighted_adapter", "check_lora_args", "inject_lora", "lora_linear", "pattern_value"]
@@ -55,10 +55,9 @@ def _dropout_mask(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
 
 
 def _base_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], fan_in_fan_out: bool) -> torch.Tensor:
-    weight = dequantize(weight, x.dtype)  # a quantized base: a temporary copy, freed when this returns
     if fan_in_fan_out:  # HF Conv1D stores the weight as (in, out)
-        weight = weight.t()
-    return F.linear(x, weight, bias)
+        return F.linear(x, dequantize(weight, x.dtype).t(), bias)
+    return frozen_linear(x, weight, bias)  # a quantized base: 4-bit dequantized for this call, or LLM.int8
 
 
 class _LoRAFunction(torch.autograd.Function):

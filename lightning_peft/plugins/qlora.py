@@ -1,4 +1,4 @@
-"""QLoRA as a Lightning precision plugin: 4-bit frozen base weights, adapters in float32, compute in bf16.
+"""QLoRA as a Lightning precision plugin: 4-bit or 8-bit frozen base weights, adapters in float32, compute in bf16.
 
 QLoRA (Dettmers et al., 2023) trains LoRA adapters over a base whose frozen linear weights are stored in
 4 bits (NF4, with the block scales quantized again: "double quantization") and dequantized to the compute
@@ -6,11 +6,19 @@ dtype one layer at a time::
 
     h = x dequant(W_nf4)^T + b + s * x A^T B^T
 
+``mode="int8"`` stores the base in LLM.int8 instead (Dettmers et al., 2022; bitsandbytes' ``Linear8bitLt``
+format): int8 codes with one scale per output row, an int8 matmul in the forward with the input's outlier
+columns (any value >= ``int8_threshold``) multiplied in 16 bits, and ``grad_x = g dequant(W_int8)`` in backward::
+
+    h = LLMint8(x, W_int8)^T + b + s * x A^T B^T
+
 :class:`QLoRAPrecision` does the storage part when Lightning converts the module (``strategy.setup``, after
 the PEFT callbacks injected their adapters, before the model moves to its device):
 
-* the frozen weight of every ``LoRALinear`` is replaced in place by a bitsandbytes ``Params4bit``; LoRA's own
-  autograd function reads it through :func:`lightning_peft.quant.dequantize` and saves only the packed bytes;
+* the frozen weight of every ``LoRALinear`` is replaced in place by a bitsandbytes ``Params4bit`` (or
+  ``Int8Params``); LoRA's own autograd function reads it through :func:`lightning_peft.quant.frozen_linear`
+  (forward) and :func:`lightning_peft.quant.dequantize` (backward) and saves only the packed bytes: one LoRA
+  implementation for every base precision;
 * every other frozen ``nn.Linear`` becomes a :class:`~lightning_peft.quant.QuantLinear` (the same helper);
 * the output head (``lm_head``, ``classifier``, ``score``), ``ignore_modules``, trainable layers, layers
   sharing their weight with another module, and linear layers inside other adapter types stay as they are;
@@ -43,7 +51,7 @@ from lightning_peft.targeting import match_name, output_head_names
 
 __all__ = ["QLoRAPrecision", "SUPPORTED_STRATEGIES"]
 
-QuantMode = Literal["nf4", "nf4-dq", "fp4", "fp4-dq"]
+QuantMode = Literal["nf4", "nf4-dq", "fp4", "fp4-dq", "int8"]
 
 _DTYPES = {
     "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
@@ -67,7 +75,7 @@ def _parse_dtype(value: Union[str, torch.dtype]) -> torch.dtype:
 
 
 class QLoRAPrecision(Precision):
-    """Quantize the frozen base ``nn.Linear`` weights to 4 bits and compute in ``compute_dtype`` (QLoRA).
+    """Quantize the frozen base ``nn.Linear`` weights to 4 bits (QLoRA) or LLM.int8 and compute in ``compute_dtype``.
 
     Use it with a PEFT callback (e.g. :class:`~lightning_peft.callbacks.lora.LoRA`), which freezes the base
     and injects adapters before Lightning converts the module; the order in which the callback and the
@@ -77,17 +85,21 @@ class QLoRAPrecision(Precision):
 
     Args:
         mode: ``"nf4"`` (NormalFloat), ``"nf4-dq"`` (NF4 with double-quantized scales, 0.516 bytes per weight:
-            the QLoRA recipe), ``"fp4"`` or ``"fp4-dq"``.
+            the QLoRA recipe), ``"fp4"``, ``"fp4-dq"``, or ``"int8"`` (LLM.int8: 1 byte per weight plus one
+            float32 scale per output row; int8 matmul with 16-bit outlier columns).
         compute_dtype: dtype of activations and dequantized weights: ``torch.bfloat16`` / ``"bf16"``,
             ``torch.float16`` / ``"fp16"`` or ``torch.float32`` / ``"fp32"``. With fp16 no loss scaling is done:
             prefer bf16 where the hardware has it.
         ignore_modules: linear layers to keep unquantized, as names, dotted suffixes or subtrees (``["mlp"]``
             keeps every layer under a module named ``mlp``). The output head is always kept.
-        blocksize: weights per quantization block (64, as in the QLoRA paper).
+        blocksize: 4-bit modes: weights per quantization block (64, as in the QLoRA paper).
+        int8_threshold: ``"int8"``: the LLM.int8 outlier threshold; input columns holding a value of at least
+            this magnitude are multiplied in 16 bits (6.0 as in the paper; 0.0: everything in int8).
 
     Example::
 
         trainer = L.Trainer(plugins=[QLoRAPrecision("nf4-dq")], callbacks=[LoRA(r=16, alpha=32)])
+        trainer = L.Trainer(plugins=[QLoRAPrecision("int8", int8_threshold=6.0)], callbacks=[LoRA(r=16, alpha=32)])
 
     In YAML (``lightning-peft fit --config configs/qlora.yaml``)::
 
@@ -103,9 +115,15 @@ class QLoRAPrecision(Precision):
         compute_dtype: Union[str, torch.dtype] = "bf16",
         ignore_modules: Optional[list[str]] = None,
         blocksize: int = 64,
+        int8_threshold: float = 6.0,
     ) -> None:
         if mode not in QUANT_MODES:
             raise ValueError(f"QLoRAPrecision: mode={mode!r} is not a quantization mode; choose one of {list(QUANT_MODES)}.")
+        if not isinstance(int8_threshold, (int, float)) or isinstance(int8_threshold, bool) or not int8_threshold >= 0.0:
+            raise ValueError(
+                f"QLoRAPrecision: int8_threshold={int8_threshold!r} must be a number >= 0 (6.0 is the LLM.int8 paper's "
+                "outlier threshold; 0.0 multiplies every input column in int8)."
+            )
         self.compute_dtype = _parse_dtype(compute_dtype)
         if isinstance(ignore_modules, str) or not all(isinstance(n, str) for n in ignore_modules or []):
             raise TypeError(f"QLoRAPrecision: ignore_modules must be a list of module names, got {ignore_modules!r}.")
@@ -115,9 +133,11 @@ class QLoRAPrecision(Precision):
         self.mode = mode
         self.ignore_modules = list(ignore_modules or [])
         self.blocksize = blocksize
+        self.int8_threshold = float(int8_threshold)
 
     def __repr__(self) -> str:
-        return f"QLoRAPrecision(mode={self.mode!r}, compute_dtype={self.compute_dtype}, ignore_modules={self.ignore_modules})"
+        extra = f", int8_threshold={self.int8_threshold:g}" if self.mode == "int8" else ""
+        return f"QLoRAPrecision(mode={self.mode!r}, compute_dtype={self.compute_dtype}, ignore_modules={self.ignore_modules}{extra})"
 
     def __str__(self) -> str:
         # Lightning's own strategy errors print the plugin (FSDP refuses it at Trainer construction): say what works
@@ -136,7 +156,7 @@ class QLoRAPrecision(Precision):
         plan = self.plan(module)
         for name in plan:
             layer = module.get_submodule(name)
-            weight = quantize_weight(layer.weight, self.mode, self.compute_dtype, device, self.blocksize)
+            weight = quantize_weight(layer.weight, self.mode, self.compute_dtype, device, self.blocksize, self.int8_threshold)
             if isinstance(layer, LoRALinear):
                 layer.weight = weight
             else:
@@ -213,7 +233,7 @@ class QLoRAPrecision(Precision):
         if type(strategy) not in (SingleDeviceStrategy, DDPStrategy):
             raise ValueError(
                 f"QLoRAPrecision does not support the {type(strategy).__name__}; supported strategies: "
-                f"{', '.join(SUPPORTED_STRATEGIES)}. FSDP and DeepSpeed shard parameters, which 4-bit packed weights "
+                f"{', '.join(SUPPORTED_STRATEGIES)}. FSDP and DeepSpeed shard parameters, which packed quantized weights "
                 "do not allow here: use strategy='ddp' or a single device."
             )
 

@@ -377,7 +377,7 @@ def test_no_quantizable_linear_raises_and_says_why():
 
 
 def test_bad_mode_and_dtype_list_the_choices():
-    with pytest.raises(ValueError, match=r"mode='int4'.*\['nf4', 'nf4-dq', 'fp4', 'fp4-dq'\]"):
+    with pytest.raises(ValueError, match=r"mode='int4'.*\['nf4', 'nf4-dq', 'fp4', 'fp4-dq', 'int8'\]"):
         QLoRAPrecision(mode="int4")
     with pytest.raises(ValueError, match=r"compute_dtype=torch.float64.*bfloat16.*float16.*float32"):
         QLoRAPrecision(compute_dtype=torch.float64)
