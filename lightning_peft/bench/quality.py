@@ -16,7 +16,7 @@ adalora       AdaLoRA init_r 12 -> target_r 8 (LoRA r=8's total rank), alpha 204
               tinit 10% / tfinal 30% of the steps, reallocation every 5 steps
 houlsby       Houlsby adapters after attention and FFN outputs, bottleneck 24 (384 / 16)     1e-3
 parallel      scaled parallel adapter beside the FFN, bottleneck 24, s = 4                   1e-3
-ia3           (IA)³ on key, value, FFN (PEFT's defaults)                                     3e-3
+ia3           (IA)³ on key, value, FFN (PEFT's defaults)                                     1e-2
 bitfit        BitFit, every bias                                                             3e-3
 selective     top-2 blocks (of 6) + head                                                     2e-4
 prompt_tuning prompt tuning, 20 virtual tokens (vocabulary init)                             3e-2
@@ -136,7 +136,7 @@ METHODS: dict[str, tuple[Optional[Callable[[], Any]], float, str]] = {
     "adalora": (_adalora, 1e-3, "AdaLoRA r 12 -> 8, all linear, alpha 2048"),
     "houlsby": (_houlsby, 1e-3, "Houlsby, bottleneck 24"),
     "parallel": (_parallel, 1e-3, "parallel adapter (FFN), bottleneck 24, s=4"),
-    "ia3": (_ia3, 3e-3, "(IA)³ key/value/FFN"),
+    "ia3": (_ia3, 1e-2, "(IA)³ key/value/FFN"),
     "bitfit": (_bitfit, 3e-3, "BitFit, all biases"),
     "selective": (_selective, 2e-4, "top-2 blocks + head"),
     "prompt_tuning": (_prompt_tuning, 3e-2, "prompt tuning, 20 tokens"),
