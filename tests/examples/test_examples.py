@@ -55,6 +55,16 @@ def test_02_rank_sweep_has_one_row_per_rank_and_a_chart(run, tmp_path):
     assert (tmp_path / "rank_sweep.png").read_bytes()[:8] == PNG
 
 
+def test_07_prompt_tuning_inits_each_train_their_prompt(run, tmp_path):
+    rows = run("07_prompt_tuning_inits", "--tokens", "8")
+    assert [r["init"] for r in rows] == ["random", "vocab", "text"]
+    for r in rows:
+        assert r["prompt params"] == 8 * 384 and r["trainable"] == r["prompt params"] + 770  # prompt + head
+        assert 0.0 < r["moved (rel.)"] < 10.0 and _acc_ok(r["dev acc"])  # every prompt trained from its own start
+    assert len({round(r["start norm / token"], 4) for r in rows}) == 3  # three different starting points
+    assert (tmp_path / "prompt_inits.png").read_bytes()[:8] == PNG
+
+
 def test_03_lora_beats_full_fine_tuning_on_size_and_memory(run, tmp_path):
     lora, full = run("03_lora_vs_full")
     assert lora["method"].startswith("LoRA") and full["method"] == "full fine-tuning"
