@@ -377,6 +377,11 @@ def _method_record(config: dict[str, Any], adapter_name: str, saved_modules: lis
 
 # -- LoRA ------------------------------------------------------------------------------------------------
 def _lora_to_peft(base: nn.Module, layers: list[tuple[str, LoRALinear]], name: str):
+    if any(name in m.lora_gate for _, m in layers):
+        raise NotImplementedError(
+            f"LoRA adapter {name!r} is gated (UniPELT): PEFT's LORA format has no gates. Save a Lightning checkpoint "
+            "instead (the callbacks keep the adapter, gates included)."
+        )
     specs = {path: m.specs[name] for path, m in layers}
     r = Counter(s.r for s in specs.values()).most_common(1)[0][0]
     alpha = Counter(s.alpha for s in specs.values()).most_common(1)[0][0]

@@ -23,6 +23,10 @@ prompt_tuning prompt tuning, 20 virtual tokens (vocabulary init)                
 p_tuning      P-tuning, 20 virtual tokens, MLP prompt encoder                                3e-3
 prefix_tuning prefix tuning, 20 prefixes per layer through an MLP                            3e-3
 p_tuning_v2   P-tuning v2, 20 deep prompts per layer                                         1e-2
+mam           MAM adapter: prefix tuning (30 prefixes, MLP) + parallel FFN adapter,         1e-3
+              bottleneck 192 (384 / 2), s = 4 (the paper's defaults, scaled to MiniLM)
+unipelt       UniPELT: gated LoRA r=8 (query, value) + gated prefix tuning (10 prefixes)    1e-3
+              + gated Houlsby adapter after the FFN, bottleneck 24 (384 / 16)
 ============  ==========================================================================  =======
 
 The learning rates are usual values for each method on small encoders (the full fine-tuning, LoRA, (IA)³
@@ -129,6 +133,18 @@ def _p_tuning_v2():
     return PTuningV2(num_virtual_tokens=20, trainable_modules=["classifier"])
 
 
+def _mam():
+    from lightning_peft.callbacks.mam_adapter import MAMAdapter
+
+    return MAMAdapter(trainable_modules=["classifier"])  # 30 prefixes, FFN bottleneck 384 / 2 = 192, s = 4
+
+
+def _unipelt():
+    from lightning_peft.callbacks.unipelt import UniPELT
+
+    return UniPELT(trainable_modules=["classifier"])  # LoRA r=8 on query/value, 10 prefixes, FFN adapter 384 / 16 = 24
+
+
 #: name -> (callback factory (None: full fine-tuning), learning rate, description)
 METHODS: dict[str, tuple[Optional[Callable[[], Any]], float, str]] = {
     "full": (None, 5e-5, "full fine-tuning"),
@@ -143,6 +159,8 @@ METHODS: dict[str, tuple[Optional[Callable[[], Any]], float, str]] = {
     "p_tuning": (_p_tuning, 3e-3, "P-tuning, 20 tokens, MLP encoder"),
     "prefix_tuning": (_prefix_tuning, 3e-3, "prefix tuning, 20 prefixes, MLP"),
     "p_tuning_v2": (_p_tuning_v2, 1e-2, "P-tuning v2, 20 deep prompts"),
+    "mam": (_mam, 1e-3, "MAM: 30 prefixes + parallel FFN adapter 192, s=4"),
+    "unipelt": (_unipelt, 1e-3, "UniPELT: gated LoRA q/v + 10 prefixes + FFN adapter 24"),
 }
 
 #: task -> (train file, dev file relative to the data dir, TextClassificationData arguments, metric, max length).

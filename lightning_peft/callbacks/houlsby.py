@@ -28,6 +28,7 @@ class Houlsby(PEFTCallback):
             expression); None: the default sites above.
         exclude_modules: modules to leave alone, same forms.
         trainable_modules: base modules trained in full and saved with the adapter, e.g. ``["classifier"]``.
+        gate: scale each adapter's output by a learned gate ``sigmoid(W_g h + b_g)`` read from its input (UniPELT).
 
     Example::
 
@@ -45,20 +46,25 @@ class Houlsby(PEFTCallback):
         target_modules: Optional[Union[str, list[str]]] = None,
         exclude_modules: Optional[Union[str, list[str]]] = None,
         trainable_modules: Optional[list[str]] = None,
+        gate: bool = False,
     ) -> None:
         check_bottleneck_args("Houlsby", bottleneck_size, reduction_factor, activation, sites)
         super().__init__(target_modules if target_modules is not None else [], exclude_modules, trainable_modules)
         self.target_modules = target_modules if target_modules is None or isinstance(target_modules, str) else list(target_modules)
         self.bottleneck_size, self.reduction_factor, self.activation, self.sites = bottleneck_size, reduction_factor, activation, list(sites)
+        self.gate = bool(gate)
 
     def config(self) -> dict[str, Any]:
-        return {
+        cfg = {
             **super().config(), "bottleneck_size": self.bottleneck_size, "reduction_factor": self.reduction_factor,
             "activation": self.activation, "sites": self.sites,
         }
+        if self.gate:  # only when set: checkpoints of ungated adapters keep their settings unchanged
+            cfg["gate"] = True
+        return cfg
 
     def _inject(self, module: nn.Module) -> list[str]:
         return inject_houlsby(
             module, self.target_modules, self.exclude_modules, self.bottleneck_size, self.reduction_factor,
-            self.activation, tuple(self.sites),
+            self.activation, tuple(self.sites), gate=self.gate,
         )

@@ -31,6 +31,8 @@ class LoRA(PEFTCallback):
         rank_pattern: per-module ranks overriding ``r``, e.g. ``{"q_proj": 16}`` (keys are regular
             expressions matched against the end of module names, as in Hugging Face PEFT).
         alpha_pattern: per-module alphas overriding ``alpha``, same keys.
+        gate: put each update behind a learned gate ``sigmoid(W_g x + b_g)`` read from the layer's input (UniPELT);
+            a gated update cannot be merged or exported in PEFT's format.
 
     Example::
 
@@ -53,6 +55,7 @@ class LoRA(PEFTCallback):
         adapter_name: str = "default",
         rank_pattern: Optional[dict[str, int]] = None,
         alpha_pattern: Optional[dict[str, float]] = None,
+        gate: bool = False,
     ) -> None:
         check_lora_args(r, alpha, dropout, init)
         for value in (rank_pattern or {}).values():
@@ -64,6 +67,7 @@ class LoRA(PEFTCallback):
         self.adapter_name = adapter_name
         self.rank_pattern = dict(rank_pattern or {})
         self.alpha_pattern = {k: float(v) for k, v in (alpha_pattern or {}).items()}
+        self.gate = bool(gate)
 
     def config(self) -> dict[str, Any]:
         cfg = {**super().config(), "r": self.r, "alpha": self.alpha, "dropout": self.dropout, "use_rslora": self.use_rslora, "init": self.init}
@@ -74,6 +78,8 @@ class LoRA(PEFTCallback):
             cfg["rank_pattern"] = dict(self.rank_pattern)
         if self.alpha_pattern:
             cfg["alpha_pattern"] = dict(self.alpha_pattern)
+        if self.gate:
+            cfg["gate"] = True
         return cfg
 
     @property
@@ -84,5 +90,5 @@ class LoRA(PEFTCallback):
         return inject_lora(
             module, self.target_modules, self.exclude_modules, r=self.r, alpha=self.alpha, dropout=self.dropout,
             use_rslora=self.use_rslora, init=self.init, adapter_name=self.adapter_name,
-            rank_pattern=self.rank_pattern, alpha_pattern=self.alpha_pattern,
+            rank_pattern=self.rank_pattern, alpha_pattern=self.alpha_pattern, gate=self.gate,
         )

@@ -24,6 +24,8 @@ class PrefixTuning(PEFTCallback):
         num_virtual_tokens: the prefix length ``n``.
         encoder_hidden_size: hidden size of the reparameterizing MLP; None: the model's hidden size.
         trainable_modules: base modules trained in full and saved with the adapter, e.g. ``["classifier"]``.
+        gate: scale each layer's prefix keys and values by a learned gate read from the layer's attention input
+            (UniPELT; one value per sample, see :mod:`lightning_peft.methods._prompt`); no PEFT format then.
         save_dir: write the adapter there in Hugging Face PEFT's format at the end of ``fit``.
 
     Example::
@@ -39,16 +41,21 @@ class PrefixTuning(PEFTCallback):
         encoder_hidden_size: Optional[int] = None,
         trainable_modules: Optional[list[str]] = None,
         save_dir: Optional[str] = None,
+        gate: bool = False,
     ) -> None:
         check_num_virtual_tokens(num_virtual_tokens)
         super().__init__([], None, trainable_modules, save_dir)
         self.num_virtual_tokens, self.encoder_hidden_size = num_virtual_tokens, encoder_hidden_size
+        self.gate = bool(gate)
 
     def config(self) -> dict[str, Any]:
-        return {
+        cfg = {
             "method": self.method_name, "num_virtual_tokens": self.num_virtual_tokens,
             "encoder_hidden_size": self.encoder_hidden_size, "trainable_modules": self.trainable_modules,
         }
+        if self.gate:  # only when set: checkpoints of ungated prefixes keep their settings unchanged
+            cfg["gate"] = True
+        return cfg
 
     def _inject(self, module: nn.Module) -> list[str]:
-        return inject_prefix_tuning(module, self.num_virtual_tokens, projection=True, encoder_hidden_size=self.encoder_hidden_size)
+        return inject_prefix_tuning(module, self.num_virtual_tokens, projection=True, encoder_hidden_size=self.encoder_hidden_size, gate=self.gate)

@@ -18,10 +18,20 @@ added at prefill (empty cache) only; later steps find it in the cache and only t
 extended. Without padding this is exactly what PEFT computes (its oracle tests rely on it).
 
 Switched off by ``disabled`` (:func:`lightning_peft.core.disable_adapters`): the hook then passes inputs through.
+
+Gated prefixes (optional, off by default; UniPELT, Mao et al., 2022). A prefix layer that holds ``prefix_gate``
+(one :class:`~lightning_peft.methods._gate.Gate` with two outputs per layer) scales layer ``l``'s prefix keys and
+values by ``g_l = sigmoid(W_l x + b_l)``, read from that layer's attention input ``x``. The prefixes are in the
+cache before any layer runs, so the gate cannot be applied where the prefixes are made: a forward pre-hook on each
+self-attention module (found as the modules with a ``layer_idx`` whose forward takes ``hidden_states`` and
+``past_key_values``) rescales that layer's cached prefix just before the attention reads it. One prefix serves
+every query token, so the gate is one value per sample: the mean over the sample's real tokens (attention mask)
+of the per-token gate. At prefill only: in ``generate()`` the gated prefix stays in the cache for later steps.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Any, Optional
 
@@ -29,8 +39,9 @@ import torch
 from torch import nn
 
 from lightning_peft.core import AdapterLayer
+from lightning_peft.methods._gate import Gate
 
-__all__ = ["SoftPromptLayer", "check_num_virtual_tokens", "find_hf_model", "model_dims", "task_type"]
+__all__ = ["SoftPromptLayer", "attention_layers", "check_num_virtual_tokens", "find_hf_model", "model_dims", "task_type"]
 
 
 def check_num_virtual_tokens(num_virtual_tokens: Any) -> None:
@@ -83,6 +94,19 @@ def _param_names(fn) -> list[str]:
     return list(inspect.signature(fn).parameters)
 
 
+def attention_layers(model: nn.Module) -> dict[int, nn.Module]:
+    """``{layer index: self-attention module}``: the modules with an integer ``layer_idx`` whose forward takes
+    ``hidden_states`` and ``past_key_values`` (the first one per index: self-attention before cross-attention)."""
+    found: dict[int, nn.Module] = {}
+    for _, m in model.named_modules():
+        idx = getattr(m, "layer_idx", None)
+        if isinstance(idx, int) and not isinstance(idx, bool) and idx not in found:
+            params = _param_names(m.forward)
+            if "hidden_states" in params and "past_key_values" in params:
+                found[idx] = m
+    return found
+
+
 class SoftPromptLayer(AdapterLayer):
     """Base of the soft-prompt adapters: ``n`` virtual tokens added to a Hugging Face model by a forward pre-hook.
 
@@ -110,6 +134,20 @@ class SoftPromptLayer(AdapterLayer):
             )
         self._config = model.config
         self._target_name = type(model).__name__
+        self._gating: Optional[dict[str, Any]] = None  # gated prefixes: the cache and mask of the running prefill
+
+    def add_prefix_gates(self) -> nn.ModuleList:
+        """Gate each layer's prefix keys and values (``prefix_gate``: one two-output :class:`Gate` per layer, read from
+        the layer's attention input; see the module docstring). Call before :meth:`attach`."""
+        if self.inserts_tokens:
+            raise ValueError(f"{type(self).__name__} puts its prompt into the input embeddings; only key/value prefixes can be gated.")
+        if getattr(self, "prefix_gate", None) is None:
+            self.prefix_gate = nn.ModuleList(Gate(self.dims["hidden"], 2) for _ in range(self.dims["layers"]))
+        return self.prefix_gate
+
+    @property
+    def gated(self) -> bool:
+        return getattr(self, "prefix_gate", None) is not None
 
     # -- what a method provides -------------------------------------------------------------------
     def prompt(self) -> torch.Tensor:
@@ -138,17 +176,59 @@ class SoftPromptLayer(AdapterLayer):
             )
         if hasattr(model, self.attr_name):
             raise RuntimeError(f"{type(model).__name__} already has a {self.attr_name!r} submodule: one soft prompt per model.")
+        attention = attention_layers(model) if self.gated else {}
+        if self.gated and sorted(attention) != list(range(self.dims["layers"])):
+            raise NotImplementedError(
+                f"Gated prefixes need the self-attention module of each of the {self.dims['layers']} layers of "
+                f"{type(model).__name__} (a module with layer_idx whose forward takes hidden_states and past_key_values); "
+                f"found layers {sorted(attention)}. Use ungated prefixes on this model."
+            )
+        if self.gated:  # float32, like the prefix parameters; on the model's device
+            self.prefix_gate.to(device=model.get_input_embeddings().weight.device)
         self._params = params
         self._word_embeddings = [model.get_input_embeddings()]  # a list: not a submodule of this layer
         self._handle = target.register_forward_pre_hook(self._hook, with_kwargs=True)
+        self._gate_handles = [
+            m.register_forward_pre_hook(functools.partial(self._gate_hook, idx), with_kwargs=True) for idx, m in sorted(attention.items())
+        ]
         model.add_module(self.attr_name, self)
 
     def base_layer(self) -> nn.Module:
         self._handle.remove()
+        for handle in getattr(self, "_gate_handles", []):
+            handle.remove()
         return nn.Module()  # an empty placeholder where the prompt was
+
+    def _gate_hook(self, idx: int, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        """Before layer ``idx``'s attention runs at prefill: scale its cached prefix keys and values by the gate."""
+        state = self._gating
+        if state is None or idx not in state["layers"]:
+            return
+        state["layers"].discard(idx)
+        if not state["layers"]:
+            self._gating = None  # the last layer: let go of the cache
+        x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]  # (B, T, D): the attention's input
+        gate = self.prefix_gate[idx]
+        g = gate(x)  # (B, T, 2): (key, value) gate per token
+        mask = state["mask"]
+        if mask is not None and mask.shape == g.shape[:2]:  # mean over each sample's real tokens
+            m = mask.to(g.dtype).unsqueeze(-1)
+            g = (g * m).sum(1) / m.sum(1).clamp(min=1)
+        else:
+            g = g.mean(1)  # (B, 2)
+        gate.record(g.mean(0))
+        layer = state["cache"].layers[idx]
+        if layer.keys.shape[-2] != self.num_virtual_tokens:
+            raise RuntimeError(
+                f"Gated prefixes: layer {idx}'s cache holds {layer.keys.shape[-2]} positions before its attention ran, "
+                f"expected the {self.num_virtual_tokens} prefixes only. Gated prefixes need an empty past_key_values at prefill."
+            )
+        layer.keys = layer.keys * g[:, 0, None, None, None].to(layer.keys.dtype)  # (B, kv_heads, n, head_dim)
+        layer.values = layer.values * g[:, 1, None, None, None].to(layer.values.dtype)
 
     # -- the hook -----------------------------------------------------------------------------------
     def _hook(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]):
+        self._gating = None
         if self.disabled:
             return None
         if args:  # e.g. BertForSequenceClassification calls self.bert(input_ids, ...)
@@ -180,6 +260,10 @@ class SoftPromptLayer(AdapterLayer):
         elif prefill:
             kwargs["past_key_values"] = self._filled_cache(cache, batch, x)
             past = n
+            if self.gated:
+                mask2d = kwargs.get("attention_mask")
+                mask2d = mask2d if mask2d is not None and mask2d.dim() == 2 and mask2d.shape[1] == q else None
+                self._gating = {"cache": kwargs["past_key_values"], "mask": mask2d, "layers": set(range(self.dims["layers"]))}
         total = past + added + q  # key positions after this call
         if self.dims["max_positions"] is not None and total > self.dims["max_positions"]:
             raise ValueError(

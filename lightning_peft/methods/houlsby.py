@@ -13,6 +13,11 @@ the adapter unmergeable.
 
 The bottleneck is shared with :mod:`lightning_peft.methods.parallel_adapter`.
 
+Gate (optional, off by default; UniPELT, Mao et al., 2022): :meth:`BottleneckLayer.add_gate` scales the
+bottleneck's output by a learned gate read from the adapter's input, per token (``houlsby_gate``)::
+
+    h = h + g(h) * bottleneck(h),      g(h) = sigmoid(h W_g^T + b_g)
+
 Wrapping keeps names. The adapter layer takes over the wrapped module's own parameters and children under
 their names (a wrapped ``o_proj`` still has ``o_proj.weight``; a wrapped ``mlp`` still has
 ``mlp.down_proj.weight``) and calls the original module's ``forward``, so base checkpoints load unchanged.
@@ -28,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_peft.core import AdapterLayer
+from lightning_peft.methods._gate import Gate
 from lightning_peft.methods._families import describe, output_projections
 from lightning_peft.targeting import TargetSpec, find_targets, linear_types
 
@@ -122,6 +128,24 @@ class BottleneckLayer(AdapterLayer):
         z = _ACTIVATIONS[self.activation](F.linear(x, down.to(x.dtype), down_b.to(x.dtype)))  # (..., m)
         return F.linear(z, up.to(x.dtype), up_b.to(x.dtype))  # (..., d)
 
+    @property
+    def gate(self) -> Optional[Gate]:
+        """The gate (``<prefix>gate``) if :meth:`add_gate` was called, else None."""
+        return self._modules.get(f"{self.adapter_prefix}gate")
+
+    def add_gate(self) -> Gate:
+        """Scale the bottleneck's output by ``sigmoid(x W_g^T + b_g)`` read from the adapter's input ``x`` (UniPELT)."""
+        if self.gate is None:
+            down = getattr(self, f"{self.adapter_prefix}down")
+            self.add_module(f"{self.adapter_prefix}gate", Gate(self.hidden, 1, dtype=down.dtype, device=down.device))
+        return self.gate
+
+    def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``bottleneck(x)``, times the gate ``g(x)`` when there is one."""
+        out = self.bottleneck_forward(x)
+        gate = self.gate
+        return out * gate(x) if gate is not None else out
+
     def run_base(self, *args: Any, **kwargs: Any) -> Any:
         base = self.__dict__["_base"]
         for name, buf in self._buffers.items():  # .to(device) replaced our buffer entries, not the base's
@@ -151,7 +175,7 @@ class HoulsbyAdapter(BottleneckLayer):
         if self.disabled:
             return out
         h = out[0] if isinstance(out, tuple) else out
-        h = h + self.bottleneck_forward(h)
+        h = h + self.adapter_forward(h)
         return (h, *out[1:]) if isinstance(out, tuple) else h
 
 
@@ -183,6 +207,7 @@ def inject_houlsby(
     reduction_factor: Optional[float] = None,
     activation: Activation = "relu",
     sites: tuple[Site, ...] = ("attention", "ffn"),
+    gate: bool = False,
 ) -> list[str]:
     """Put a :class:`HoulsbyAdapter` after each target module of ``model``, in place; returns their names.
 
@@ -195,6 +220,7 @@ def inject_houlsby(
         reduction_factor: see ``bottleneck_size``.
         activation: the bottleneck's nonlinearity.
         sites: with default targets, ``"attention"`` and/or ``"ffn"``.
+        gate: put each adapter behind a learned gate read from its input (UniPELT; :meth:`BottleneckLayer.add_gate`).
 
     All targets are validated and all layers built before the first one is swapped in.
     """
@@ -206,6 +232,8 @@ def inject_houlsby(
         base = model.get_submodule(n)
         hidden = _hidden_size(base)
         new[n] = HoulsbyAdapter(base, resolve_bottleneck(hidden, bottleneck_size, reduction_factor), activation, hidden)
+        if gate:
+            new[n].add_gate()
     for name, layer in new.items():
         model.set_submodule(name, layer)
     return names

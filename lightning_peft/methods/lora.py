@@ -9,6 +9,13 @@ A frozen linear map ``W`` (out x in) gains a trainable low-rank update::
 so the model is unchanged at step 0 and only ``A`` and ``B`` train. ``merge()`` folds ``s * B A`` into
 ``W`` for inference at no extra cost; ``unmerge()`` takes it back out.
 
+Gate (optional, off by default; UniPELT, Mao et al., 2022): :meth:`LoRALinear.add_gate` puts the update of an
+adapter behind a learned gate read from the layer's input, per token::
+
+    h = x W^T + b + g(x) * s * dropout(x) A^T B^T,    g(x) = sigmoid(x W_g^T + b_g)   (lora_gate.<name>)
+
+A gated update depends on ``x`` through ``g``: it cannot be merged into ``W``.
+
 Memory. The forward and backward are one ``torch.autograd.Function``: it saves only the input ``x``
 (which a full fine-tuning step saves too) and the small ``x A^T`` (N x r); the frozen ``W`` gets no
 weight gradient. Dropout does not keep a dropped copy of ``x``: the mask is regenerated in backward
@@ -27,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_peft.core import AdapterLayer
+from lightning_peft.methods._gate import Gate
 from lightning_peft.quant import QuantLinear, dequantize, frozen_linear, is_quantized, requantize, weight_shape  # QLoRA: quantized base weights
 from lightning_peft.targeting import TargetSpec, find_targets, linear_types
 
@@ -178,6 +186,7 @@ class LoRALinear(AdapterLayer):
         self.bias = base.bias
         self.lora_a = nn.ParameterDict()
         self.lora_b = nn.ParameterDict()
+        self.lora_gate = nn.ModuleDict()  # optional gates, per adapter name (none by default)
         self.specs: dict[str, LoRASpec] = {}
         self.active: list[str] = []
         self.frozen: set[str] = set()
@@ -210,11 +219,25 @@ class LoRALinear(AdapterLayer):
         if name in self.merged_adapters:
             raise RuntimeError(f"Adapter {name!r} is merged into the base weights: unmerge it before deleting it.")
         del self.lora_a[name], self.lora_b[name], self.specs[name]
+        if name in self.lora_gate:
+            del self.lora_gate[name]
         self.active = [n for n in self.active if n != name]
         self.frozen.discard(name)
 
     def adapter_names(self) -> list[str]:
         return list(self.specs)
+
+    def add_gate(self, name: Optional[str] = None) -> Gate:
+        """Put adapter ``name`` (the only one by default) behind a learned gate ``sigmoid(x W_g^T + b_g)`` read from
+        this layer's input (UniPELT). Returns the gate (``lora_gate.<name>``)."""
+        name = self._only_name() if name is None else name
+        self._check_known(name)
+        if name in self.merged_adapters:
+            raise RuntimeError(f"Adapter {name!r} is merged into the base weight: unmerge it before gating it.")
+        if name not in self.lora_gate:
+            a = self.lora_a[name]
+            self.lora_gate[name] = Gate(self.in_features, 1, dtype=a.dtype, device=a.device)
+        return self.lora_gate[name]
 
     def _check_known(self, name: str) -> None:
         if name not in self.specs:
@@ -222,7 +245,8 @@ class LoRALinear(AdapterLayer):
 
     def adapter_params(self, trainable_only: bool = False) -> list[str]:
         names = [n for n in self.specs if not (trainable_only and n in self.frozen)]
-        return [f"lora_a.{n}" for n in names] + [f"lora_b.{n}" for n in names]
+        gates = [f"lora_gate.{n}.{p}" for n in names if n in self.lora_gate for p in ("weight", "bias")]
+        return [f"lora_a.{n}" for n in names] + [f"lora_b.{n}" for n in names] + gates
 
     def _only(self) -> LoRASpec:
         if len(self.specs) != 1:
@@ -276,6 +300,11 @@ class LoRALinear(AdapterLayer):
         a, b = self.lora_a[name], self.lora_b[name]
         return (x @ a.t().to(x.dtype)) @ b.t().to(x.dtype) * self.specs[name].scaling
 
+    def _update(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """The (gated, when the adapter has a gate) update of adapter ``name`` for input ``x``."""
+        out = self._lora_out(self._dropout(x, name), name)
+        return out * self.lora_gate[name](x) if name in self.lora_gate else out
+
     # -- forward ------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         device_type = x.device.type
@@ -295,13 +324,14 @@ class LoRALinear(AdapterLayer):
         wanted = [] if self.disabled else [n for n in self.active if n in self.specs]
         add = [n for n in wanted if n not in self.merged_adapters]
         remove = [n for n in self.merged_adapters if n not in wanted]
-        if add:  # the first update goes through the memory-lean autograd function
-            first = add.pop(0)
-            out = self._apply_fn(x, weight, bias, first)
+        plain = [n for n in add if n not in self.lora_gate]
+        if plain:  # the first ungated update goes through the memory-lean autograd function
+            out = self._apply_fn(x, weight, bias, plain[0])
+            add.remove(plain[0])
         else:
             out = _base_linear(x, weight, bias, self.fan_in_fan_out)
         for name in add:
-            out = out + self._lora_out(self._dropout(x, name), name)
+            out = out + self._update(x, name)
         for name in remove:  # merged into the weight but not wanted now
             out = out - self._lora_out(x, name)
         return out
@@ -335,7 +365,9 @@ class LoRALinear(AdapterLayer):
         out = _base_linear(x, weight, bias, self.fan_in_fan_out)
         for name in dict.fromkeys(n for n in names if n is not None and n in self.specs):
             rows = torch.tensor([i for i, n in enumerate(names) if n == name], device=x.device)
-            out = out.index_add(0, rows, self._lora_out(x.index_select(0, rows), name))
+            xs = x.index_select(0, rows)
+            update = self._lora_out(xs, name)
+            out = out.index_add(0, rows, update * self.lora_gate[name](xs) if name in self.lora_gate else update)
         return out
 
     # -- merge --------------------------------------------------------------------------------------
@@ -343,6 +375,12 @@ class LoRALinear(AdapterLayer):
     def merge(self, names: Optional[list[str]] = None) -> None:
         """Fold adapters (default: the active ones) into the base weight. Merging twice is a no-op."""
         names = [n for n in (self.active if names is None else names) if n in self.specs and n not in self.merged_adapters]
+        gated = [n for n in names if n in self.lora_gate]
+        if gated:
+            raise ValueError(
+                f"LoRA adapter(s) {gated} are gated (UniPELT): the gate depends on the input, so the update cannot be "
+                "folded into the base weight. Run the model unmerged."
+            )
         for name in names:
             merged = dequantize(self.weight, torch.float32).float() + self.delta_weight(name)
             if not torch.isfinite(merged).all():
@@ -379,7 +417,8 @@ class LoRALinear(AdapterLayer):
 
     def extra_repr(self) -> str:
         adapters = ", ".join(
-            f"{n}(r={s.r}, alpha={s.alpha:g}, scaling={s.scaling:.4g}, dropout={s.dropout:g})" for n, s in self.specs.items()
+            f"{n}(r={s.r}, alpha={s.alpha:g}, scaling={s.scaling:.4g}, dropout={s.dropout:g}{', gated' if n in self.lora_gate else ''})"
+            for n, s in self.specs.items()
         )
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, adapters=[{adapters}], "
@@ -408,8 +447,12 @@ def inject_lora(
     adapter_name: str = "default",
     rank_pattern: Optional[dict[str, int]] = None,
     alpha_pattern: Optional[dict[str, float]] = None,
+    gate: bool = False,
 ) -> list[str]:
     """Wrap the matching layers of ``model`` in :class:`LoRALinear`, in place; returns their names.
+
+    With ``gate``, each new update sits behind a learned gate read from its layer's input (UniPELT; see
+    :meth:`LoRALinear.add_gate`).
 
     Layers that are already :class:`LoRALinear` get ``adapter_name`` as an additional named adapter.
     ``rank_pattern`` / ``alpha_pattern`` override ``r`` / ``alpha`` per module (keys are regular
@@ -441,6 +484,9 @@ def inject_lora(
             model.set_submodule(name, new[name])
         else:
             model.get_submodule(name).add_adapter(adapter_name, **settings[name])
+    if gate:
+        for name in names:
+            model.get_submodule(name).add_gate(adapter_name)
     return names
 
 

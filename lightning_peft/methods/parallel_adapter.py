@@ -68,7 +68,7 @@ class ParallelAdapter(BottleneckLayer):
         self.residual_input = "input_tensor" in inspect.signature(base.forward).parameters
 
     def _adapter(self, x: torch.Tensor) -> torch.Tensor:
-        return self.bottleneck_forward(x) * self.scaling
+        return self.adapter_forward(x) * self.scaling
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self.disabled:

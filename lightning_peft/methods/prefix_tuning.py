@@ -16,7 +16,8 @@ PEFT's layout). Li & Liang found training ``P`` directly unstable and reparamete
 
 The prefixes enter through ``past_key_values`` (a ``DynamicCache`` holding them), so the model's own attention
 is used unchanged; a backbone whose forward takes no ``past_key_values`` is refused. See
-:mod:`lightning_peft.methods._prompt` for the mask and position rules.
+:mod:`lightning_peft.methods._prompt` for the mask and position rules, and for gated prefixes (``gate=True``,
+UniPELT: each layer's prefix keys and values scaled by a learned gate read from that layer's attention input).
 """
 
 from __future__ import annotations
@@ -43,13 +44,16 @@ class PrefixKV(SoftPromptLayer):
         num_virtual_tokens: ``n``, the prefix length.
         projection: train through the MLP (prefix tuning) or the prefixes directly (P-tuning v2).
         encoder_hidden_size: the MLP's hidden size ``h``; None: the model's hidden size.
+        gate: gate each layer's prefix (``prefix_gate``; see :mod:`lightning_peft.methods._prompt`).
     """
 
     adapter_prefix = "prefix_"
     inserts_tokens = False
     attr_name = "prefix_tuning"
 
-    def __init__(self, model: nn.Module, num_virtual_tokens: int = 20, projection: bool = True, encoder_hidden_size: Optional[int] = None) -> None:
+    def __init__(
+        self, model: nn.Module, num_virtual_tokens: int = 20, projection: bool = True, encoder_hidden_size: Optional[int] = None, gate: bool = False,
+    ) -> None:
         super().__init__(model, num_virtual_tokens)
         if encoder_hidden_size is not None and (not isinstance(encoder_hidden_size, int) or encoder_hidden_size < 1):
             raise ValueError(f"encoder_hidden_size must be a positive integer or None (the model's hidden size), got {encoder_hidden_size!r}.")
@@ -62,6 +66,8 @@ class PrefixKV(SoftPromptLayer):
             self.prefix_mlp = nn.Sequential(nn.Linear(hidden, h), nn.Tanh(), nn.Linear(h, width)).to(device)
         else:
             self.prefix_kv = nn.Parameter(torch.randn(num_virtual_tokens, width, device=device))
+        if gate:
+            self.add_prefix_gates()
 
     def flat(self) -> torch.Tensor:
         """``P``, ``(n, layers · 2 · kv_heads · head_dim)`` in PEFT's layout."""
@@ -81,18 +87,25 @@ class PrefixKV(SoftPromptLayer):
         self.projection = False
 
     def extra_repr(self) -> str:
-        return f"num_virtual_tokens={self.num_virtual_tokens}, projection={self.projection}"
+        return f"num_virtual_tokens={self.num_virtual_tokens}, projection={self.projection}, gated={self.gated}"
 
 
-def inject_prefix_tuning(module: nn.Module, num_virtual_tokens: int = 20, projection: bool = True, encoder_hidden_size: Optional[int] = None) -> list[str]:
+def inject_prefix_tuning(
+    module: nn.Module, num_virtual_tokens: int = 20, projection: bool = True, encoder_hidden_size: Optional[int] = None, gate: bool = False,
+) -> list[str]:
     """Add a :class:`PrefixKV` to the Hugging Face model in ``module``; returns the new layer's name."""
-    return attach_prompt(module, lambda m: PrefixKV(m, num_virtual_tokens, projection, encoder_hidden_size))
+    return attach_prompt(module, lambda m: PrefixKV(m, num_virtual_tokens, projection, encoder_hidden_size, gate))
 
 
 # -- Hugging Face PEFT format -----------------------------------------------------------------------
 def to_peft(model: nn.Module, layers: list[tuple[str, PrefixKV]]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """PEFT's ``PREFIX_TUNING`` files: the per-layer prefixes ``P`` (computed through the MLP if there is one)."""
     (_, layer), = layers
+    if layer.gated:
+        raise NotImplementedError(
+            "Gated prefixes (UniPELT) have no Hugging Face PEFT format: PEFT's PREFIX_TUNING has no gates. Save a "
+            "Lightning checkpoint instead (the callbacks keep the adapter, gates included)."
+        )
     config = {
         **peft_prompt_config(model, layer, "PREFIX_TUNING"),
         "encoder_hidden_size": layer.dims["hidden"],

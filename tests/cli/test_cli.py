@@ -75,3 +75,13 @@ def test_alpaca_prompt_tokens_are_masked_from_the_loss(shared_data, minilm_path)
         assert torch.equal(labels[plen:n], ids[plen:n])
         checked += 1
     assert checked == 16
+
+
+@pytest.mark.parametrize(("config", "cls", "key", "value"), [
+    ("configs/mam_adapter.yaml", "MAMAdapter", "num_virtual_tokens", 30),
+    ("configs/unipelt.yaml", "UniPELT", "lora_target_modules", ["query", "value"]),
+])
+def test_hybrid_configs_parse(config, cls, key, value):
+    cfg = yaml.safe_load(_print_config(["fit", "--config", config]))
+    (callback,) = cfg["trainer"]["callbacks"]
+    assert callback["class_path"].endswith(cls) and callback["init_args"][key] == value
