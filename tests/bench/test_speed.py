@@ -76,3 +76,16 @@ def test_every_additive_method_measures_consistently(method):
 def test_bitfit_changes_base_biases_only():
     row = speed.run_one("bitfit", model="tiny-gpt2", steps=1, warmup=0, batch_size=2, seq_len=16)
     assert row["added"] == 0 and row["changed"] == row["trainable"] > 0 and row["adapter_file_bytes"] >= 2 * row["trainable"]
+
+
+def test_peak_memory_of_a_fresh_process_is_its_own():
+    """A child's peak RSS must not inherit its parent's (getrusage's ru_maxrss survives exec; Linux's VmHWM does not)."""
+    import subprocess
+    import sys
+
+    ballast = bytearray(1536 * 2**20)  # raise this process's peak well above what the child will use
+    ballast[:: 4096] = b"\x01" * len(ballast[:: 4096])
+    code = "from lightning_peft.bench.common import _peak_rss_bytes; print(_peak_rss_bytes())"
+    child = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()[-1])
+    del ballast
+    assert 0 < child < 1536 * 2**20
