@@ -81,6 +81,10 @@ if __name__ == "__main__":
         plugins=plugins, callbacks=[cb, probe],
     )
     trainer.fit(module)
+    if method == "qlora":  # the frozen base stayed 4-bit on every rank
+        from lightning_peft.quant import is_quantized
+
+        assert is_quantized(module.model.model.layers[0].self_attn.q_proj.weight)
     trained = {k: v.detach().float().clone() for k, v in lp.adapter_state_dict(module).items()}
     torch.save({"adapter": trained, "masks": probe.masks, "final_ranks": getattr(cb, "final_ranks", None)}, out / f"{devices}_rank{trainer.global_rank}.pt")
     if devices > 1:
