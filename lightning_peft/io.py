@@ -489,19 +489,33 @@ register_peft_format(
 )
 
 
+# -- methods with one unnamed adapter per layer/model: shared wrappers --------------------------------------
+def _unnamed(to_peft):
+    """A method's ``to_peft(base, layers)`` as the registry's ``to_peft(base, layers, name)``."""
+    return lambda base, layers, name: to_peft(base, layers)
+
+
+def _default_only(from_peft, holds: str):
+    """A method's ``from_peft(base, config, tensors)`` that refuses adapter names other than "default"."""
+
+    def load(base, config, tensors, name):
+        if name != "default":
+            raise NotImplementedError(f"{holds}: load it as 'default', not {name!r}.")
+        return from_peft(base, config, tensors)
+
+    return load
+
+
 # -- (IA)3 -----------------------------------------------------------------------------------------------
 def _register_ia3() -> None:
     from lightning_peft.methods import ia3
 
-    def to_peft(base, layers, name):
-        return ia3.to_peft(base, layers)
-
-    def from_peft(base, config, tensors, name):
-        if name != "default":
-            raise NotImplementedError(f"(IA)3 layers hold one adapter each: load it as 'default', not {name!r}.")
-        return ia3.from_peft(base, config, tensors)
-
-    register_peft_format(PeftFormat(peft_type="IA3", layer_type=ia3.IA3Linear, to_peft=to_peft, from_peft=from_peft, fields={"target_modules": (str, list)}))
+    register_peft_format(
+        PeftFormat(
+            peft_type="IA3", layer_type=ia3.IA3Linear, to_peft=_unnamed(ia3.to_peft),
+            from_peft=_default_only(ia3.from_peft, "(IA)3 layers hold one adapter each"), fields={"target_modules": (str, list)},
+        )
+    )
 
 
 _register_ia3()
@@ -526,52 +540,36 @@ _register_adalora()
 def _register_soft_prompts() -> None:
     from lightning_peft.methods import p_tuning, prefix_tuning, prompt_tuning
 
-    def single(from_peft):
-        def load(base, config, tensors, name):
-            if name != "default":
-                raise NotImplementedError(f"A {config['peft_type']} adapter is one prompt per model: load it as 'default', not {name!r}.")
+    def single(from_peft, peft_type):
+        def fresh_base_only(base, config, tensors):
             if any(isinstance(m, prompt_tuning.SoftPromptLayer) for m in base.modules()):
-                raise NotImplementedError(f"{type(base).__name__} already carries a soft prompt: load {config['peft_type']} onto a fresh base model.")
+                raise NotImplementedError(f"{type(base).__name__} already carries a soft prompt: load {peft_type} onto a fresh base model.")
             return from_peft(base, config, tensors)
 
-        return load
+        return _default_only(fresh_base_only, f"A {peft_type} adapter is one prompt per model")
 
     prompt_fields = {"num_virtual_tokens": (int,)}
-    register_peft_format(
-        PeftFormat(
-            peft_type="PROMPT_TUNING", layer_type=prompt_tuning.PromptEmbedding, key_prefix="base_model.",
-            to_peft=lambda base, layers, name: prompt_tuning.to_peft(base, layers), from_peft=single(prompt_tuning.from_peft), fields=prompt_fields,
+    for peft_type, module, layer_type in (
+        ("PROMPT_TUNING", prompt_tuning, prompt_tuning.PromptEmbedding),
+        ("P_TUNING", p_tuning, p_tuning.PromptEncoder),
+        ("PREFIX_TUNING", prefix_tuning, prefix_tuning.PrefixKV),  # prefix tuning and P-tuning v2 (PrefixKV without projection)
+    ):
+        register_peft_format(
+            PeftFormat(
+                peft_type=peft_type, layer_type=layer_type, key_prefix="base_model.", to_peft=_unnamed(module.to_peft),
+                from_peft=single(module.from_peft, peft_type), fields=prompt_fields,
+            )
         )
-    )
-    register_peft_format(
-        PeftFormat(
-            peft_type="P_TUNING", layer_type=p_tuning.PromptEncoder, key_prefix="base_model.",
-            to_peft=lambda base, layers, name: p_tuning.to_peft(base, layers), from_peft=single(p_tuning.from_peft), fields=prompt_fields,
-        )
-    )
-    register_peft_format(  # prefix tuning and P-tuning v2 (PrefixKV without projection)
-        PeftFormat(
-            peft_type="PREFIX_TUNING", layer_type=prefix_tuning.PrefixKV, key_prefix="base_model.",
-            to_peft=lambda base, layers, name: prefix_tuning.to_peft(base, layers), from_peft=single(prefix_tuning.from_peft), fields=prompt_fields,
-        )
-    )
 
 
 # -- LLaMA-Adapter (PEFT's adaption prompt) ---------------------------------------------------------------
 def _register_llama_adapter() -> None:
     from lightning_peft.methods import llama_adapter
 
-    def to_peft(base, layers, name):
-        return llama_adapter.to_peft(base, layers)
-
-    def from_peft(base, config, tensors, name):
-        if name != "default":
-            raise NotImplementedError(f"LLaMA-Adapter layers hold one adaption prompt each: load it as 'default', not {name!r}.")
-        return llama_adapter.from_peft(base, config, tensors)
-
     register_peft_format(
         PeftFormat(
-            peft_type="ADAPTION_PROMPT", layer_type=llama_adapter.LlamaAdapterAttention, to_peft=to_peft, from_peft=from_peft,
+            peft_type="ADAPTION_PROMPT", layer_type=llama_adapter.LlamaAdapterAttention, to_peft=_unnamed(llama_adapter.to_peft),
+            from_peft=_default_only(llama_adapter.from_peft, "LLaMA-Adapter layers hold one adaption prompt each"),
             fields={"target_modules": (str,), "adapter_len": (int,), "adapter_layers": (int,)},
         )
     )
