@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lightning_peft import AdapterFileError, LoRA, load_adapter, save_adapter
+from lightning_peft import IA3, AdapterFileError, LlamaAdapter, LoRA, load_adapter, save_adapter
 from lightning_peft.core import adapter_param_names
 from lightning_peft.methods.lora import LoRALinear
 from tests.conftest import tiny_llama
@@ -241,3 +241,20 @@ def test_ia3_round_trips_through_save_and_load_adapter(tmp_path):
     theirs.save_pretrained(tmp_path / "theirs")
     loaded = load_adapter(tiny_llama(), tmp_path / "theirs")
     torch.testing.assert_close(loaded(_ids()).logits, theirs(_ids()).logits, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("make", "holds"),
+    [
+        (IA3, r"\(IA\)3 layers hold one adapter each"),
+        (lambda: LlamaAdapter(adapter_len=2), "LLaMA-Adapter layers hold one adaption prompt each"),
+    ],
+)
+def test_one_adapter_formats_refuse_other_names(tmp_path, make, holds):
+    model = make().inject(tiny_llama(seed=0))
+    save_adapter(model, tmp_path / "a")
+    fresh = tiny_llama(seed=0)
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    with pytest.raises(NotImplementedError, match=holds + r": load it as 'default', not 'other'"):
+        load_adapter(fresh, tmp_path / "a", adapter_name="other")
+    assert fresh.state_dict().keys() == before.keys()  # nothing was injected

@@ -139,3 +139,15 @@ def test_minilm_padding_invariance(minilm_path):
     model = minilm_classifier(minilm_path)
     inject_prompt_tuning(model, 6)
     check_padding_invariance(model, torch.tensor([101, 2307, 102]), torch.tensor([101, 2023, 2003, 1037, 2307, 3185, 102]))
+
+
+def test_loading_refuses_a_named_adapter_and_a_second_prompt(tmp_path):
+    """A soft-prompt adapter is one per model: another name, or a base that already has one, is refused unchanged."""
+    from lightning_peft.io import load_adapter, save_adapter
+
+    model = _prompted("llama")
+    save_adapter(model, tmp_path / "prompt")
+    with pytest.raises(NotImplementedError, match=r"A PROMPT_TUNING adapter is one prompt per model: load it as 'default', not 'other'"):
+        load_adapter(tiny_decoder("llama"), tmp_path / "prompt", adapter_name="other")
+    with pytest.raises(NotImplementedError, match=r"LlamaForCausalLM already carries a soft prompt: load PROMPT_TUNING onto a fresh base"):
+        load_adapter(_prompted("llama"), tmp_path / "prompt")
