@@ -68,16 +68,20 @@ class BenchMethod:
 
 def _save_ours(model: nn.Module, directory: Path) -> None:
     """The PEFT-format adapter where the method has one; else the trained tensors as safetensors (what a checkpoint keeps)."""
+    from safetensors.torch import save_file
+
+    from lightning_peft.core import adapter_modules
     from lightning_peft.io import save_adapter
 
-    try:
-        save_adapter(model, directory)
-    except (NotImplementedError, ValueError):  # Houlsby, parallel adapter: no PEFT format; BitFit: trains base biases only
-        from safetensors.torch import save_file
-
-        directory.mkdir(parents=True, exist_ok=True)
-        kept = {k: p.detach().contiguous() for k, p in model.named_parameters() if p.requires_grad}
-        save_file(kept, str(directory / "adapter.safetensors"))
+    if next(adapter_modules(model), None) is not None:  # BitFit adds no layer: it trains base biases only
+        try:
+            save_adapter(model, directory)
+            return
+        except NotImplementedError:  # Houlsby, parallel adapter: no Hugging Face PEFT format
+            pass
+    directory.mkdir(parents=True, exist_ok=True)
+    kept = {k: p.detach().contiguous() for k, p in model.named_parameters() if p.requires_grad}
+    save_file(kept, str(directory / "adapter.safetensors"))
 
 
 def _save_full(model: nn.Module, directory: Path) -> None:
