@@ -11,7 +11,6 @@ LoRA r=8 on every linear layer (+ the new classifier head) at lr 1e-3; full fine
 from __future__ import annotations
 
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -21,17 +20,10 @@ from _common import glue, parser, setup, table, trainer
 METHODS = {"LoRA r=8": 1e-3, "full fine-tuning": 5e-5}
 
 
-def peak_rss_mib() -> float:
-    """This process's peak RSS: Linux's VmHWM starts afresh at exec (getrusage's ru_maxrss keeps the parent's peak)."""
-    try:
-        return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:")) / 1024
-    except (OSError, StopIteration):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def worker(method: str, args) -> dict:
     """One training run in this process; the row is printed as JSON on the last line."""
     from lightning_peft import LoRA, count_parameters
+    from lightning_peft.bench.common import peak_rss_bytes
     from lightning_peft.tasks import SequenceClassifier
 
     start = time.perf_counter()
@@ -45,7 +37,7 @@ def worker(method: str, args) -> dict:
     size = ckpt.stat().st_size
     ckpt.unlink()
     return {"method": method, "dev acc": float(fit.callback_metrics["val_acc"]), "trainable": count_parameters(model).trainable,
-            "checkpoint MiB": size / 2**20, "peak RSS MiB": peak_rss_mib(),
+            "checkpoint MiB": size / 2**20, "peak RSS MiB": peak_rss_bytes() / 2**20,
             "wall s": round(time.perf_counter() - start, 1)}
 
 

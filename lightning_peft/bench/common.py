@@ -22,7 +22,7 @@ from torch import nn
 
 __all__ = [
     "PRESETS", "build_model", "check_names", "current_memory", "device_name", "forward_latency", "load_average", "matplotlib_pyplot", "peak_memory",
-    "random_ids", "structure",
+    "peak_rss_bytes", "random_ids", "structure",
     "reset_peak_memory", "resolve_device", "run_rows", "split_list", "time_call", "torch_dtype", "worker_main", "write_outputs",
 ]
 
@@ -85,7 +85,7 @@ def device_name(dev: torch.device) -> str:
     return f"cpu ({torch.get_num_threads()} threads)"
 
 
-def _peak_rss_bytes() -> int:
+def peak_rss_bytes() -> int:
     """This process's peak resident set size. Linux: ``VmHWM``, which starts afresh at ``exec``; ``getrusage``'s
     ``ru_maxrss`` does not (a child started by a 1.4 GiB parent reports at least 1.4 GiB), so it is only the fallback."""
     try:
@@ -121,7 +121,7 @@ def peak_memory(dev: torch.device) -> tuple[int, str]:
     """``(bytes, kind)``: ``torch.cuda.max_memory_allocated`` on a GPU, the process's peak RSS on the CPU."""
     if dev.type == "cuda":
         return torch.cuda.max_memory_allocated(dev), "cuda_max_allocated"
-    return max(_peak_rss_bytes(), current_memory(dev)), "process_peak_rss"  # the two counters differ by a few pages
+    return max(peak_rss_bytes(), current_memory(dev)), "process_peak_rss"  # the two counters differ by a few pages
 
 
 def _sync(dev: torch.device) -> None:

@@ -85,7 +85,7 @@ def test_peak_memory_of_a_fresh_process_is_its_own():
 
     ballast = bytearray(1536 * 2**20)  # raise this process's peak well above what the child will use
     ballast[:: 4096] = b"\x01" * len(ballast[:: 4096])
-    code = "from lightning_peft.bench.common import _peak_rss_bytes; print(_peak_rss_bytes())"
+    code = "from lightning_peft.bench.common import peak_rss_bytes; print(peak_rss_bytes())"
     child = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()[-1])
     del ballast
     assert 0 < child < 1536 * 2**20
