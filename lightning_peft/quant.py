@@ -157,7 +157,7 @@ def quantize_weight(
             raise ValueError(f"The LLM.int8 outlier threshold must be a number >= 0, got {threshold!r}; 6.0 is the paper's value, 0.0 disables outliers.")
         w16 = weight.detach().to(device=device or weight.device, dtype=torch.float16).contiguous()  # as Int8Params quantizes
         codes, scales, _ = bnb.functional.int8_vectorwise_quant(w16)  # (out, in) int8, (out,) float32 row absmax
-        param = bnb.nn.Int8Params(codes, requires_grad=False, has_fp16_weights=False, CB=codes, SCB=scales)
+        param = _int8_params_class()(codes, requires_grad=False, has_fp16_weights=False, CB=codes, SCB=scales)
         param.threshold = float(threshold)
         param.compute_dtype = dtype or (weight.dtype if weight.dtype.is_floating_point else torch.float16)
         return param
@@ -171,6 +171,28 @@ def quantize_weight(
         packed, requires_grad=False, quant_state=state, blocksize=blocksize, compress_statistics=double,
         quant_type=quant_type, bnb_quantized=True,
     )
+
+
+_INT8_PARAMS: list[type] = []
+
+
+def _int8_params_class() -> type:
+    """bitsandbytes' ``Int8Params`` keeping ``threshold`` and ``compute_dtype`` through ``copy.deepcopy``: its own
+    ``__deepcopy__`` rebuilds the tensor from its constructor arguments and drops every other attribute, so a
+    copied int8 model (an EMA copy, ``copy.deepcopy(model)``) silently lost its outlier threshold."""
+    if not _INT8_PARAMS:
+        bnb = import_bitsandbytes()
+
+        class Int8Weight(bnb.nn.Int8Params):
+            def __deepcopy__(self, memo: dict) -> "Int8Weight":
+                new = super().__deepcopy__(memo)
+                for name in ("threshold", "compute_dtype"):
+                    if hasattr(self, name):
+                        setattr(new, name, getattr(self, name))
+                return new
+
+        _INT8_PARAMS.append(Int8Weight)
+    return _INT8_PARAMS[0]
 
 
 def requantize(old: torch.Tensor, new: torch.Tensor, what: str = "the weight") -> nn.Parameter:

@@ -89,6 +89,31 @@ def test_int8_bytes_and_dequantize():
     assert params == w.numel() and nbytes == w.numel() + 4 * 96  # one byte per weight + one float32 scale per row
 
 
+def test_a_deep_copied_int8_model_keeps_its_threshold_and_outputs(int8_backend):
+    """bitsandbytes' Int8Params.__deepcopy__ drops extra attributes: the copy used to compute with threshold 0."""
+    import copy
+
+    model = _int8_llama(threshold=6.0)
+    twin = copy.deepcopy(model)
+    weights = [(w, c) for w, c in zip(model.parameters(), twin.parameters()) if is_quantized(w)]
+    assert weights
+    for w, c in weights:
+        assert c is not w and c.threshold == 6.0 and c.compute_dtype == w.compute_dtype == torch.bfloat16
+        assert torch.equal(c.data, w.data) and torch.equal(c.SCB, w.SCB)
+    x = torch.randint(0, model.config.vocab_size, (2, 12))
+    x_big = model.get_input_embeddings().weight.detach().clone()
+    x_big[:, :3] *= 40.0  # outlier feature columns, so the threshold matters
+    for m in (model, twin):
+        m.get_input_embeddings().weight.data.copy_(x_big)
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, twin(x).logits)
+        no_outliers = copy.deepcopy(model)
+        for w in no_outliers.parameters():
+            if is_quantized(w):
+                w.threshold = 0.0
+        assert not torch.equal(model(x).logits, no_outliers(x).logits)  # the threshold changes the result
+
+
 def test_lora_on_an_int8_base_uses_the_one_lora_function_and_its_gradients_are_exact(int8_backend):
     torch.manual_seed(0)
     base = nn.Linear(64, 48)
