@@ -7,6 +7,7 @@ memory belongs to it alone; its ``main`` starts with :func:`worker_main`.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import statistics
@@ -172,6 +173,33 @@ def worker_main(argv: list[str], run_one: Callable[..., dict[str, Any]]) -> bool
         return False
     print(json.dumps(run_one(**json.loads(argv[1]))))
     return True
+
+
+def add_common_arguments(parser: argparse.ArgumentParser, name: str, model_help: str) -> None:
+    """``--model`` (repeat or comma-separate), ``--device`` and ``--out``, the options every device bench takes."""
+    parser.add_argument("--model", action="append", help=f"{model_help} (default tiny-llama)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, or auto (cuda when available)")
+    parser.add_argument("--out", default=f"bench_results/{name}", help="output prefix: writes <out>.json and <out>.png")
+
+
+def bench_main(
+    argv: Optional[list[str]], name: str, doc: str, add_arguments: Callable[[argparse.ArgumentParser], None],
+    run_one: Callable[..., dict[str, Any]], run: Callable[[argparse.Namespace, list[str], str], list[dict[str, Any]]],
+    markdown: Callable[[list[dict[str, Any]]], str], chart: Optional[Callable[[list[dict[str, Any]], Path], Optional[Path]]] = None,
+) -> list[dict[str, Any]]:
+    """The ``main`` of ``lightning-peft bench <name>``: a worker subprocess runs one job (``--_worker``); otherwise
+    parse the arguments (the bench's own and :func:`add_common_arguments`), call ``run(args, models, device)`` and
+    write the rows (:func:`write_outputs`)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if worker_main(argv, run_one):
+        return []
+    parser = argparse.ArgumentParser(prog=f"lightning-peft bench {name}", description=doc.split("\n")[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    models = [m for spec in (args.model or ["tiny-llama"]) for m in split_list(spec)]
+    rows = run(args, models, resolve_device(args.device))
+    write_outputs(rows, Path(args.out), markdown, chart)
+    return rows
 
 
 def write_outputs(

@@ -22,7 +22,6 @@ Examples::
 from __future__ import annotations
 
 import argparse
-import sys
 import warnings
 from pathlib import Path
 from typing import Any, Optional
@@ -32,6 +31,8 @@ from torch import nn
 
 from lightning_peft.bench.common import (
     PRESETS,
+    add_common_arguments,
+    bench_main,
     build_model,
     check_names,
     device_name,
@@ -39,12 +40,9 @@ from lightning_peft.bench.common import (
     load_average,
     matplotlib_pyplot,
     random_ids,
-    resolve_device,
     run_rows,
     split_list,
     structure,
-    worker_main,
-    write_outputs,
 )
 
 __all__ = ["METHOD_NAMES", "run", "run_one"]
@@ -198,30 +196,19 @@ def chart(rows: list[dict[str, Any]], path: Path) -> Optional[Path]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", action="append", help=f"preset ({', '.join(PRESETS)}) or local HF directory; repeat or comma-separate for a size sweep (default tiny-llama)")
+    add_common_arguments(parser, "inference", f"preset ({', '.join(PRESETS)}) or local HF directory; repeat or comma-separate for a size sweep")
     parser.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated, from: {', '.join(METHOD_NAMES)} (base always runs)")
     parser.add_argument("--batch-sizes", default="1,32", help="comma-separated inference batch sizes")
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5, help="timed forwards per batch size (median reported)")
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--device", default="auto", help="cpu, cuda, or auto (cuda when available)")
-    parser.add_argument("--out", default="bench_results/inference", help="output prefix: writes <out>.json and <out>.png")
 
 
 def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
-    argv = sys.argv[1:] if argv is None else argv
-    if worker_main(argv, run_one):
-        return []
-    parser = argparse.ArgumentParser(prog="lightning-peft bench inference", description=__doc__.split("\n")[0])
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    models = [m for spec in (args.model or ["tiny-llama"]) for m in split_list(spec)]
-    rows = run(
-        models, split_list(args.methods), tuple(int(b) for b in split_list(args.batch_sizes)), args.seq_len, args.repeats,
-        args.warmup, resolve_device(args.device),
-    )
-    write_outputs(rows, Path(args.out), markdown, chart)
-    return rows
+    def rows(args: argparse.Namespace, models: list[str], device: str) -> list[dict[str, Any]]:
+        return run(models, split_list(args.methods), tuple(int(b) for b in split_list(args.batch_sizes)), args.seq_len, args.repeats, args.warmup, device)
+
+    return bench_main(argv, "inference", __doc__, add_arguments, run_one, rows, markdown, chart)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -37,6 +36,8 @@ from torch import nn
 
 from lightning_peft.bench.common import (
     PRESETS,
+    add_common_arguments,
+    bench_main,
     build_model,
     check_names,
     current_memory,
@@ -47,12 +48,9 @@ from lightning_peft.bench.common import (
     peak_memory,
     random_ids,
     reset_peak_memory,
-    resolve_device,
     run_rows,
     split_list,
     structure,
-    worker_main,
-    write_outputs,
 )
 
 __all__ = ["BASES", "run", "run_one"]
@@ -217,7 +215,7 @@ def chart(rows: list[dict[str, Any]], path: Path) -> Optional[Path]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", action="append", help=f"preset ({', '.join(PRESETS)}) or local HF directory; repeat or comma-separate for a size sweep (default tiny-llama)")
+    add_common_arguments(parser, "precision", f"preset ({', '.join(PRESETS)}) or local HF directory; repeat or comma-separate for a size sweep")
     parser.add_argument("--bases", default="bf16,int8,nf4", help=f"comma-separated base precisions, from: {', '.join(BASES)}")
     parser.add_argument("--batch-size", type=int, default=4, help="training batch")
     parser.add_argument("--seq-len", type=int, default=128, help="training sequence length")
@@ -226,24 +224,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--infer-batches", default="1,32", help="comma-separated inference batch sizes")
     parser.add_argument("--infer-seq-len", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5, help="timed inference forwards per batch size (median reported)")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, or auto (cuda when available)")
-    parser.add_argument("--out", default="bench_results/precision", help="output prefix: writes <out>.json and <out>.png")
 
 
 def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
-    argv = sys.argv[1:] if argv is None else argv
-    if worker_main(argv, run_one):
-        return []
-    parser = argparse.ArgumentParser(prog="lightning-peft bench precision", description=__doc__.split("\n")[0])
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    models = [m for spec in (args.model or ["tiny-llama"]) for m in split_list(spec)]
-    rows = run(
-        models, split_list(args.bases), args.batch_size, args.seq_len, args.steps, args.warmup,
-        tuple(int(b) for b in split_list(args.infer_batches)), args.infer_seq_len, args.repeats, resolve_device(args.device),
-    )
-    write_outputs(rows, Path(args.out), markdown, chart)
-    return rows
+    def rows(args: argparse.Namespace, models: list[str], device: str) -> list[dict[str, Any]]:
+        return run(
+            models, split_list(args.bases), args.batch_size, args.seq_len, args.steps, args.warmup,
+            tuple(int(b) for b in split_list(args.infer_batches)), args.infer_seq_len, args.repeats, device,
+        )
+
+    return bench_main(argv, "precision", __doc__, add_arguments, run_one, rows, markdown, chart)
 
 
 if __name__ == "__main__":

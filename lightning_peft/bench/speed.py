@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -35,17 +34,16 @@ from torch import nn
 
 from lightning_peft.bench.common import (
     PRESETS,
+    add_common_arguments,
+    bench_main,
     build_model,
     device_name,
     matplotlib_pyplot,
     peak_memory,
     reset_peak_memory,
-    resolve_device,
     run_rows,
     split_list,
     torch_dtype,
-    worker_main,
-    write_outputs,
 )
 
 __all__ = ["METHODS", "PEERS", "PRESETS", "build_model", "register_method", "run", "run_one"]
@@ -315,7 +313,7 @@ def chart(rows: list[dict[str, Any]], path: Path) -> Optional[Path]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="tiny-llama", help=f"comma-separated presets ({', '.join(PRESETS)}) or local HF directories")
+    add_common_arguments(parser, "speed", f"presets ({', '.join(PRESETS)}) or local HF directories; repeat or comma-separate")
     parser.add_argument("--methods", default="full,lora", help=f"comma-separated, from: {', '.join(sorted(METHODS))}")
     parser.add_argument("--peers", default="", help="comma-separated peer implementations to run too: peft")
     parser.add_argument("--batch-size", type=int, default=4)
@@ -323,23 +321,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, or auto (cuda when available)")
-    parser.add_argument("--out", default="bench_results/speed", help="output prefix: writes <out>.json and <out>.png")
 
 
 def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
-    argv = sys.argv[1:] if argv is None else argv
-    if worker_main(argv, run_one):
-        return []
-    parser = argparse.ArgumentParser(prog="lightning-peft bench speed", description=__doc__.split("\n")[0])
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    rows = run(
-        split_list(args.model), split_list(args.methods), split_list(args.peers), args.batch_size, args.seq_len, args.steps,
-        args.warmup, args.dtype, resolve_device(args.device),
-    )
-    write_outputs(rows, Path(args.out), markdown, chart)
-    return rows
+    def rows(args: argparse.Namespace, models: list[str], device: str) -> list[dict[str, Any]]:
+        return run(models, split_list(args.methods), split_list(args.peers), args.batch_size, args.seq_len, args.steps, args.warmup, args.dtype, device)
+
+    return bench_main(argv, "speed", __doc__, add_arguments, run_one, rows, markdown, chart)
 
 
 if __name__ == "__main__":
