@@ -15,6 +15,11 @@ every triplet during training and keeps the best ones under a shrinking global b
   ``total_steps - tfinal``, fixed afterwards; every ``delta_t`` steps the lowest triplets (global threshold)
   are masked, i.e. their ``E_i`` is set to zero after the optimizer step. They keep training and can be
   chosen again at the next reallocation, as in the paper.
+* the budget counts triplets (total rank, the paper's and ``peft``'s unit) or, with ``budget="params"``,
+  parameters: a triplet of an ``in x out`` layer costs ``in + out + 1``, the final budget is the parameter
+  count of rank ``target_r`` everywhere (LoRA ``r=target_r``'s count plus one ``E`` entry per triplet), and the
+  best triplets are kept while their summed cost fits. With a triplet budget, triplets moved to wide layers
+  (a 384 x 1536 feed-forward matrix) cost more parameters than LoRA's uniform rank; a parameter budget caps that.
 
 An orthogonality penalty ``R = mean over matrices of ||A A^T - I||_F and ||B^T B - I||_F`` (the reference
 implementation's and Hugging Face PEFT's form; the paper writes squared norms) keeps ``A`` and ``B`` close
@@ -38,6 +43,7 @@ from lightning_peft.core import AdapterLayer
 from lightning_peft.targeting import TargetSpec, find_targets, linear_types
 
 __all__ = [
+    "BUDGET_UNITS",
     "AdaLoRALinear",
     "RankAllocator",
     "budget_schedule",
@@ -50,6 +56,7 @@ __all__ = [
 ]
 
 _PEFT_PREFIX = "base_model.model."
+BUDGET_UNITS = ("rank", "params")
 
 
 def _is_int(v: Any) -> bool:
@@ -290,20 +297,26 @@ class RankAllocator:
         target_r: final average rank; the final budget is ``target_r * len(layers)``.
         tinit, tfinal, delta_t, total_steps: the schedule, in optimizer steps (see :func:`budget_schedule`).
         beta1, beta2: EMA factors of the sensitivity and of the uncertainty.
+        budget: ``"rank"``: the budget counts triplets; ``"params"``: it counts parameters (a triplet costs
+            ``in + out + 1``; the final budget is ``target_r`` triplets' cost in every layer).
     """
 
     def __init__(
         self, layers: dict[str, AdaLoRALinear], target_r: int, tinit: int = 0, tfinal: int = 0, delta_t: int = 1,
-        beta1: float = 0.85, beta2: float = 0.85, total_steps: Optional[int] = None,
+        beta1: float = 0.85, beta2: float = 0.85, total_steps: Optional[int] = None, budget: str = "rank",
     ) -> None:
         init_r = max((m.init_r for m in layers.values()), default=target_r)
         check_adalora_args(init_r, target_r, beta1=beta1, beta2=beta2, tinit=tinit, tfinal=tfinal, delta_t=delta_t)
         if not layers:
             raise ValueError("RankAllocator needs at least one AdaLoRALinear layer.")
+        if budget not in BUDGET_UNITS:
+            raise ValueError(f"AdaLoRA budget={budget!r}: choose 'rank' (the budget counts triplets, as the paper) or 'params' (it counts parameters).")
         self.layers = dict(layers)
         self.target_r, self.tinit, self.tfinal, self.delta_t, self.beta1, self.beta2 = target_r, tinit, tfinal, delta_t, beta1, beta2
-        self.init_budget = sum(m.r for m in self.layers.values())
-        self.target_budget = target_r * len(self.layers)
+        self.unit = budget
+        self.costs = {n: m.in_features + m.out_features + 1 if budget == "params" else 1 for n, m in self.layers.items()}
+        self.init_budget = sum(m.r * self.costs[n] for n, m in self.layers.items())
+        self.target_budget = target_r * sum(self.costs.values())
         if self.target_budget > self.init_budget:
             raise ValueError(f"target budget {self.target_budget} exceeds the initial budget {self.init_budget}: some layers have init_r < target_r={target_r}.")
         self.total_steps: Optional[int] = None
@@ -353,12 +366,14 @@ class RankAllocator:
         return scores
 
     def mask_to_budget(self, budget: int) -> dict[str, torch.Tensor]:
-        """Keep exactly the ``budget`` best triplets over all layers (a global threshold); set the layers' masks."""
+        """Keep the best triplets over all layers (a global threshold) whose summed cost fits ``budget``: exactly
+        ``budget`` triplets with the rank unit; set the layers' masks."""
         scores = self.triplet_scores()
         flat = torch.cat([scores[n] for n in self.layers])
+        costs = torch.cat([torch.full((m.r,), self.costs[n], dtype=torch.long) for n, m in self.layers.items()])
         order = torch.sort(flat, descending=True, stable=True).indices  # ties: the earlier triplet wins
         keep = torch.zeros_like(flat, dtype=torch.bool)
-        keep[order[: max(0, min(budget, flat.numel()))]] = True
+        keep[order[torch.cumsum(costs[order], 0) <= budget]] = True
         masks, start = {}, 0
         for name, layer in self.layers.items():
             masks[name] = keep[start : start + layer.r]
@@ -401,7 +416,8 @@ class RankAllocator:
         return {n: m.rank for n, m in self.layers.items()}
 
     def budget(self) -> int:
-        return sum(self.ranks().values())
+        """The budget in use: kept triplets, or their parameters with ``budget="params"``."""
+        return sum(m.rank * self.costs[n] for n, m in self.layers.items())
 
     def state_dict(self) -> dict[str, Any]:
         return {

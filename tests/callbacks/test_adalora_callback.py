@@ -100,6 +100,23 @@ def test_schedule_fractions_resolve_to_steps(tmp_path):
         trainer(tmp_path, [AdaLoRA(init_r=4, target_r=2, tinit=0.1, tfinal=0.95, target_modules=["q_proj"])], max_steps=12).fit(TinyLM())
 
 
+def test_parameter_budget_caps_the_adapter_at_uniform_rank_parameters(tmp_path):
+    """budget="params": the pruned adapter holds at most the parameters of rank target_r in every layer."""
+    L.seed_everything(0)
+    module = TinyLM()
+    ada = AdaLoRA(init_r=6, target_r=3, tinit=2, tfinal=4, delta_t=1, alpha=12, target_modules="all-linear", budget="params")
+    probe = Probe(ada)
+    trainer(tmp_path, [ada, probe], max_steps=16).fit(module)
+    layers = {n: module.get_submodule(n) for n in ada.final_ranks}
+    cost = {n: m.in_features + m.out_features + 1 for n, m in layers.items()}
+    target = 3 * sum(cost.values())
+    stored = sum(m.adalora_a.numel() + m.adalora_e.numel() + m.adalora_b.numel() for m in layers.values())
+    assert stored == sum(r * cost[n] for n, r in ada.final_ranks.items()) <= target
+    assert stored > target - max(cost.values())  # the budget is used up to less than one triplet
+    assert probe.budgets[0] == 6 * sum(cost.values()) and probe.budgets[-1] == stored
+    assert all(b1 >= b2 for b1, b2 in zip(probe.budgets, probe.budgets[1:]))
+
+
 def test_rank_grid_layers_by_module_types():
     rows, cols, grid = rank_grid({"m.layers.0.attn.q": 3, "m.layers.0.mlp.up": 5, "m.layers.10.attn.q": 1, "m.layers.2.attn.q": 2, "pooler.dense": 4})
     assert rows == ["0", "2", "10", "-"] and cols == ["attn.q", "mlp.up", "pooler.dense"]
@@ -260,6 +277,7 @@ def test_adalora_with_lora_on_the_same_layers_is_refused(tmp_path):
         ({"init_r": 4, "target_r": 8}, "target_r=8 is larger than init_r=4"), ({"beta1": 1.5}, r"\(0, 1\)"), ({"beta2": 0}, r"\(0, 1\)"),
         ({"tinit": 1.5}, r"tinit=1.5: give a number of optimizer steps \(an integer >= 0\) or a fraction of the run in \(0, 1\)"),
         ({"tfinal": -2}, r"tfinal=-2: give a number of optimizer steps"),
+        ({"budget": "triplets"}, r"budget='triplets': choose 'rank' .* or 'params'"),
     ],
 )
 def test_bad_arguments_fail_at_construction(kwargs, match):

@@ -254,6 +254,43 @@ def test_mask_keeps_exactly_the_budget_even_with_ties():
     assert scores[kept].min() > scores[~kept].max()  # the global threshold
 
 
+def test_parameter_budget_keeps_the_best_triplets_whose_cost_fits():
+    """budget="params": a triplet of an in x out layer costs in + out + 1; the final budget is rank target_r everywhere."""
+    layers = {"narrow": AdaLoRALinear(nn.Linear(4, 4), r=6), "wide": AdaLoRALinear(nn.Linear(4, 20), r=6)}
+    by_rank = RankAllocator(layers, target_r=2, total_steps=10)
+    alloc = RankAllocator(layers, target_r=2, total_steps=10, budget="params")
+    assert (by_rank.init_budget, by_rank.target_budget) == (12, 4)
+    assert (alloc.init_budget, alloc.target_budget) == (6 * 9 + 6 * 25, 2 * 9 + 2 * 25)
+    g = torch.Generator().manual_seed(1)
+    for m in layers.values():
+        for p in (m.adalora_a, m.adalora_e, m.adalora_b):
+            p.grad = torch.randn(p.shape, generator=g)
+        with torch.no_grad():
+            m.adalora_e.normal_(generator=g)
+    with torch.no_grad():
+        layers["wide"].adalora_e.mul_(10.0)  # the wide layer's triplets score far higher
+    alloc.update_importance()
+    for budget in (alloc.target_budget, 100, 60, 30, 25):
+        masks = alloc.mask_to_budget(budget)
+        spent = 9 * int(masks["narrow"].sum()) + 25 * int(masks["wide"].sum())
+        assert spent == alloc.budget() <= budget
+        scores = torch.cat([alloc.triplet_scores()[n] for n in layers])
+        costs = torch.tensor([9] * 6 + [25] * 6)
+        kept = torch.cat([masks[n] for n in layers])
+        assert kept.any() and not kept.all()
+        assert scores[kept].min() > scores[~kept].max()  # still one global threshold
+        best_left = scores.masked_fill(kept, -1.0).argmax()
+        assert spent + int(costs[best_left]) > budget  # the next triplet by score does not fit
+    masks = alloc.mask_to_budget(alloc.target_budget)  # 68 parameters: two wide triplets (50), the third would not fit
+    assert (int(masks["wide"].sum()), int(masks["narrow"].sum()), alloc.budget()) == (2, 0, 50)
+    # with a triplet budget the same scores give the wide layer all four triplets: 100 parameters, over 68
+    by_rank.update_importance()
+    masks = by_rank.mask_to_budget(by_rank.target_budget)
+    assert int(masks["wide"].sum()) == 4 and 25 * 4 > alloc.target_budget
+    with pytest.raises(ValueError, match=r"budget='triplets'.*choose 'rank'.*or 'params'"):
+        RankAllocator(layers, target_r=2, total_steps=10, budget="triplets")
+
+
 def test_allocator_state_dict_round_trip():
     layers = {f"l{i}": AdaLoRALinear(nn.Linear(4, 4), r=5) for i in range(2)}
     alloc = RankAllocator(layers, target_r=2, total_steps=10, tinit=1, tfinal=2)
