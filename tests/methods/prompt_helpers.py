@@ -84,3 +84,48 @@ def check_peft_round_trip(tmp_path, ours, make_base, batch: dict, atol: float = 
     with torch.no_grad():
         torch.testing.assert_close(back(**batch).logits, expected, atol=atol, rtol=0)
     return theirs, back
+
+
+def tiny_bert_classifier(seed: int = 0):
+    """A tiny random-init ``BertForSequenceClassification`` (2 labels, no dropout: training steps are deterministic;
+    float64, so that two implementations' rounding does not grow through Adam's normalisation)."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, max_position_embeddings=64,
+                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=2)
+    return BertForSequenceClassification(cfg).double().train()
+
+
+def check_trains_like_peft(ours, theirs, names: dict[str, str], batch: dict, steps: int = 4, lr: float = 1e-2) -> None:
+    """Our model and a ``peft`` model with the same base: after copying peft's initial encoder weights into ours
+    (``names``: our parameter -> peft's, both relative to the models), ``steps`` AdamW steps (weight decay 0.01) on
+    ``batch`` give the same loss at every step and the same gradients and weights at the end (weights to 0.1% of one
+    step: Adam's normalisation magnifies rounding in coordinates whose gradient is near zero). Every one of our
+    trainable parameters must be named in ``names`` or be a ``classifier`` parameter."""
+    mine = {n: p for n, p in ours.named_parameters() if p.requires_grad}
+    other = dict(theirs.named_parameters())
+    unmapped = sorted(n for n in mine if n not in names and not n.startswith("classifier."))
+    assert not unmapped, f"trainable parameters with no PEFT counterpart: {unmapped}"
+    for n in mine:  # PEFT trains a copy of the classifier (modules_to_save)
+        names.setdefault(n, f"base_model.{n.replace('classifier.', 'classifier.modules_to_save.default.')}")
+    theirs_trainable = sorted(n for n, p in other.items() if p.requires_grad)
+    assert theirs_trainable == sorted(names[n] for n in mine), (theirs_trainable, sorted(mine))
+    with torch.no_grad():
+        for n, p in mine.items():
+            p.copy_(other[names[n]])
+    opts = [torch.optim.AdamW(list(mine.values()), lr=lr, weight_decay=0.01),
+            torch.optim.AdamW([other[names[n]] for n in mine], lr=lr, weight_decay=0.01)]
+    for step in range(steps):
+        losses = []
+        for model, opt in zip((ours, theirs), opts):
+            loss = model(**batch).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss)
+        torch.testing.assert_close(losses[0], losses[1], atol=1e-8, rtol=0, msg=lambda m: f"step {step}: {m}")
+    for n, p in mine.items():
+        q = other[names[n]]
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-8, rtol=1e-6, msg=lambda m: f"grad of {n}: {m}")
+        torch.testing.assert_close(p, q, atol=1e-3 * lr, rtol=0, msg=lambda m: f"{n}: {m}")

@@ -3,7 +3,9 @@ import torch
 
 from lightning_peft.core import count_parameters, disable_adapters, mark_trainable
 from lightning_peft.methods.p_tuning import PromptEncoder, inject_p_tuning
-from tests.methods.prompt_helpers import check_generate_equals_greedy_loop, check_padding_invariance, check_peft_round_trip
+from tests.methods.prompt_helpers import (
+    check_generate_equals_greedy_loop, check_padding_invariance, check_peft_round_trip, check_trains_like_peft, tiny_bert_classifier,
+)
 from tests.methods.sst2_helpers import DECODERS, minilm_classifier, sst2_batch, tiny_decoder, train_losses
 
 
@@ -81,3 +83,24 @@ def test_peft_round_trip_minilm_classifier(tmp_path, minilm_path):
     PTuning(num_virtual_tokens=6, trainable_modules=["classifier"]).inject(model)
     batch = {"input_ids": torch.tensor([[101, 2023, 2003, 2307, 102]]), "attention_mask": torch.ones(1, 5, dtype=torch.long)}
     check_peft_round_trip(tmp_path, model, lambda: minilm_classifier(minilm_path), batch)
+
+
+def _classifier_batch():
+    ids = torch.randint(1, 64, (4, 9), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[2:, 6:] = 0  # right padding
+    return {"input_ids": ids * mask, "attention_mask": mask, "labels": torch.tensor([0, 1, 1, 0])}
+
+
+def test_trains_like_peft_with_the_mlp_encoder():
+    """Training dynamics, not only the forward: the same AdamW steps from the same weights give PEFT's losses,
+    gradients and weights (encoder and classifier)."""
+    peft = pytest.importorskip("peft")
+    ours = tiny_bert_classifier()
+    inject_p_tuning(ours, 5, encoder_hidden_size=16)
+    mark_trainable(ours, extra=["classifier.weight", "classifier.bias"])
+    config = peft.PromptEncoderConfig(task_type="SEQ_CLS", num_virtual_tokens=5, encoder_reparameterization_type="MLP", encoder_hidden_size=16)
+    theirs = peft.get_peft_model(tiny_bert_classifier(), config).train()
+    names = {"p_tuning.ptuning_embedding": "prompt_encoder.default.embedding.weight"}
+    names.update({f"p_tuning.ptuning_mlp.{i}.{w}": f"prompt_encoder.default.mlp_head.{i}.{w}" for i in (0, 2, 4) for w in ("weight", "bias")})
+    check_trains_like_peft(ours, theirs, names, _classifier_batch())

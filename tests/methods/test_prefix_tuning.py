@@ -3,7 +3,9 @@ import torch
 
 from lightning_peft.core import count_parameters, disable_adapters, mark_trainable
 from lightning_peft.methods.prefix_tuning import PrefixKV, inject_prefix_tuning
-from tests.methods.prompt_helpers import check_generate_equals_greedy_loop, check_padding_invariance, check_peft_round_trip, randomize
+from tests.methods.prompt_helpers import (
+    check_generate_equals_greedy_loop, check_padding_invariance, check_peft_round_trip, check_trains_like_peft, randomize, tiny_bert_classifier,
+)
 from tests.methods.sst2_helpers import DECODERS, minilm_classifier, sst2_batch, tiny_decoder, train_losses
 
 
@@ -148,3 +150,20 @@ def test_half_precision_model_gets_prefixes_in_its_dtype(family):
     got.float().sum().backward()
     grads = [p.grad for p in model.prefix_tuning.parameters() if p.requires_grad]
     assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def test_trains_like_peft_through_the_mlp():
+    """Training dynamics, not only the forward: the same AdamW steps from the same weights give PEFT's losses,
+    gradients and weights (embedding, MLP and classifier)."""
+    peft = pytest.importorskip("peft")
+    ours = tiny_bert_classifier()
+    inject_prefix_tuning(ours, 5, encoder_hidden_size=16)
+    mark_trainable(ours, extra=["classifier.weight", "classifier.bias"])
+    config = peft.PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=5, prefix_projection=True, encoder_hidden_size=16)
+    theirs = peft.get_peft_model(tiny_bert_classifier(), config).train()
+    names = {"prefix_tuning.prefix_embedding": "prompt_encoder.default.embedding.weight"}
+    names.update({f"prefix_tuning.prefix_mlp.{i}.{w}": f"prompt_encoder.default.transform.{i}.{w}" for i in (0, 2) for w in ("weight", "bias")})
+    ids = torch.randint(1, 64, (4, 9), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[2:, 6:] = 0  # right padding
+    check_trains_like_peft(ours, theirs, names, {"input_ids": ids * mask, "attention_mask": mask, "labels": torch.tensor([0, 1, 1, 0])})
