@@ -2,7 +2,8 @@
 
 Runs ``lightning-peft fit --config configs/qlora.yaml`` (4-bit NF4 base, LoRA, instruction tuning on Alpaca
 data; the config's tiny random Llama, so the loss, not the quality, is what to look at) and
-``lightning-peft fit --config configs/adalora.yaml`` (AdaLoRA on SST-2, rank budget 12 -> 8 per layer), each
+``lightning-peft fit --config configs/adalora.yaml`` (AdaLoRA on SST-2, rank 12 per layer at first, final
+budget LoRA r=8's parameter count), each
 with a few overrides on the command line, then reads what they wrote: the adapters, the CSV logs, and
 AdaLoRA's final rank allocation (``adalora_ranks.json``) and heatmap (``adalora_ranks.png``).
 
@@ -75,6 +76,10 @@ def main(argv: list[str] | None = None) -> dict:
     ], args.threads)
 
     ranks = json.loads(next(adalora.rglob("adalora_ranks.json")).read_text())["ranks"]
+    # the parameter budget: rank 8 in every layer, a triplet of an in x out layer costing in + out + 1
+    tensors = load_file(adalora / "adapter" / "adapter_model.safetensors")
+    stored = sum(t.numel() for k, t in tensors.items() if k.rsplit(".", 1)[-1] in ("lora_A", "lora_E", "lora_B"))
+    costs = [t.shape[1] + tensors[k[: -len("lora_A")] + "lora_B"].shape[0] + 1 for k, t in tensors.items() if k.endswith("lora_A")]
     heatmap = next(adalora.rglob("adalora_ranks.png"))
     q_log, a_log = logged(qlora), logged(adalora)
     rows = [
@@ -84,9 +89,10 @@ def main(argv: list[str] | None = None) -> dict:
          "last loss": a_log["train_loss"][-1], "dev acc": a_log["val_acc"][-1]},
     ]
     print(table(rows))
-    print(f"AdaLoRA: {len(ranks)} layers, total rank {sum(ranks.values())} (initial {12 * len(ranks)}, target {8 * len(ranks)}),"
-          f" per-layer ranks {min(ranks.values())}..{max(ranks.values())}; heatmap: {heatmap}")
-    return {"rows": rows, "ranks": ranks, "heatmap": heatmap, "qlora_log": q_log, "adalora_log": a_log}
+    print(f"AdaLoRA: {len(ranks)} layers, total rank {sum(ranks.values())} (initial {12 * len(ranks)}), per-layer ranks "
+          f"{min(ranks.values())}..{max(ranks.values())}, {stored:,} parameters of a budget of {8 * sum(costs):,}; heatmap: {heatmap}")
+    return {"rows": rows, "ranks": ranks, "heatmap": heatmap, "qlora_log": q_log, "adalora_log": a_log,
+            "adalora_params": stored, "adalora_budget": 8 * sum(costs), "adalora_max_cost": max(costs)}
 
 
 if __name__ == "__main__":
