@@ -234,6 +234,16 @@ def test_importance_scores_and_masks_equal_peft():
             torch.testing.assert_close(layers[n].adalora_e, theirs.base_model.model.get_submodule(n).lora_E["default"])
 
 
+def _random_grads_and_e(layers, seed):
+    """Random gradients on A, E, B and a random (non-zero) E, so every triplet gets a distinct score."""
+    g = torch.Generator().manual_seed(seed)
+    for m in layers.values():
+        for p in (m.adalora_a, m.adalora_e, m.adalora_b):
+            p.grad = torch.randn(p.shape, generator=g)
+        with torch.no_grad():
+            m.adalora_e.normal_(generator=g)
+
+
 def test_mask_keeps_exactly_the_budget_even_with_ties():
     layers = {f"l{i}": AdaLoRALinear(nn.Linear(4, 4), r=5) for i in range(3)}
     alloc = RankAllocator(layers, target_r=2, total_steps=10)
@@ -241,12 +251,7 @@ def test_mask_keeps_exactly_the_budget_even_with_ties():
     for budget in (15, 11, 7, 6, 1, 0):
         masks = alloc.mask_to_budget(budget)
         assert sum(int(m.sum()) for m in masks.values()) == budget == alloc.budget()
-    g = torch.Generator().manual_seed(0)
-    for m in layers.values():
-        for p in (m.adalora_a, m.adalora_e, m.adalora_b):
-            p.grad = torch.randn(p.shape, generator=g)
-        with torch.no_grad():
-            m.adalora_e.normal_(generator=g)
+    _random_grads_and_e(layers, seed=0)
     alloc.update_importance()
     scores = torch.cat([alloc.triplet_scores()[n] for n in layers])
     masks = alloc.mask_to_budget(6)
@@ -261,12 +266,7 @@ def test_parameter_budget_keeps_the_best_triplets_whose_cost_fits():
     alloc = RankAllocator(layers, target_r=2, total_steps=10, budget="params")
     assert (by_rank.init_budget, by_rank.target_budget) == (12, 4)
     assert (alloc.init_budget, alloc.target_budget) == (6 * 9 + 6 * 25, 2 * 9 + 2 * 25)
-    g = torch.Generator().manual_seed(1)
-    for m in layers.values():
-        for p in (m.adalora_a, m.adalora_e, m.adalora_b):
-            p.grad = torch.randn(p.shape, generator=g)
-        with torch.no_grad():
-            m.adalora_e.normal_(generator=g)
+    _random_grads_and_e(layers, seed=1)
     with torch.no_grad():
         layers["wide"].adalora_e.mul_(10.0)  # the wide layer's triplets score far higher
     alloc.update_importance()
