@@ -37,7 +37,6 @@ from typing_extensions import override
 
 from lightning_peft.callbacks.base import PEFTCallback
 from lightning_peft.methods.adalora import (
-    BUDGET_UNITS,
     AdaLoRALinear,
     RankAllocator,
     check_adalora_args,
@@ -141,9 +140,7 @@ class AdaLoRA(PEFTCallback):
                     f"AdaLoRA {name}={v!r}: give a number of optimizer steps (an integer >= 0) or a fraction of the run in "
                     f"(0, 1) (e.g. {name}=0.1)."
                 )
-        check_adalora_args(init_r, target_r, alpha, dropout, beta1, beta2, orth_reg_weight, 0, 0, delta_t)
-        if budget not in BUDGET_UNITS:
-            raise ValueError(f"AdaLoRA budget={budget!r}: choose 'rank' (the budget counts triplets, as the paper) or 'params' (it counts parameters).")
+        check_adalora_args(init_r, target_r, alpha, dropout, beta1, beta2, orth_reg_weight, 0, 0, delta_t, budget)
         if total_steps is not None:
             check_schedule(*_steps(tinit, tfinal, total_steps), total_steps)
         super().__init__(target_modules, exclude_modules, trainable_modules, save_dir)

@@ -65,7 +65,7 @@ def _is_int(v: Any) -> bool:
 
 def check_adalora_args(
     init_r: int, target_r: int, alpha: float = 16.0, dropout: float = 0.0, beta1: float = 0.85, beta2: float = 0.85,
-    orth_reg_weight: float = 0.5, tinit: int = 0, tfinal: int = 0, delta_t: int = 1,
+    orth_reg_weight: float = 0.5, tinit: int = 0, tfinal: int = 0, delta_t: int = 1, budget: str = "rank",
 ) -> None:
     """Raise ``ValueError`` naming the bad value and the fix (everything but the total number of steps)."""
     if not _is_int(init_r) or init_r <= 0:
@@ -91,6 +91,8 @@ def check_adalora_args(
             raise ValueError(f"AdaLoRA {name} is a number of optimizer steps and must be an integer >= 0, got {name}={v!r}.")
     if not _is_int(delta_t) or delta_t < 1:
         raise ValueError(f"AdaLoRA delta_t (steps between reallocations) must be an integer >= 1, got delta_t={delta_t!r}.")
+    if budget not in BUDGET_UNITS:
+        raise ValueError(f"AdaLoRA budget={budget!r}: choose 'rank' (the budget counts triplets, as the paper) or 'params' (it counts parameters).")
 
 
 def check_schedule(tinit: int, tfinal: int, total_steps: int) -> None:
@@ -306,11 +308,9 @@ class RankAllocator:
         beta1: float = 0.85, beta2: float = 0.85, total_steps: Optional[int] = None, budget: str = "rank",
     ) -> None:
         init_r = max((m.init_r for m in layers.values()), default=target_r)
-        check_adalora_args(init_r, target_r, beta1=beta1, beta2=beta2, tinit=tinit, tfinal=tfinal, delta_t=delta_t)
+        check_adalora_args(init_r, target_r, beta1=beta1, beta2=beta2, tinit=tinit, tfinal=tfinal, delta_t=delta_t, budget=budget)
         if not layers:
             raise ValueError("RankAllocator needs at least one AdaLoRALinear layer.")
-        if budget not in BUDGET_UNITS:
-            raise ValueError(f"AdaLoRA budget={budget!r}: choose 'rank' (the budget counts triplets, as the paper) or 'params' (it counts parameters).")
         self.layers = dict(layers)
         self.target_r, self.tinit, self.tfinal, self.delta_t, self.beta1, self.beta2 = target_r, tinit, tfinal, delta_t, beta1, beta2
         self.unit = budget
