@@ -173,26 +173,22 @@ def quantize_weight(
     )
 
 
-_INT8_PARAMS: list[type] = []
-
-
+@functools.cache
 def _int8_params_class() -> type:
     """bitsandbytes' ``Int8Params`` keeping ``threshold`` and ``compute_dtype`` through ``copy.deepcopy``: its own
     ``__deepcopy__`` rebuilds the tensor from its constructor arguments and drops every other attribute, so a
     copied int8 model (an EMA copy, ``copy.deepcopy(model)``) silently lost its outlier threshold."""
-    if not _INT8_PARAMS:
-        bnb = import_bitsandbytes()
+    bnb = import_bitsandbytes()
 
-        class Int8Weight(bnb.nn.Int8Params):
-            def __deepcopy__(self, memo: dict) -> "Int8Weight":
-                new = super().__deepcopy__(memo)
-                for name in ("threshold", "compute_dtype"):
-                    if hasattr(self, name):
-                        setattr(new, name, getattr(self, name))
-                return new
+    class Int8Weight(bnb.nn.Int8Params):
+        def __deepcopy__(self, memo: dict) -> "Int8Weight":
+            new = super().__deepcopy__(memo)
+            for name in ("threshold", "compute_dtype"):
+                if hasattr(self, name):
+                    setattr(new, name, getattr(self, name))
+            return new
 
-        _INT8_PARAMS.append(Int8Weight)
-    return _INT8_PARAMS[0]
+    return Int8Weight
 
 
 def requantize(old: torch.Tensor, new: torch.Tensor, what: str = "the weight") -> nn.Parameter:
