@@ -25,6 +25,16 @@ def minilm_classifier(minilm_path, seed: int = 0):
     return AutoModelForSequenceClassification.from_pretrained(minilm_path, num_labels=2, local_files_only=True).eval()
 
 
+def minilm_counts(minilm_path, *callbacks):
+    """Typed parameter counts of a fresh MiniLM classifier after each callback injected its adapters."""
+    from lightning_peft.core import count_parameters
+
+    model = minilm_classifier(minilm_path)
+    for cb in callbacks:
+        cb.inject(model)
+    return count_parameters(model)
+
+
 def train_losses(model, batch, steps: int = 20, lr: float = 1e-2) -> list[float]:
     """Adam on the trainable parameters over the same batch; the loss of every step (dropout off)."""
     params = [p for p in model.parameters() if p.requires_grad]

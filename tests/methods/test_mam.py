@@ -4,11 +4,10 @@ import torch
 from lightning_peft.callbacks.mam_adapter import MAMAdapter
 from lightning_peft.callbacks.parallel_adapter import ParallelAdapter
 from lightning_peft.callbacks.prefix_tuning import PrefixTuning
-from lightning_peft.core import count_parameters
 from lightning_peft.methods.parallel_adapter import ParallelAdapter as ParallelAdapterLayer
 from lightning_peft.methods.prefix_tuning import PrefixKV
 from tests.methods.prompt_helpers import randomize
-from tests.methods.sst2_helpers import minilm_classifier, sst2_batch, tiny_decoder, train_losses
+from tests.methods.sst2_helpers import minilm_classifier, minilm_counts, sst2_batch, tiny_decoder, train_losses
 
 
 def _ids(n=2, t=9, seed=0):
@@ -78,15 +77,9 @@ def test_defaults_on_minilm_and_identity_apart_from_the_prefix(minilm_path):
 
 
 def test_typed_counts_are_the_sum_of_the_parts(minilm_path):
-    def counts(*callbacks):
-        model = minilm_classifier(minilm_path)
-        for cb in callbacks:
-            cb.inject(model)
-        return count_parameters(model)
-
-    mam = counts(MAMAdapter(trainable_modules=["classifier"]))
-    prefix = counts(PrefixTuning(num_virtual_tokens=30, trainable_modules=["classifier"]))
-    parallel = counts(ParallelAdapter(reduction_factor=2, scaling=4.0, trainable_modules=["classifier"]))
+    mam = minilm_counts(minilm_path, MAMAdapter(trainable_modules=["classifier"]))
+    prefix = minilm_counts(minilm_path, PrefixTuning(num_virtual_tokens=30, trainable_modules=["classifier"]))
+    parallel = minilm_counts(minilm_path, ParallelAdapter(reduction_factor=2, scaling=4.0, trainable_modules=["classifier"]))
     head = 384 * 2 + 2
     assert mam.added == prefix.added + parallel.added
     assert parallel.added == 6 * (2 * 384 * 192 + 192 + 384)

@@ -6,13 +6,13 @@ from lightning_peft.callbacks.houlsby import Houlsby
 from lightning_peft.callbacks.lora import LoRA
 from lightning_peft.callbacks.prefix_tuning import PrefixTuning
 from lightning_peft.callbacks.unipelt import UniPELT
-from lightning_peft.core import adapter_param_names, count_parameters
+from lightning_peft.core import adapter_param_names
 from lightning_peft.io import save_adapter
 from lightning_peft.methods.houlsby import HoulsbyAdapter
 from lightning_peft.methods.lora import LoRALinear
 from lightning_peft.methods.prefix_tuning import inject_prefix_tuning
 from tests.methods.prompt_helpers import check_padding_invariance, randomize
-from tests.methods.sst2_helpers import minilm_classifier, sst2_batch, tiny_decoder, train_losses
+from tests.methods.sst2_helpers import minilm_classifier, minilm_counts, sst2_batch, tiny_decoder, train_losses
 
 
 def _ids(n=2, t=9, seed=0):
@@ -166,20 +166,14 @@ def test_defaults_on_minilm_identity_apart_from_the_gated_prefix_and_gate_means(
 
 
 def test_typed_counts_are_the_sum_of_the_parts(minilm_path):
-    def counts(*callbacks):
-        model = minilm_classifier(minilm_path)
-        for cb in callbacks:
-            cb.inject(model)
-        return count_parameters(model)
-
-    ours = counts(UniPELT(trainable_modules=["classifier"]))
-    lora = counts(LoRA(r=8, alpha=16, target_modules=["query", "value"], gate=True))
-    prefix = counts(PrefixTuning(num_virtual_tokens=10, gate=True))
-    adapter = counts(Houlsby(reduction_factor=16, sites=["ffn"], gate=True))
+    ours = minilm_counts(minilm_path, UniPELT(trainable_modules=["classifier"]))
+    lora = minilm_counts(minilm_path, LoRA(r=8, alpha=16, target_modules=["query", "value"], gate=True))
+    prefix = minilm_counts(minilm_path, PrefixTuning(num_virtual_tokens=10, gate=True))
+    adapter = minilm_counts(minilm_path, Houlsby(reduction_factor=16, sites=["ffn"], gate=True))
     head = 384 * 2 + 2
     assert ours.added == lora.added + prefix.added + adapter.added
     assert ours.trainable == ours.added + head and ours.changed == head
-    ungated = counts(LoRA(r=8, alpha=16, target_modules=["query", "value"]), PrefixTuning(num_virtual_tokens=10), Houlsby(reduction_factor=16, sites=["ffn"]))
+    ungated = minilm_counts(minilm_path, LoRA(r=8, alpha=16, target_modules=["query", "value"]), PrefixTuning(num_virtual_tokens=10), Houlsby(reduction_factor=16, sites=["ffn"]))
     gates = 6 * (2 * (384 + 1) + (2 * 384 + 2) + (384 + 1))  # q and v LoRA gates, the prefix's key/value gate, the adapter's gate
     assert ours.added == ungated.added + gates
 
