@@ -326,11 +326,13 @@ def run(
     return rows
 
 
-def markdown_table(rows: list[dict[str, Any]]) -> str:
-    """The rows as a Markdown table: the task's metric (mean ± standard deviation over seeds, in %), typed parameters."""
+def markdown_table(rows: list[dict[str, Any]], scored_on: str = "dev") -> str:
+    """The rows as a Markdown table: the task's metric (mean ± standard deviation over seeds, in %), typed parameters.
+
+    ``scored_on`` names the evaluation rows in the header (``"held-out"`` for a ``holdout`` run)."""
     metric = rows[0]["metric"] if rows else "acc"
     extra_acc = metric != "acc"
-    head = f"| method | dev {_METRIC_NAMES[metric]} (%) |" + (" dev acc (%) |" if extra_acc else "")
+    head = f"| method | {scored_on} {_METRIC_NAMES[metric]} (%) |" + (f" {scored_on} acc (%) |" if extra_acc else "")
     lines = [head + " trainable | added | changed in base | lr | train+eval time per seed (s) |"]
     lines.append("|---" * (7 + extra_acc) + "|")
     for r in rows:
@@ -344,7 +346,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: list[dict[str, Any]], path: Path, title: str) -> Optional[Path]:
+def plot(rows: list[dict[str, Any]], path: Path, title: str, scored_on: str = "dev") -> Optional[Path]:
     """Dev score (mean, with the spread over seeds as error bars) against trainable parameters on a log axis.
 
     Returns None (and writes nothing) when matplotlib is not installed (``pip install lightning-peft[bench]``).
@@ -363,7 +365,7 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> Optional[Path]:
         ax.annotate(r["method"], (r["trainable"], 100 * r["score"]), textcoords="offset points", xytext=(5, 5), fontsize=8)
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters (log scale)")
-    ax.set_ylabel(f"dev {_METRIC_NAMES[metric]} (%)")
+    ax.set_ylabel(f"{scored_on} {_METRIC_NAMES[metric]} (%)")
     ax.set_title(title, fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
@@ -414,8 +416,9 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
     save(rows, total_seconds=round(total, 1))
     title = (f"all-MiniLM-L6-v2, {args.task}: {rows[0]['train_rows']:,} train rows, {args.epochs} epoch(s), "
              f"{args.seeds} seed(s)")
-    chart = plot(rows, out.with_suffix(".png"), title)
-    print(markdown_table(rows))
+    scored_on = "dev" if args.holdout is None else "held-out"
+    chart = plot(rows, out.with_suffix(".png"), title, scored_on)
+    print(markdown_table(rows, scored_on))
     print(f"\n{args.task}: {rows[0]['train_rows']:,} training rows, {args.epochs} epoch(s), {args.seeds} seed(s); "
           f"{settings['evaluated_on']}: {rows[0]['dev_rows']:,} rows; total {total:.0f} s; rows written to {out}"
           + (f", chart to {chart}" if chart else " (no chart: matplotlib is not installed)"))

