@@ -94,7 +94,11 @@ class AdaLoRA(PEFTCallback):
             LoRA's after the same steps. Runs of a few hundred steps need a much larger ``alpha`` than LoRA's; on
             all-MiniLM-L6-v2 / SST-2 with 125 steps at lr 1e-3, ``alpha=2048`` came closest to LoRA r=8 (256: 76.7%,
             1024: 80.3%, 2048: 81.5%, 4096: 80.6%, LoRA: 82.5%, seed 0, orth_reg_weight 0.5; see
-            ``lightning_peft.bench.quality``).
+            ``lightning_peft.bench.quality``). The update grows with ``alpha`` and with the run's length: mean over
+            the layers of ``|dW| / |W|`` (Frobenius) after 234 steps (RTE, lr 1e-3, seed 0): alpha 256 0.053,
+            512 0.089, 2048 0.215, against LoRA r=8 alpha 16's 0.045 (after SST-2's 125 steps: alpha 2048 0.129,
+            LoRA 0.033). So ``alpha`` about 16 times LoRA's gives LoRA-sized updates at the same learning rate;
+            the better SST-2 setting updated about 4 times more than LoRA.
         dropout: dropout on the adapter's input, in [0, 1).
         target_modules: ``"all-linear"``, a regular expression matching whole module names, or a list of names /
             dotted suffixes.
