@@ -2,8 +2,9 @@
 
     python docs/bench/adalora_update_norms.py TASK METHOD SEED [JSON overrides of the callback, e.g. '{"alpha": 512.0}']
 
-Trains a bench entry (``lightning_peft.bench.quality.METHODS``) under the bench protocol on the task's *training*
-file only (no validation), then prints the mean / median / max over the adapted layers of ||dW||_F / ||W||_F.
+Trains a bench entry (``lightning_peft.bench.quality.METHODS``, built by ``quality.build``) under the bench protocol
+on the task's training file, with no validation run, then prints the mean / median / max over the adapted layers
+of ||dW||_F / ||W||_F.
 A measurement script for the README's AdaLoRA paragraph, not part of the package or its tests.
 """
 
@@ -16,27 +17,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import lightning as L
 import torch
 
-from lightning_peft.bench import quality as q
+from lightning_peft.bench import quality
 from lightning_peft.core import adapter_modules
-from lightning_peft.tasks import SequenceClassifier, TextClassificationData
 
 task, method, seed = sys.argv[1], sys.argv[2], int(sys.argv[3])
 overrides = json.loads(sys.argv[4]) if len(sys.argv) > 4 else {}
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
-factory, lr, _ = q.METHODS[method]
-train_file, _, data_args, _, max_length = q.TASKS[task]
 epochs = int(os.environ.get("EPOCHS", "3" if task == "rte" else "1"))
-L.seed_everything(seed, verbose=False)
-model = SequenceClassifier("all-MiniLM-L6-v2", num_labels=2, learning_rate=lr, weight_decay=0.01, warmup_ratio=0.06)
-train = str(q.DEFAULT_DATA_DIR / train_file)
-data = TextClassificationData(train_file=train, val_file=train, max_length=max_length, batch_size=32, eval_batch_size=128,
-                              max_train_rows=4000, seed=seed, **data_args)
-callback = factory()
+model, data, callbacks = quality.build(method, task, seed, quality.DEFAULT_DATA_DIR)
 for key, value in overrides.items():
-    setattr(callback, key, value)
+    setattr(callbacks[0], key, value)
 start = time.time()
 trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=epochs, limit_val_batches=0, logger=False, enable_checkpointing=False,
-                    enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, callbacks=[callback])
+                    enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, callbacks=callbacks)
 trainer.fit(model, data)
 rel = {}
 for name, layer in adapter_modules(model):

@@ -64,7 +64,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Optional
 
-__all__ = ["HOLDOUT_SEED", "METHODS", "TASKS", "markdown_table", "run", "split_holdout"]
+__all__ = ["HOLDOUT_SEED", "METHODS", "TASKS", "build", "markdown_table", "run", "split_holdout"]
 
 _REPO = Path(__file__).resolve().parents[2]
 DEFAULT_DATA_DIR = _REPO.parent / "shared" / "data"
@@ -184,23 +184,37 @@ TASKS: dict[str, tuple[str, str, dict[str, Any], str, int]] = {
 _METRIC_NAMES = {"acc": "accuracy", "f1": "F1", "mcc": "Matthews corr."}
 
 
+def build(method: str, task: str, seed: int, data_dir: Path, max_train_rows: Optional[int] = 4000, batch_size: int = 32,
+          max_length: Optional[int] = None) -> tuple[Any, Any, list[Any]]:
+    """The bench protocol's ``(model, data, callbacks)`` for one method, task and seed (seeded here), untrained.
+
+    For measurements beside the bench on exactly its setup (e.g. ``docs/bench/adalora_update_norms.py``)."""
+    import lightning as L
+
+    from lightning_peft.tasks import SequenceClassifier, TextClassificationData
+
+    factory, lr, _ = METHODS[method]
+    train_file, dev_file, data_args, _, default_length = TASKS[task]
+    L.seed_everything(seed, verbose=False)
+    model = SequenceClassifier("all-MiniLM-L6-v2", num_labels=2, learning_rate=lr, weight_decay=0.01, warmup_ratio=0.06)
+    data = TextClassificationData(
+        train_file=str(data_dir / train_file), val_file=str(data_dir / dev_file), max_length=max_length or default_length,
+        batch_size=batch_size, eval_batch_size=128, max_train_rows=max_train_rows, seed=seed, **data_args,
+    )
+    return model, data, [factory()] if factory is not None else []
+
+
 def _run_one(method: str, task: str, seed: int, data_dir: Path, max_train_rows: Optional[int], epochs: int, batch_size: int, max_length: int) -> dict[str, Any]:
     import lightning as L
 
     from lightning_peft.core import count_parameters
-    from lightning_peft.tasks import SequenceClassifier, TextClassificationData
 
-    factory, lr, description = METHODS[method]
-    train_file, dev_file, data_args, metric, _ = TASKS[task]
-    L.seed_everything(seed, verbose=False)
-    model = SequenceClassifier("all-MiniLM-L6-v2", num_labels=2, learning_rate=lr, weight_decay=0.01, warmup_ratio=0.06)
-    data = TextClassificationData(
-        train_file=str(data_dir / train_file), val_file=str(data_dir / dev_file), max_length=max_length, batch_size=batch_size,
-        eval_batch_size=128, max_train_rows=max_train_rows, seed=seed, **data_args,
-    )
+    _, lr, description = METHODS[method]
+    metric = TASKS[task][3]
+    model, data, callbacks = build(method, task, seed, data_dir, max_train_rows, batch_size, max_length)
     trainer = L.Trainer(
         accelerator="cpu", devices=1, max_epochs=epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, num_sanity_val_steps=0, callbacks=[factory()] if factory is not None else [],
+        enable_model_summary=False, num_sanity_val_steps=0, callbacks=callbacks,
     )
     start = time.perf_counter()
     trainer.fit(model, data)  # validates on the full dev set at the end of each epoch
