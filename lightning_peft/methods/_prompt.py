@@ -6,9 +6,13 @@ Two places a prompt can enter, one hook for both (a forward pre-hook with keywor
   ``BertForSequenceClassification``, ...), ``input_ids`` become ``inputs_embeds`` with the ``n`` prompt vectors
   prepended; causal-LM ``labels`` get ``n`` leading ``-100`` (ignored in the loss), ``token_type_ids`` ``n`` zeros.
   The model's outputs then cover ``n + T`` positions, as in Hugging Face PEFT.
-* **key/value prefixes** (prefix tuning, P-tuning v2): on the backbone (``model.base_model``: ``LlamaModel``,
-  ``BertModel``, ...), an empty ``past_key_values`` becomes a ``DynamicCache`` already holding ``n`` keys and
-  values per layer, so every attention layer attends to them; queries and outputs keep length ``T``.
+* **key/value prefixes** (prefix tuning, P-tuning v2): on the backbone that builds the input embeddings and takes
+  the key/value cache (:func:`prefix_target`: ``LlamaModel``, ``OPTDecoder``, ``BertModel``, ...), an empty cache
+  becomes a ``DynamicCache`` already holding ``n`` keys and values per layer, so every attention layer attends to
+  them; queries and outputs keep length ``T``.
+
+The cache argument is ``cache`` in transformers 5.24 and later, ``past_key_values`` before: its name is read from
+the forward's signature by :mod:`lightning_peft.compat`, and a cache given under either name is found.
 
 Either way the virtual tokens are the first ``n`` key positions. The hook makes the rest agree with that:
 the 2-D ``attention_mask`` gains ``n`` leading ones, given ``position_ids`` are shifted by ``n`` (the virtual
@@ -23,8 +27,8 @@ Gated prefixes (optional, off by default; UniPELT, Mao et al., 2022). A prefix l
 (one :class:`~lightning_peft.methods._gate.Gate` with two outputs per layer) scales layer ``l``'s prefix keys and
 values by ``g_l = sigmoid(W_l x + b_l)``, read from that layer's attention input ``x``. The prefixes are in the
 cache before any layer runs, so the gate cannot be applied where the prefixes are made: a forward pre-hook on each
-self-attention module (found as the modules with a ``layer_idx`` whose forward takes ``hidden_states`` and
-``past_key_values``) rescales that layer's cached prefix just before the attention reads it. One prefix serves
+self-attention module (found as the modules with a ``layer_idx`` whose forward takes ``hidden_states`` and the
+cache) rescales that layer's cached prefix just before the attention reads it. One prefix serves
 every query token, so the gate is one value per sample: the mean over the sample's real tokens (attention mask)
 of the per-token gate. At prefill only: in ``generate()`` the gated prefix stays in the cache for later steps.
 """
@@ -32,12 +36,12 @@ of the per-token gate. At prefill only: in ``generate()`` the gated prefix stays
 from __future__ import annotations
 
 import functools
-import inspect
 from typing import Any, Optional
 
 import torch
 from torch import nn
 
+from lightning_peft.compat import cache_arg, get_cache, set_cache, signature_names
 from lightning_peft.core import AdapterLayer
 from lightning_peft.methods._gate import Gate
 
@@ -58,7 +62,7 @@ def find_hf_model(module: nn.Module) -> tuple[str, nn.Module]:
             return name, sub
     raise TypeError(
         f"Soft prompts need a Hugging Face transformers model (a PreTrainedModel) inside {type(module).__name__}: they "
-        "hook its forward (input_ids, attention_mask, past_key_values). None was found."
+        "hook its forward (input_ids, attention_mask, the key/value cache). None was found."
     )
 
 
@@ -82,7 +86,7 @@ def model_dims(model: nn.Module) -> dict[str, Any]:
         )
     config = config.get_text_config() if hasattr(config, "get_text_config") else config
     hidden, heads = config.hidden_size, config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    kv_heads = _kv_heads(config, heads)
     head_dim = getattr(config, "head_dim", None) or hidden // heads
     return {
         "hidden": hidden, "layers": config.num_hidden_layers, "kv_heads": kv_heads, "head_dim": head_dim,
@@ -90,21 +94,51 @@ def model_dims(model: nn.Module) -> dict[str, Any]:
     }
 
 
+def _kv_heads(config: Any, heads: int) -> int:
+    """Key/value heads: ``num_key_value_heads`` (grouped-query attention); 1 for multi-query attention (Falcon's
+    ``multi_query`` without ``new_decoder_architecture``, GPTBigCode's ``multi_query``), whose configs before
+    transformers 5.24 did not say so in ``num_key_value_heads``; else one per attention head."""
+    if getattr(config, "multi_query", False) and not getattr(config, "new_decoder_architecture", False):
+        return 1
+    return getattr(config, "num_key_value_heads", None) or heads
+
+
 def _param_names(fn) -> list[str]:
-    return list(inspect.signature(fn).parameters)
+    return signature_names(fn)
 
 
 def attention_layers(model: nn.Module) -> dict[int, nn.Module]:
     """``{layer index: self-attention module}``: the modules with an integer ``layer_idx`` whose forward takes
-    ``hidden_states`` and ``past_key_values`` (the first one per index: self-attention before cross-attention)."""
+    ``hidden_states`` and the key/value cache (the first one per index: self-attention before cross-attention)."""
     found: dict[int, nn.Module] = {}
     for _, m in model.named_modules():
         idx = getattr(m, "layer_idx", None)
         if isinstance(idx, int) and not isinstance(idx, bool) and idx not in found:
             params = _param_names(m.forward)
-            if "hidden_states" in params and "past_key_values" in params:
+            if "hidden_states" in params and cache_arg(params) is not None:
                 found[idx] = m
     return found
+
+
+def prefix_target(model: nn.Module) -> tuple[nn.Module, Optional[str]]:
+    """The module whose forward receives the key/value cache and builds the input embeddings, and the name of its
+    cache argument (None if the model has no such module).
+
+    That is the innermost module that holds the input embeddings and whose forward takes both the input
+    (``input_ids`` / ``inputs_embeds``) and a cache: ``LlamaModel`` in ``LlamaForCausalLM``, ``OPTDecoder`` in
+    ``OPTForCausalLM`` (whose forward calls ``self.model.decoder`` directly, so a hook on ``OPTModel`` would never
+    run), ``BertModel`` in ``BertForSequenceClassification``. Falls back to ``model.base_model``.
+    """
+    embeddings = model.get_input_embeddings()
+    best: Optional[nn.Module] = None
+    for _, m in model.named_modules():
+        params = _param_names(m.forward)
+        if cache_arg(params) is None or not ("input_ids" in params or "inputs_embeds" in params):
+            continue
+        if any(sub is embeddings for sub in m.modules()):
+            best = m  # named_modules() is pre-order: a later holder is nested in the earlier ones
+    target = best if best is not None else model.base_model
+    return target, cache_arg(_param_names(target.forward))
 
 
 class SoftPromptLayer(AdapterLayer):
@@ -125,6 +159,13 @@ class SoftPromptLayer(AdapterLayer):
         check_num_virtual_tokens(num_virtual_tokens)
         super().__init__()
         self.num_virtual_tokens = num_virtual_tokens
+        embeddings = model.get_input_embeddings()
+        if not isinstance(getattr(embeddings, "weight", None), torch.Tensor) or getattr(embeddings, "weight").dim() != 2:
+            raise NotImplementedError(
+                f"{type(self).__name__} cannot attach to {type(model).__name__}: its input embeddings are a "
+                f"{type(embeddings).__name__}, not a token-embedding table, so there are no input tokens to put virtual "
+                "tokens beside (vision models embed pixels). Use LoRA, (IA)3 or the bottleneck adapters on this model."
+            )
         dims = model_dims(model)
         self.dims = dims
         if dims["max_positions"] is not None and num_virtual_tokens >= dims["max_positions"]:
@@ -161,13 +202,18 @@ class SoftPromptLayer(AdapterLayer):
     # -- attaching --------------------------------------------------------------------------------
     def attach(self, model: nn.Module) -> None:
         """Register the hook on ``model`` (input embeddings) or its backbone (prefixes), and become its submodule."""
-        target = model if self.inserts_tokens else model.base_model
+        if self.inserts_tokens:
+            target = model
+            cache_name = cache_arg(_param_names(target.forward))
+        else:
+            target, cache_name = prefix_target(model)
         params = _param_names(target.forward)
-        if not self.inserts_tokens and "past_key_values" not in params:
+        if not self.inserts_tokens and cache_name is None:
             raise NotImplementedError(
-                f"{type(self).__name__} cannot attach to {type(model).__name__}: its backbone {type(target).__name__}.forward "
-                "takes no past_key_values, so its attention cannot be given key/value prefixes. Use prompt tuning or "
-                "P-tuning (input embeddings) on this model."
+                f"{type(self).__name__} cannot attach to {type(model).__name__}: none of its modules takes the input "
+                f"and a key/value cache (a forward argument named 'cache' or 'past_key_values'; checked "
+                f"{type(target).__name__}.forward), so its attention cannot be given key/value prefixes. Use "
+                "prompt tuning or P-tuning (input embeddings) on this model."
             )
         if self.inserts_tokens and "inputs_embeds" not in params:
             raise NotImplementedError(
@@ -180,12 +226,13 @@ class SoftPromptLayer(AdapterLayer):
         if self.gated and sorted(attention) != list(range(self.dims["layers"])):
             raise NotImplementedError(
                 f"Gated prefixes need the self-attention module of each of the {self.dims['layers']} layers of "
-                f"{type(model).__name__} (a module with layer_idx whose forward takes hidden_states and past_key_values); "
+                f"{type(model).__name__} (a module with layer_idx whose forward takes hidden_states and the key/value cache); "
                 f"found layers {sorted(attention)}. Use ungated prefixes on this model."
             )
         if self.gated:  # float32, like the prefix parameters; on the model's device
             self.prefix_gate.to(device=model.get_input_embeddings().weight.device)
         self._params = params
+        self._cache_name = cache_name  # None: the model takes no cache (prompt tuning on an encoder)
         self._word_embeddings = [model.get_input_embeddings()]  # a list: not a submodule of this layer
         self._handle = target.register_forward_pre_hook(self._hook, with_kwargs=True)
         self._gate_handles = [
@@ -221,7 +268,7 @@ class SoftPromptLayer(AdapterLayer):
         if layer.keys.shape[-2] != self.num_virtual_tokens:
             raise RuntimeError(
                 f"Gated prefixes: layer {idx}'s cache holds {layer.keys.shape[-2]} positions before its attention ran, "
-                f"expected the {self.num_virtual_tokens} prefixes only. Gated prefixes need an empty past_key_values at prefill."
+                f"expected the {self.num_virtual_tokens} prefixes only. Gated prefixes need an empty cache at prefill."
             )
         layer.keys = layer.keys * g[:, 0, None, None, None].to(layer.keys.dtype)  # (B, kv_heads, n, head_dim)
         layer.values = layer.values * g[:, 1, None, None, None].to(layer.values.dtype)
@@ -239,9 +286,11 @@ class SoftPromptLayer(AdapterLayer):
             return None
         batch, q = x.shape[:2]
         n = self.num_virtual_tokens
-        cache = kwargs.get("past_key_values")
+        cache = get_cache(kwargs)
         if cache is not None and not hasattr(cache, "get_seq_length"):
-            raise TypeError(f"{type(self).__name__} needs past_key_values as a transformers Cache, got {type(cache).__name__}.")
+            raise TypeError(f"{type(self).__name__} needs the key/value cache as a transformers Cache, got {type(cache).__name__}.")
+        if cache is not None and self._cache_name is not None:
+            set_cache(kwargs, cache, self._cache_name)  # a deprecated spelling from the caller: pass it under the model's name
         past = cache.get_seq_length() if cache is not None else 0
         prefill, added = past == 0, 0
         if prefill and self.inserts_tokens:
@@ -258,12 +307,13 @@ class SoftPromptLayer(AdapterLayer):
                 kwargs["token_type_ids"] = torch.cat([tt.new_zeros(batch, n), tt], dim=1)
             added = n
         elif prefill:
-            kwargs["past_key_values"] = self._filled_cache(cache, batch, x)
+            filled = self._filled_cache(cache, batch, x)
+            set_cache(kwargs, filled, self._cache_name)
             past = n
             if self.gated:
                 mask2d = kwargs.get("attention_mask")
                 mask2d = mask2d if mask2d is not None and mask2d.dim() == 2 and mask2d.shape[1] == q else None
-                self._gating = {"cache": kwargs["past_key_values"], "mask": mask2d, "layers": set(range(self.dims["layers"]))}
+                self._gating = {"cache": filled, "mask": mask2d, "layers": set(range(self.dims["layers"]))}
         total = past + added + q  # key positions after this call
         if self.dims["max_positions"] is not None and total > self.dims["max_positions"]:
             raise ValueError(

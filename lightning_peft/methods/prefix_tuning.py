@@ -14,8 +14,8 @@ PEFT's layout). Li & Liang found training ``P`` directly unstable and reparamete
 *is* the per-layer prefixes, so PEFT loads it for inference or further training). Without the reparameterization
 (``projection=False``) this is P-tuning v2 (:mod:`lightning_peft.methods.p_tuning_v2`).
 
-The prefixes enter through ``past_key_values`` (a ``DynamicCache`` holding them), so the model's own attention
-is used unchanged; a backbone whose forward takes no ``past_key_values`` is refused. See
+The prefixes enter through the key/value cache (a ``DynamicCache`` holding them), so the model's own attention
+is used unchanged; a model with no module taking the input and a cache is refused. See
 :mod:`lightning_peft.methods._prompt` for the mask and position rules, and for gated prefixes (``gate=True``,
 UniPELT: each layer's prefix keys and values scaled by a learned gate read from that layer's attention input).
 """

@@ -51,8 +51,9 @@ def train_losses(model, batch, steps: int = 20, lr: float = 1e-2) -> list[float]
 
 
 def tiny_decoder(family: str, seed: int = 0):
-    """A tiny random-init decoder of one supported shape: ``"llama"``, ``"gpt2"`` or ``"qwen2"`` (eager attention)."""
-    from transformers import GPT2Config, GPT2LMHeadModel, Qwen2Config, Qwen2ForCausalLM
+    """A tiny random-init decoder of one supported shape: ``"llama"``, ``"gpt2"``, ``"qwen2"``, ``"opt"`` or ``"falcon"``
+    (multi-query attention: one key/value head) (eager attention)."""
+    from transformers import FalconConfig, FalconForCausalLM, GPT2Config, GPT2LMHeadModel, OPTConfig, OPTForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     from tests.conftest import tiny_llama
 
@@ -68,7 +69,19 @@ def tiny_decoder(family: str, seed: int = 0):
         cfg = Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=128, initializer_range=0.2)
         cfg._attn_implementation = "eager"
         return Qwen2ForCausalLM(cfg).eval()
+    if family == "opt":  # OPTForCausalLM.forward calls self.model.decoder directly, not self.model
+        cfg = OPTConfig(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=128, word_embed_proj_dim=32,
+                        max_position_embeddings=64, init_std=0.2, dropout=0.0, attention_dropout=0.0, pad_token_id=1, bos_token_id=0, eos_token_id=0)
+        cfg._attn_implementation = "eager"
+        return OPTForCausalLM(cfg).eval()
+    if family == "falcon":  # multi-query attention: one key/value head for 4 query heads
+        cfg = FalconConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, vocab_size=128, initializer_range=0.2,
+                           hidden_dropout=0.0, attention_dropout=0.0)
+        cfg._attn_implementation = "eager"
+        return FalconForCausalLM(cfg).eval()
     raise ValueError(family)
 
 
 DECODERS = ("llama", "gpt2", "qwen2")
+#: the decoders the soft prompts are tested on: OPT nests its backbone (model.decoder), Falcon has one key/value head
+PROMPT_DECODERS = ("llama", "gpt2", "qwen2", "opt", "falcon")

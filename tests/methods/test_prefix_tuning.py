@@ -3,10 +3,11 @@ import torch
 
 from lightning_peft.core import count_parameters, disable_adapters, mark_trainable
 from lightning_peft.methods.prefix_tuning import PrefixKV, inject_prefix_tuning
-from tests.methods.prompt_helpers import (
+from tests.methods.prompt_helpers import (  # noqa: I001
+    PEFT_CACHE_OK, peft_generate_agrees,
     check_generate_equals_greedy_loop, check_padding_invariance, check_peft_round_trip, check_trains_like_peft, randomize, tiny_bert_classifier,
 )
-from tests.methods.sst2_helpers import DECODERS, minilm_classifier, sst2_batch, tiny_decoder, train_losses
+from tests.methods.sst2_helpers import DECODERS, PROMPT_DECODERS, minilm_classifier, sst2_batch, tiny_decoder, train_losses
 
 
 def _prefixed(family, n=4, projection=True):
@@ -46,14 +47,14 @@ def test_attention_reads_the_prefixes_as_extra_keys_and_values():
     torch.testing.assert_close(seen["out"], ref)
 
 
-@pytest.mark.parametrize("family", DECODERS)
+@pytest.mark.parametrize("family", PROMPT_DECODERS)
 def test_generate_equals_a_greedy_forward_loop(family):
     model = _prefixed(family)
     randomize(model.prefix_tuning)
     check_generate_equals_greedy_loop(model)
 
 
-@pytest.mark.parametrize("family", DECODERS)
+@pytest.mark.parametrize("family", PROMPT_DECODERS)
 def test_left_and_right_padding_give_the_samples_alone(family):
     model = _prefixed(family)
     randomize(model.prefix_tuning)
@@ -95,7 +96,7 @@ def test_bad_input_is_refused_with_the_fix():
     with pytest.raises(ValueError, match=r"100 virtual tokens \+ 30 input positions = 130 exceed the 128 positions"):
         model(input_ids=torch.ones(1, 30, dtype=torch.long))
     distil = DistilBertForSequenceClassification(DistilBertConfig(vocab_size=64, dim=32, n_layers=1, n_heads=2, hidden_dim=64))
-    with pytest.raises(NotImplementedError, match=r"cannot attach to DistilBertForSequenceClassification: its backbone DistilBertModel.forward takes no past_key_values"):
+    with pytest.raises(NotImplementedError, match=r"cannot attach to DistilBertForSequenceClassification: none of its modules takes the input and a key/value cache"):
         inject_prefix_tuning(distil, 4)
     assert not hasattr(distil, "prefix_tuning")
 
@@ -117,8 +118,7 @@ def test_peft_round_trip_tiny_llama(tmp_path, projection):
     ids = torch.randint(1, 100, (2, 7))
     theirs, back = check_peft_round_trip(tmp_path, model, lambda: tiny_decoder("llama"), {"input_ids": ids, "attention_mask": torch.ones_like(ids)})
     assert isinstance(back.prefix_tuning, PrefixKV) and not back.prefix_tuning.projection  # the file holds the prefixes only
-    assert torch.equal(theirs.generate(input_ids=ids, max_new_tokens=4, do_sample=False, pad_token_id=0),
-                       model.generate(input_ids=ids, max_new_tokens=4, do_sample=False, pad_token_id=0))
+    peft_generate_agrees(theirs, model, ids)
 
 
 def test_peft_round_trip_minilm_classifier(tmp_path, minilm_path):
@@ -156,6 +156,8 @@ def test_trains_like_peft_through_the_mlp():
     """Training dynamics, not only the forward: the same AdamW steps from the same weights give PEFT's losses,
     gradients and weights (embedding, MLP and classifier)."""
     peft = pytest.importorskip("peft")
+    if not PEFT_CACHE_OK:
+        pytest.skip("peft's prefix tuning refuses transformers >= 5.24 (its cache argument is 'cache'); checked in the floor job")
     ours = tiny_bert_classifier()
     inject_prefix_tuning(ours, 5, encoder_hidden_size=16)
     mark_trainable(ours, extra=["classifier.weight", "classifier.bias"])

@@ -3,8 +3,8 @@ import torch
 
 from lightning_peft.core import count_parameters, disable_adapters, mark_trainable
 from lightning_peft.methods.prompt_tuning import PromptEmbedding, inject_prompt_tuning, text_token_ids
-from tests.methods.prompt_helpers import check_generate_equals_greedy_loop, check_padding_invariance, check_peft_round_trip, randomize
-from tests.methods.sst2_helpers import DECODERS, minilm_classifier, sst2_batch, tiny_decoder, train_losses
+from tests.methods.prompt_helpers import peft_generate_agrees, check_generate_equals_greedy_loop, check_padding_invariance, check_peft_round_trip, randomize
+from tests.methods.sst2_helpers import DECODERS, PROMPT_DECODERS, minilm_classifier, sst2_batch, tiny_decoder, train_losses
 
 
 def _prompted(family, n=4, **kw):
@@ -14,7 +14,7 @@ def _prompted(family, n=4, **kw):
     return model
 
 
-@pytest.mark.parametrize("family", DECODERS)
+@pytest.mark.parametrize("family", PROMPT_DECODERS)
 def test_forward_is_the_base_on_prepended_embeddings(family):
     model = _prompted(family)
     randomize(model.prompt_tuning)
@@ -31,14 +31,14 @@ def test_forward_is_the_base_on_prepended_embeddings(family):
     torch.testing.assert_close(out.loss, expected)
 
 
-@pytest.mark.parametrize("family", DECODERS)
+@pytest.mark.parametrize("family", PROMPT_DECODERS)
 def test_generate_equals_a_greedy_forward_loop(family):
     model = _prompted(family)
     randomize(model.prompt_tuning)
     check_generate_equals_greedy_loop(model)
 
 
-@pytest.mark.parametrize("family", DECODERS)
+@pytest.mark.parametrize("family", PROMPT_DECODERS)
 def test_left_and_right_padding_give_the_samples_alone(family):
     model = _prompted(family)
     randomize(model.prompt_tuning)
@@ -119,8 +119,7 @@ def test_peft_round_trip_tiny_llama(tmp_path):
     ids = torch.randint(1, 100, (2, 7))
     theirs, back = check_peft_round_trip(tmp_path, model, lambda: tiny_decoder("llama"), {"input_ids": ids, "attention_mask": torch.ones_like(ids)})
     assert isinstance(back.prompt_tuning, PromptEmbedding)
-    assert torch.equal(theirs.generate(input_ids=ids, max_new_tokens=4, do_sample=False, pad_token_id=0),
-                       model.generate(input_ids=ids, max_new_tokens=4, do_sample=False, pad_token_id=0))
+    peft_generate_agrees(theirs, model, ids)
 
 
 def test_peft_round_trip_minilm_classifier(tmp_path, minilm_path):
@@ -151,3 +150,66 @@ def test_loading_refuses_a_named_adapter_and_a_second_prompt(tmp_path):
         load_adapter(tiny_decoder("llama"), tmp_path / "prompt", adapter_name="other")
     with pytest.raises(NotImplementedError, match=r"LlamaForCausalLM already carries a soft prompt: load PROMPT_TUNING onto a fresh base"):
         load_adapter(_prompted("llama"), tmp_path / "prompt")
+
+
+@pytest.mark.parametrize("method", ["prompt", "prefix"])
+@pytest.mark.parametrize("family", PROMPT_DECODERS)
+def test_the_cache_gets_the_prompt_once_under_either_argument_name(family, method):
+    """Prefill then one cached step: the cache holds n + T + 1 positions (the prompt is not inserted again at the
+    step), and the step's logits equal a full forward. The cache is passed under the model's own argument name
+    (``cache`` from transformers 5.24, ``past_key_values`` before) and, where that is ``cache``, under the
+    deprecated ``past_key_values`` too."""
+    from transformers import DynamicCache
+
+    from lightning_peft.compat import cache_arg, output_cache
+    from lightning_peft.methods.prefix_tuning import inject_prefix_tuning
+
+    n, ids = 4, torch.tensor([[5, 17, 33, 2, 9, 11]])
+    model = tiny_decoder(family)
+    (inject_prompt_tuning if method == "prompt" else inject_prefix_tuning)(model, n)
+    randomize(getattr(model, "prompt_tuning" if method == "prompt" else "prefix_tuning"))
+    own = cache_arg(model.forward)
+    names = [own] + (["past_key_values"] if own == "cache" else [])
+    with torch.no_grad():
+        full = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[:, -1]
+        for name in names:
+            out = model(input_ids=ids[:, :-1], attention_mask=torch.ones(1, 5, dtype=torch.long), use_cache=True, **{name: DynamicCache(config=model.config)})
+            cache = output_cache(out)
+            assert cache.get_seq_length() == n + 5
+            step = model(input_ids=ids[:, -1:], attention_mask=torch.ones(1, 6, dtype=torch.long), use_cache=True, **{name: cache})
+            assert output_cache(step).get_seq_length() == n + 6, name
+            torch.testing.assert_close(step.logits[:, -1], full, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", PROMPT_DECODERS)
+def test_prefixes_reach_the_attention_of_every_decoder(family):
+    """Not a silent no-op (OPT's top model calls its decoder directly, past the backbone's forward): random prefixes
+    change the logits, and disabling them gives the base model's logits back exactly."""
+    from lightning_peft.methods.prefix_tuning import inject_prefix_tuning
+
+    model, base = tiny_decoder(family), tiny_decoder(family)
+    inject_prefix_tuning(model, 4)
+    randomize(model.prefix_tuning)
+    ids = torch.tensor([[5, 17, 33, 2, 9]])
+    with torch.no_grad():
+        ref = base(input_ids=ids).logits
+        assert (model(input_ids=ids).logits - ref).abs().max() > 1e-3
+        with disable_adapters(model):
+            torch.testing.assert_close(model(input_ids=ids).logits, ref, rtol=0, atol=0)
+
+
+def test_vision_models_are_refused_with_the_alternative():
+    """ViT embeds pixels (ViTPatchEmbeddings has no token table): prompt and prefix methods refuse it by name, and
+    the model is left as it was."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    from lightning_peft.methods.p_tuning import inject_p_tuning
+    from lightning_peft.methods.prefix_tuning import inject_prefix_tuning
+
+    model = ViTForImageClassification(ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64, image_size=16, patch_size=8))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for inject in (inject_prompt_tuning, inject_p_tuning, inject_prefix_tuning):
+        with pytest.raises(NotImplementedError, match=r"cannot attach to ViTForImageClassification: its input embeddings are a ViTPatchEmbeddings, not a token-embedding table.*Use LoRA"):
+            inject(model, 4)
+    assert model.state_dict().keys() == before.keys() and all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    assert not any(isinstance(m, PromptEmbedding) for m in model.modules())
