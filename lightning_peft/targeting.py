@@ -9,19 +9,23 @@
   (a dotted suffix such as ``"self_attn.q_proj"`` works too).
 
 ``exclude_modules`` takes the same forms and removes modules from the match.
+
+Methods whose layer recomputes the linear map from the wrapped module's weight (LoRA, (IA)³, AdaLoRA) refuse a
+subclass of ``nn.Linear``/``Conv1D`` that overrides ``forward``: its own forward would be silently lost (see
+:func:`overrides_linear_forward`).
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from typing import Union
+from typing import Optional, Union
 
 from torch import nn
 
 from lightning_peft.core import AdapterLayer
 
-__all__ = ["TargetSpec", "find_targets", "linear_types", "match_name", "output_head_names"]
+__all__ = ["TargetSpec", "find_targets", "linear_types", "match_name", "output_head_names", "overrides_linear_forward"]
 
 TargetSpec = Union[str, Sequence[str]]
 
@@ -36,6 +40,34 @@ def linear_types() -> tuple[type[nn.Module], ...]:
     except ImportError:  # pragma: no cover - transformers is a dependency
         return (nn.Linear,)
     return (nn.Linear, Conv1D)
+
+
+#: ``nn.Linear`` subclasses (``module.qualname``) whose own ``forward`` computes exactly ``x W^T + b``: Falcon's, which
+#: only leaves the bias add unfused. Wrapping them loses nothing but that extra rounding step.
+_PLAIN_FORWARD_LINEARS = frozenset({"transformers.models.falcon.modeling_falcon.FalconLinear"})
+
+
+def overrides_linear_forward(module: nn.Module) -> bool:
+    """Whether ``module`` is a linear layer whose ``forward`` is its own rather than the plain linear map.
+
+    False for ``nn.Linear`` and ``Conv1D`` themselves, for subclasses that keep their base's ``forward`` (torch's
+    ``NonDynamicallyQuantizableLinear``), for quantized linears (:class:`~lightning_peft.quant.QuantLinear`, and
+    bitsandbytes' ``Linear4bit``/``Linear8bitLt`` once their weight is quantized; adapter layers compute those through
+    :func:`~lightning_peft.quant.frozen_linear`), for Falcon's ``FalconLinear`` (the same map, bias added unfused),
+    and for any module that is not a linear type.
+    """
+    from lightning_peft.quant import QuantLinear, is_quantized
+
+    cls = type(module)
+    for base in linear_types():
+        if isinstance(module, base) and (cls is base or cls.forward is base.forward):
+            return False
+    if not isinstance(module, linear_types()) or isinstance(module, QuantLinear):
+        return False
+    weight = getattr(module, "weight", None)
+    if weight is not None and is_quantized(weight):
+        return False
+    return f"{cls.__module__}.{cls.__qualname__}" not in _PLAIN_FORWARD_LINEARS
 
 
 def output_head_names(model: nn.Module) -> set[str]:
@@ -78,6 +110,7 @@ def find_targets(
     supported: tuple[type[nn.Module], ...] | None = None,
     method: str = "adapter",
     extend: tuple[type[nn.Module], ...] = (),
+    recomputes_linear: Optional[bool] = None,
 ) -> list[str]:
     """Qualified names of the modules to wrap, validated; raises before anything is changed.
 
@@ -88,10 +121,14 @@ def find_targets(
         supported: the module types the method can wrap (default: :func:`linear_types`).
         method: the method's name, for error messages.
         extend: adapter layer types that may be selected again (to add another named adapter to them).
+        recomputes_linear: the method's layer computes the linear map from the module's weight instead of calling
+            the module (LoRA, (IA)³, AdaLoRA), so linear subclasses that override ``forward`` are refused. None:
+            whenever every ``supported`` type is a linear type.
 
     Raises:
         ValueError: nothing matches (the message lists candidate names), or a target already carries an adapter.
-        TypeError: a matched module is not of a supported type.
+        TypeError: a matched module is not of a supported type, or (``recomputes_linear``) it is a linear subclass
+            with its own ``forward`` (:func:`overrides_linear_forward`); the message names it and the fix.
     """
     supported = supported or linear_types()
     if isinstance(target_modules, str) and target_modules != "all-linear":
@@ -151,5 +188,23 @@ def find_targets(
             f"The {method} cannot wrap {len(bad)} matched module(s) of unsupported type: {names}. Supported types: "
             f"{ok}. Point target_modules at those layers (e.g. the projections inside the block) or add "
             f"the unsupported names to exclude_modules."
+        )
+
+    if recomputes_linear is None:
+        recomputes_linear = all(issubclass(t, linear_types()) for t in supported)
+    own = [(n, type(modules[n])) for n in selected if overrides_linear_forward(modules[n])] if recomputes_linear else []
+    if own:
+        names = ", ".join(f"{n!r} ({t.__module__}.{t.__qualname__})" for n, t in own[:10]) + (", ..." if len(own) > 10 else "")
+        how = (
+            f"add them to exclude_modules (e.g. exclude_modules={[n for n, _ in own[:3]]})"
+            if target_modules == "all-linear"
+            else "leave them out of target_modules (target plain nn.Linear layers instead) or add them to exclude_modules"
+        )
+        raise TypeError(
+            f"The {method} cannot wrap {len(own)} matched linear layer(s) whose class overrides forward: {names}. "
+            f"Its layer recomputes x W^T + b from their weight, so the class's own forward would be silently lost "
+            f"(the adapted model would differ from the base before any training, and unloading would give back a "
+            f"plain nn.Linear). Either {how}, or make the class not override forward (do the extra computation in a "
+            f"parent module). The model was left unchanged."
         )
     return selected

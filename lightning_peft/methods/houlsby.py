@@ -226,7 +226,8 @@ def inject_houlsby(
     """
     check_bottleneck_args("Houlsby", bottleneck_size, reduction_factor, activation, sites)
     targets = target_modules if target_modules is not None else default_houlsby_targets(model, tuple(sites))
-    names = find_targets(model, targets, exclude_modules, supported=_supported(target_modules), method="Houlsby adapter")
+    # the adapter calls the wrapped module itself, so a linear subclass keeps its own forward: no refusal needed
+    names = find_targets(model, targets, exclude_modules, supported=_supported(target_modules), method="Houlsby adapter", recomputes_linear=False)
     new = {}
     for n in names:
         base = model.get_submodule(n)

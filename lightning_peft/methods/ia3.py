@@ -9,11 +9,15 @@ output (keys, values) or its input (the feed-forward layer after the nonlinearit
 so the model is unchanged at step 0 and only ``l`` trains. Both forms fold into the base weights:
 ``W ← diag(l) W, b ← l ⊙ b`` (output) or ``W ← W diag(l)`` (input); ``unmerge()`` divides back out.
 
-Default targets follow Hugging Face PEFT's per-family tables (``TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING``
-and the feed-forward one), so ``IA3()`` on a model equals ``peft.IA3Config()`` on it: BERT ``key``, ``value``,
-``output.dense`` (the suffix also matches ``attention.output.dense``, which PEFT then scales on its input too);
-Llama/Mistral ``k_proj``, ``v_proj``, ``down_proj``; GPT-2 the fused ``c_attn`` and ``mlp.c_proj``; Qwen2 ``q_proj``,
-``v_proj``, ``down_proj`` (PEFT's choice).
+Default targets are the same table as Hugging Face PEFT 0.21 (``TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING``
+and ``TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING``), looked up by the same key, the ``model_type`` of the
+outermost Hugging Face model's config, so ``IA3()`` on a model adapts the same modules as ``peft.IA3Config()`` on it.
+E.g. BERT ``key``, ``value``, ``output.dense`` (the suffix also matches ``attention.output.dense``, which PEFT then
+scales on its input too); Llama/Mistral ``k_proj``, ``v_proj``, ``down_proj``; GPT-2 the fused ``c_attn`` and
+``mlp.c_proj``; Qwen2/Gemma (``gemma3_text`` too) ``q_proj``, ``v_proj``, ``down_proj``; BART/Phi ``q_proj``, ``v_proj``,
+``fc2``; Bloom/Falcon/GPT-NeoX ``query_key_value`` and ``dense_4h_to_h``. A model type PEFT has no entry for (e.g.
+``phi3``, or the multimodal ``gemma3``, whose language model alone is ``gemma3_text``) is refused, as PEFT refuses it:
+pass ``target_modules``. Only a model without a Hugging Face config is recognised by its module names instead.
 
 :func:`to_peft` / :func:`from_peft` convert to and from PEFT's files (``adapter_config.json`` with
 ``"peft_type": "IA3"``, tensors ``base_model.model.<path>.ia3_l`` shaped ``(out, 1)`` or ``(1, in)``).
@@ -33,53 +37,96 @@ from lightning_peft.targeting import TargetSpec, find_targets, linear_types, mat
 
 __all__ = ["IA3Linear", "default_ia3_targets", "from_peft", "inject_ia3", "to_peft"]
 
-# model_type -> (target_modules, feedforward_modules), as in Hugging Face PEFT 0.21 (utils/constants.py).
+# model_type -> (target_modules, feedforward_modules). This mirrors Hugging Face PEFT 0.21's constants
+# (peft/utils/constants.py: TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING and
+# TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING), key for key and in PEFT's order; the tests compare it
+# with the installed PEFT, so a change there shows up.
 IA3_DEFAULTS: dict[str, tuple[list[str], list[str]]] = {
-    "bert": (["key", "value", "output.dense"], ["output.dense"]),
-    "roberta": (["key", "value", "output.dense"], ["output.dense"]),
-    "deberta-v2": (["key_proj", "value_proj", "output.dense"], ["output.dense"]),
+    "t5": (["k", "v", "wo"], ["wo"]),
+    "mt5": (["k", "v", "wi_1"], []),
     "gpt2": (["c_attn", "mlp.c_proj"], ["mlp.c_proj"]),
+    "bloom": (["query_key_value", "mlp.dense_4h_to_h"], ["mlp.dense_4h_to_h"]),
+    "roberta": (["key", "value", "output.dense"], ["output.dense"]),
+    "opt": (["q_proj", "k_proj", "fc2"], ["fc2"]),
+    "gptj": (["q_proj", "v_proj", "fc_out"], ["fc_out"]),
+    "gpt_neox": (["query_key_value", "dense_4h_to_h"], ["dense_4h_to_h"]),
+    "gpt_neo": (["q_proj", "v_proj", "c_proj"], ["c_proj"]),
+    "bart": (["q_proj", "v_proj", "fc2"], ["fc2"]),
     "gpt_bigcode": (["c_attn", "mlp.c_proj"], ["mlp.c_proj"]),
     "llama": (["k_proj", "v_proj", "down_proj"], ["down_proj"]),
+    "llama4": (["q_proj", "v_proj", "down_proj"], ["down_proj"]),
     "mistral": (["k_proj", "v_proj", "down_proj"], ["down_proj"]),
-    "qwen2": (["q_proj", "v_proj", "down_proj"], ["down_proj"]),
-    "qwen3": (["q_proj", "v_proj", "down_proj"], ["down_proj"]),
+    "mixtral": (["k_proj", "v_proj", "w2"], ["w2"]),
+    "bert": (["key", "value", "output.dense"], ["output.dense"]),
+    "deberta-v2": (["key_proj", "value_proj", "output.dense"], ["output.dense"]),
+    "deberta": (["in_proj", "output.dense"], ["output.dense"]),
+    "RefinedWebModel": (["query_key_value", "dense_4h_to_h"], ["dense_4h_to_h"]),
+    "RefinedWeb": (["query_key_value", "dense_4h_to_h"], ["dense_4h_to_h"]),
+    "falcon": (["query_key_value", "dense_4h_to_h"], ["dense_4h_to_h"]),
+    "phi": (["q_proj", "v_proj", "fc2"], ["fc2"]),
     "gemma": (["q_proj", "v_proj", "down_proj"], ["down_proj"]),
     "gemma2": (["q_proj", "v_proj", "down_proj"], ["down_proj"]),
-    "phi": (["q_proj", "v_proj", "fc2"], ["fc2"]),
-    "opt": (["q_proj", "k_proj", "fc2"], ["fc2"]),
-    "t5": (["k", "v", "wo"], ["wo"]),
+    "gemma3_text": (["q_proj", "v_proj", "down_proj"], ["down_proj"]),
+    "qwen2": (["q_proj", "v_proj", "down_proj"], ["down_proj"]),
+    "qwen3": (["q_proj", "v_proj", "down_proj"], ["down_proj"]),
 }
 # Without a Hugging Face config, recognise the family by its module names (first match wins).
 _BY_NAMES: tuple[tuple[str, str], ...] = (("attention.self.key", "bert"), ("self_attn.k_proj", "llama"), ("attn.c_attn", "gpt2"))
 
 
-def _model_type(model: nn.Module) -> Optional[str]:
-    for m in model.modules():
-        model_type = getattr(getattr(m, "config", None), "model_type", None)
-        if isinstance(model_type, str):
-            return model_type
+def _hf_config(model: nn.Module) -> Any:
+    """The config of the outermost Hugging Face model in ``model`` (``model`` itself, or the one a LightningModule
+    holds): the config PEFT reads its ``model_type`` from (``model.config``). ``None`` without one."""
+    for m in model.modules():  # pre-order: an outer model comes before the submodels that share or nest its config
+        config = getattr(m, "config", None)
+        if isinstance(getattr(config, "model_type", None), str):
+            return config
     return None
 
 
+def _model_type(model: nn.Module) -> Optional[str]:
+    """The key PEFT looks its defaults up by: the outermost config's ``model_type`` (a multimodal Gemma 3 is
+    ``"gemma3"``, not its nested text config's ``"gemma3_text"``, as in PEFT)."""
+    config = _hf_config(model)
+    return None if config is None else config.model_type
+
+
 def default_ia3_targets(model: nn.Module) -> tuple[list[str], list[str]]:
-    """``(target_modules, feedforward_modules)`` for ``model``'s family (Hugging Face PEFT's defaults).
+    """``(target_modules, feedforward_modules)`` for ``model``'s family: Hugging Face PEFT 0.21's defaults.
 
     Raises:
-        ValueError: the family is unknown; the message names the families and module names looked for.
+        ValueError: the model's ``model_type`` has no entry in PEFT's table (PEFT refuses it too), or a model
+            without a Hugging Face config has none of the module names looked for; the message says what to pass.
     """
-    model_type = _model_type(model)
+    config = _hf_config(model)
+    model_type = None if config is None else config.model_type
     if model_type in IA3_DEFAULTS:
         targets, ff = IA3_DEFAULTS[model_type]
         return list(targets), list(ff)
+    if model_type is not None:
+        text_type = getattr(getattr(config, "text_config", None), "model_type", None)
+        hint = ""
+        if text_type in IA3_DEFAULTS:
+            targets, ff = IA3_DEFAULTS[text_type]
+            hint = (
+                f" Its language model (model_type={text_type!r}) has the defaults target_modules={targets}, "
+                f"feedforward_modules={ff}; other towers may hold modules of the same names, so restrict them "
+                "(a regular expression over the language model's names, or exclude_modules)."
+            )
+        raise ValueError(
+            f"(IA)³ has no default targets for {type(model).__name__} (model_type={model_type!r}): the defaults are "
+            f"Hugging Face PEFT's table, which has no entry for it (peft.IA3Config() refuses it too). Pass "
+            "target_modules (keys, values and the feed-forward down-projection, e.g. ['k_proj', 'v_proj', 'down_proj']) "
+            f"and feedforward_modules (e.g. ['down_proj']).{hint} Model types with defaults: {sorted(IA3_DEFAULTS)}."
+        )
     names = [n for n, _ in model.named_modules()]
     for suffix, family in _BY_NAMES:
         if any(n == suffix or n.endswith("." + suffix) for n in names):
             targets, ff = IA3_DEFAULTS[family]
             return list(targets), list(ff)
     raise ValueError(
-        f"(IA)³ has no default targets for {type(model).__name__} (model_type={model_type!r}): it looked for the "
-        f"model types {sorted(IA3_DEFAULTS)} and for modules named {[s for s, _ in _BY_NAMES]}. Pass "
+        f"(IA)³ has no default targets for {type(model).__name__} (no Hugging Face config, so no model_type): it looked "
+        f"for the model types {sorted(IA3_DEFAULTS)} and for modules named {[s for s, _ in _BY_NAMES]}. Pass "
         "target_modules (keys, values and the feed-forward down-projection, e.g. ['k_proj', 'v_proj', 'down_proj']) "
         "and feedforward_modules (e.g. ['down_proj'])."
     )

@@ -132,7 +132,8 @@ def inject_parallel_adapter(
     check_bottleneck_args("Parallel adapter", bottleneck_size, reduction_factor, activation, sites)
     check_scaling(scaling)
     targets = target_modules if target_modules is not None else default_parallel_targets(model, tuple(sites))
-    names = find_targets(model, targets, exclude_modules, supported=_supported(target_modules), method="parallel adapter")
+    # the adapter calls the wrapped module itself, so a linear subclass keeps its own forward: no refusal needed
+    names = find_targets(model, targets, exclude_modules, supported=_supported(target_modules), method="parallel adapter", recomputes_linear=False)
     new = {}
     for n in names:
         base = model.get_submodule(n)

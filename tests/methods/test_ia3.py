@@ -274,3 +274,99 @@ def test_explicit_target_that_matches_nothing_lists_candidates():
         IA3(target_modules=["key"]).inject(model)
     with pytest.raises(TypeError, match="unsupported type"):
         IA3(target_modules=["self_attn"]).inject(tiny_decoder("llama"))
+
+
+# -- the defaults are PEFT's table, looked up by PEFT's key -----------------------------------------
+_DEC = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=128)
+_ENC = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=128)
+_GPT = dict(n_embd=32, n_layer=2, n_head=4, vocab_size=128, n_positions=64)
+# model_type -> (config class, model class, config kwargs, PEFT task_type); tiny random models, built offline
+_ARCHS = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", _DEC, "CAUSAL_LM"),
+    "mistral": ("MistralConfig", "MistralForCausalLM", _DEC, "CAUSAL_LM"),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(_DEC, num_local_experts=2, num_experts_per_tok=1), "CAUSAL_LM"),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", _DEC, "CAUSAL_LM"),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(_DEC, head_dim=8), "CAUSAL_LM"),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", dict(_DEC, head_dim=8), "CAUSAL_LM"),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(_DEC, head_dim=8), "CAUSAL_LM"),
+    "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(_DEC, head_dim=8), "CAUSAL_LM"),
+    "phi": ("PhiConfig", "PhiForCausalLM", _ENC, "CAUSAL_LM"),
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel", _GPT, "CAUSAL_LM"),
+    "gpt_bigcode": ("GPTBigCodeConfig", "GPTBigCodeForCausalLM", _GPT, "CAUSAL_LM"),
+    "gptj": ("GPTJConfig", "GPTJForCausalLM", dict(_GPT, rotary_dim=4), "CAUSAL_LM"),
+    "gpt_neo": ("GPTNeoConfig", "GPTNeoForCausalLM", dict(hidden_size=32, num_layers=2, num_heads=4, attention_types=[[["global", "local"], 1]], vocab_size=128, max_position_embeddings=64), "CAUSAL_LM"),
+    "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", _ENC, "CAUSAL_LM"),
+    "bloom": ("BloomConfig", "BloomForCausalLM", dict(hidden_size=32, n_layer=2, n_head=4, vocab_size=128), "CAUSAL_LM"),
+    "falcon": ("FalconConfig", "FalconForCausalLM", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, vocab_size=128), "CAUSAL_LM"),
+    "opt": ("OPTConfig", "OPTForCausalLM", dict(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=128, word_embed_proj_dim=32), "CAUSAL_LM"),
+    "bert": ("BertConfig", "BertModel", _ENC, "FEATURE_EXTRACTION"),
+    "roberta": ("RobertaConfig", "RobertaModel", _ENC, "FEATURE_EXTRACTION"),
+    "deberta": ("DebertaConfig", "DebertaModel", _ENC, "FEATURE_EXTRACTION"),
+    "deberta-v2": ("DebertaV2Config", "DebertaV2Model", _ENC, "FEATURE_EXTRACTION"),
+    "bart": ("BartConfig", "BartForConditionalGeneration", dict(d_model=32, encoder_ffn_dim=64, decoder_ffn_dim=64, encoder_layers=1, decoder_layers=1,
+                                                                encoder_attention_heads=4, decoder_attention_heads=4, vocab_size=128), "SEQ_2_SEQ_LM"),
+    "t5": ("T5Config", "T5ForConditionalGeneration", dict(d_model=32, d_ff=64, d_kv=8, num_layers=1, num_heads=4, vocab_size=128), "SEQ_2_SEQ_LM"),
+    "mt5": ("MT5Config", "MT5ForConditionalGeneration", dict(d_model=32, d_ff=64, d_kv=8, num_layers=1, num_heads=4, vocab_size=128), "SEQ_2_SEQ_LM"),
+}
+
+
+def _build(model_type):
+    import transformers
+
+    config_cls, model_cls, kwargs, _ = _ARCHS[model_type]
+    torch.manual_seed(0)
+    return getattr(transformers, model_cls)(getattr(transformers, config_cls)(**kwargs)).eval()
+
+
+def _peft_sets(model):
+    from peft.tuners.ia3.layer import Linear as PeftIA3
+
+    layers = [(n.replace("base_model.model.", ""), m) for n, m in model.named_modules() if type(m) is PeftIA3]
+    return sorted(n for n, _ in layers), sorted(n for n, m in layers if m.is_feedforward)
+
+
+def _our_sets(model):
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, IA3Linear)]
+    return sorted(n for n, _ in layers), sorted(n for n, m in layers if m.feedforward)
+
+
+def test_defaults_table_is_peft_table():
+    constants = pytest.importorskip("peft.utils.constants")
+    targets, ff = constants.TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING, constants.TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING
+    from lightning_peft.methods.ia3 import IA3_DEFAULTS
+
+    assert sorted(IA3_DEFAULTS) == sorted(targets)
+    for model_type, (ours_t, ours_ff) in IA3_DEFAULTS.items():
+        assert (ours_t, ours_ff) == (list(targets[model_type]), list(ff[model_type])), model_type
+
+
+@pytest.mark.parametrize("model_type", sorted(_ARCHS))
+def test_defaults_adapt_what_peft_defaults_adapt(model_type):
+    peft = pytest.importorskip("peft")
+    from lightning_peft.methods.ia3 import _model_type
+
+    ours = _build(model_type)
+    assert _model_type(ours) == ours.config.model_type == model_type  # the key PEFT looks up
+    IA3().inject(ours)
+    theirs = peft.get_peft_model(_build(model_type), peft.IA3Config(task_type=_ARCHS[model_type][3]))
+    names, ff = _our_sets(ours)
+    assert names and (names, ff) == _peft_sets(theirs)
+
+
+def test_defaults_refuse_model_types_peft_has_no_entry_for():
+    peft = pytest.importorskip("peft")
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Phi3Config, Phi3ForCausalLM
+
+    phi3 = lambda: Phi3ForCausalLM(Phi3Config(**_DEC, pad_token_id=0, bos_token_id=0, eos_token_id=0))  # noqa: E731
+    text = dict(_DEC, head_dim=8)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, image_size=32, patch_size=8)
+    # multimodal Gemma 3: PEFT reads the outer "gemma3", not the nested "gemma3_text" (k_proj/v_proj also sit in the vision tower)
+    gemma3 = lambda: Gemma3ForConditionalGeneration(Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4))  # noqa: E731
+    for build, model_type, hint in ((phi3, "phi3", ""), (gemma3, "gemma3", r".*language model \(model_type='gemma3_text'\)")):
+        with pytest.raises(ValueError, match="Please specify `target_modules`"):
+            peft.get_peft_model(build(), peft.IA3Config(task_type="CAUSAL_LM"))
+        model = build()
+        before = {n: type(m) for n, m in model.named_modules()}
+        with pytest.raises(ValueError, match=rf"no default targets for \w+ \(model_type='{model_type}'\).*no entry for it{hint}"):
+            IA3().inject(model)
+        assert {n: type(m) for n, m in model.named_modules()} == before
