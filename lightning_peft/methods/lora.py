@@ -79,7 +79,9 @@ class _LoRAFunction(torch.autograd.Function):
         xd = x * _dropout_mask(x, dropout, seed) if dropout > 0 else x
         xa = (xd @ lora_a.t()).mul_(scaling)  # (..., r), scaled here: cheaper than an alpha on the big addmm
         out = _base_linear(x, weight, bias, fan_in_fan_out)  # (..., out)
-        out = out.view(-1, out.shape[-1]).addmm_(xa.view(-1, xa.shape[-1]), lora_b.t()).view(out.shape)
+        # in place through a 2-D view, but return ``out`` itself: a custom Function's output that is a view cannot be
+        # modified in place by the model afterwards (Falcon's ``mlp_output += attention_output``)
+        out.view(-1, out.shape[-1]).addmm_(xa.view(-1, xa.shape[-1]), lora_b.t())
         del xd
         ctx.save_for_backward(x, xa, weight, lora_a, lora_b)
         ctx.scaling, ctx.dropout, ctx.seed, ctx.fan_in_fan_out = scaling, dropout, seed, fan_in_fan_out

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from lightning_peft import LoRA, count_parameters, disable_adapters, merge_adapters, unmerge_adapters
+from lightning_peft.core import mark_trainable
 from lightning_peft.methods.lora import LoRALinear, _dropout_mask, inject_lora, lora_linear
 from tests.conftest import tiny_llama
 
@@ -277,3 +278,18 @@ def test_saved_bytes_ratios_vs_full_finetuning_and_hf_peft():
     assert ours0 <= 0.9 * full, (ours0, full)
     assert ours0 <= 0.7 * peft0, (ours0, peft0)
     assert ours05 <= 1.0 * full, (ours05, full)
+
+
+def test_trains_on_a_model_that_adds_into_a_linear_output_in_place():
+    """Falcon's decoder does ``mlp_output += attention_output`` on a LoRA layer's output: the output must not be a
+    view made inside the autograd Function (autograd forbids modifying those in place), and gradients flow."""
+    from tests.methods.sst2_helpers import tiny_decoder
+
+    model = tiny_decoder("falcon").train()
+    inject_lora(model, "all-linear", None, r=4, alpha=8)
+    mark_trainable(model)
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    model(input_ids=ids, labels=ids).loss.backward()
+    grads = [p.grad for n, p in model.named_parameters() if "lora_b" in n]  # B = 0 at init: A gets none yet
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert any(g.abs().sum() > 0 for g in grads)
