@@ -10,6 +10,32 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
+#: CI (``CI=true``, as ``.ci/run`` runs): a test that needs ../shared/data or a test dependency and cannot find it
+#: fails instead of skipping, so a broken checkout or install cannot pass by skipping. Outside CI it skips.
+IN_CI = os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+def require_shared_data() -> Path:
+    """``../shared/data`` beside this clone: skipped without it, but a failure in CI."""
+    if not SHARED_DATA.is_dir():
+        message = f"{SHARED_DATA} is not present beside this clone"
+        if IN_CI:
+            pytest.fail(f"{message}; CI must run the data tests (CI=true)", pytrace=False)
+        pytest.skip(message)
+    return SHARED_DATA
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    """In CI, a skip because a module could not be imported (``pytest.importorskip`` of a test dependency) is a
+    failure: the test extra was not installed as the README says."""
+    report = yield
+    if IN_CI and report.skipped and call.excinfo is not None:
+        reason = str(call.excinfo.value)
+        if reason.startswith("could not import"):
+            report.outcome = "failed"
+            report.longrepr = f"{reason} (CI=true: test dependencies must be installed; see pyproject's test extra)"
+    return report
 
 
 def tiny_llama_config(vocab_size: int = 128, hidden: int = 32, layers: int = 2):
@@ -39,6 +65,4 @@ def minilm_path():
 
 @pytest.fixture
 def shared_data():
-    if not SHARED_DATA.is_dir():
-        pytest.skip("../shared/data is not present beside this clone")
-    return SHARED_DATA
+    return require_shared_data()

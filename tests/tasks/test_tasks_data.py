@@ -25,9 +25,9 @@ def tokenizer(minilm_dir):
 
 
 def _data_dir() -> Path:
-    if not SHARED_DATA.is_dir():
-        pytest.skip(f"{SHARED_DATA} is not present beside this clone")
-    return SHARED_DATA
+    from tests.conftest import require_shared_data
+
+    return require_shared_data()
 
 
 def _write(path: Path, text: str, bom: bool = False) -> str:
