@@ -12,6 +12,7 @@ Examples::
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 import sys
 from pathlib import Path
@@ -95,13 +96,25 @@ def _build_model(config_path: Path) -> Any:
     if not isinstance(spec, dict) or "class_path" not in spec:
         raise ValueError(f"{config_path} has no model.class_path: pass the config of a `lightning-peft fit` run.")
     class_path = spec["class_path"]
+    if not isinstance(class_path, str) or not class_path:
+        raise ValueError(f"{config_path}: model.class_path must be a class name, found {class_path!r}.")
     if "." not in class_path:
         class_path = f"lightning_peft.tasks.{class_path}"
     module_name, _, cls_name = class_path.rpartition(".")
-    cls = getattr(importlib.import_module(module_name), cls_name)
-    model = cls(**(spec.get("init_args") or {}))
-    if not isinstance(model, LightningModule):
-        raise TypeError(f"model.class_path {class_path} is not a LightningModule.")
+    try:
+        cls = getattr(importlib.import_module(module_name), cls_name)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"{config_path}: model.class_path {class_path} cannot be found ({err}).") from None
+    # checked before anything is called: a config must not be able to run an arbitrary callable
+    if not (inspect.isclass(cls) and issubclass(cls, LightningModule)):
+        raise TypeError(
+            f"{config_path}: model.class_path {class_path} is not a LightningModule subclass ({type(cls).__name__}); "
+            "nothing was called. Pass the config.yaml of a `lightning-peft fit` run with --config."
+        )
+    init_args = spec.get("init_args") or {}
+    if not isinstance(init_args, dict):
+        raise ValueError(f"{config_path}: model.init_args must be a mapping, found {type(init_args).__name__}.")
+    model = cls(**init_args)
     model.configure_model()
     return model
 
@@ -121,16 +134,18 @@ def export_main(args: list[str]) -> Path:
     parser.add_argument("--merged", type=bool, default=False, help="Merge the adapter and save a plain Hugging Face model (save_pretrained) with its tokenizer.")
     cfg = parser.parse_args(args)
 
-    from lightning_peft.callbacks.base import load_adapter_checkpoint
+    from lightning_peft.callbacks.base import load_adapter_checkpoint, read_checkpoint
     from lightning_peft.core import unload
     from lightning_peft.io import find_base_model, save_adapter
 
     ckpt = Path(cfg.ckpt_path)
     if not ckpt.is_file():
         raise FileNotFoundError(f"Checkpoint {ckpt} does not exist.")
+    checkpoint = read_checkpoint(ckpt)  # weights_only: a checkpoint cannot run code; read before building anything
     config_path = Path(cfg.config) if cfg.config else _find_run_config(ckpt)
+    print(f"model built from {config_path}")
     model = _build_model(config_path)
-    load_adapter_checkpoint(model, ckpt)
+    load_adapter_checkpoint(model, checkpoint)
     out = Path(cfg.out)
     if not cfg.merged:
         save_adapter(model, out)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import weakref
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any, ClassVar, Optional, Union
 
 import lightning.pytorch as pl
@@ -37,6 +38,7 @@ __all__ = [
     "check_adapter_checkpoint",
     "load_adapter_checkpoint",
     "peft_state",
+    "read_checkpoint",
 ]
 
 _STATE_ATTR = "_lightning_peft"
@@ -298,11 +300,55 @@ class PEFTCallback(Callback):
             raise ValueError(f"{type(self).__name__} settings differ from the checkpoint's (checkpoint, now): {diff}.")
 
 
-def load_adapter_checkpoint(module: nn.Module, checkpoint: Union[str, Path, dict[str, Any]]) -> nn.Module:
+def read_checkpoint(path: Union[str, Path], allow_types: Sequence[Any] = ()) -> dict[str, Any]:
+    """Read a Lightning checkpoint file safely: ``torch.load(weights_only=True)``, which unpickles tensors and plain
+    containers only, so a file cannot run code.
+
+    Args:
+        path: the ``.ckpt`` file.
+        allow_types: further classes or functions the file may hold (e.g. a custom hyperparameter type of your
+            LightningModule), allowed for this call only (``torch.serialization.safe_globals``). Only allow types
+            from files you trust.
+
+    Raises:
+        FileNotFoundError: no such file (or a directory).
+        ValueError: the file needs a type that is not allowed (named in the message, with the opt-in), or it is
+            empty, truncated or not a checkpoint.
+    """
+    import pickle
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"Checkpoint {path} does not exist{' (it is a directory)' if path.is_dir() else ''}.")
+    if path.stat().st_size == 0:
+        raise ValueError(f"Checkpoint {path} is empty (0 bytes): the write that made it did not finish. Use another checkpoint.")
+    try:
+        with torch.serialization.safe_globals(list(allow_types)):
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        detail = str(err)
+        if "weights_only" in detail or "global" in detail.lower():
+            found = [line.strip() for line in detail.splitlines() if "global" in line.lower()][:1]
+            raise ValueError(
+                f"Checkpoint {path} holds a type that plain tensors and containers do not cover "
+                f"({found[0] if found else detail.splitlines()[0]}); it was not loaded, because unpickling arbitrary "
+                "types can run code. If you trust the file, allow that type: "
+                "load_adapter_checkpoint(module, path, allow_types=[TheType])."
+            ) from None
+        raise ValueError(f"Checkpoint {path} is not a readable checkpoint (truncated or corrupted?): {err}") from None
+    except (EOFError, RuntimeError, OSError, ValueError) as err:
+        raise ValueError(f"Checkpoint {path} is not a readable checkpoint (truncated or corrupted?): {type(err).__name__}: {err}") from None
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f"Checkpoint {path} holds a {type(checkpoint).__name__}, not a Lightning checkpoint (a dict).")
+    return checkpoint
+
+
+def load_adapter_checkpoint(module: nn.Module, checkpoint: Union[str, Path, dict[str, Any]], allow_types: Sequence[Any] = ()) -> nn.Module:
     """Load the adapter of a Lightning checkpoint made with lightning-peft into ``module``.
 
     ``module`` is the base (built from its own source) with or without adapters: when it has none, the
-    adapters the checkpoint records are injected first. Returns ``module``.
+    adapters the checkpoint records are injected first. Returns ``module``. A checkpoint file is read with
+    :func:`read_checkpoint` (``weights_only=True``: it cannot run code); ``allow_types`` names further types you trust.
 
     Example::
 
@@ -310,7 +356,7 @@ def load_adapter_checkpoint(module: nn.Module, checkpoint: Union[str, Path, dict
         load_adapter_checkpoint(model, "last.ckpt")
     """
     if not isinstance(checkpoint, dict):
-        checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        checkpoint = read_checkpoint(checkpoint, allow_types)
     record = checkpoint.get(_CKPT_KEY)
     if record is None:
         raise ValueError("This checkpoint has no 'lightning_peft' record: it was not saved with a lightning-peft callback or PEFTMixin.")
