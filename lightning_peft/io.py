@@ -1,11 +1,21 @@
 """Adapter files in Hugging Face PEFT's directory layout, both ways, loaded safely.
 
 A directory holds ``adapter_config.json`` + ``adapter_model.safetensors`` with keys
-``base_model.model.<module path>.lora_A.weight`` / ``lora_B.weight`` and, for base modules trained in
-full (``trainable_modules``, PEFT's ``modules_to_save``), ``base_model.model.<module path>.<param>``.
-Paths are relative to the Hugging Face model inside a LightningModule (or to the module itself), so
-``peft.PeftModel.from_pretrained(hf_model, path)`` loads a directory written here, and
+``base_model.model.<module path>.lora_A.weight`` / ``lora_B.weight`` and, for base modules stored whole
+(PEFT's ``modules_to_save``), ``base_model.model.<module path>.<param>`` (``base_model.<module path>.<param>``
+for the prompt-learning methods). Paths are relative to the Hugging Face model inside a LightningModule (or to
+the module itself), so ``peft.PeftModel.from_pretrained(hf_model, path)`` loads a directory written here, and
 :func:`load_adapter` loads one written by ``peft``.
+
+Stored whole, as PEFT does: the modules trained in full (``trainable_modules``) and, for a sequence or token
+classifier (``task_type`` ``SEQ_CLS`` / ``TOKEN_CLS``), its head ``classifier`` / ``score``, trained or not (PEFT's
+classifier models always load the head from the file). PEFT takes every module whose qualified name *ends with*
+a ``modules_to_save`` entry (``"classifier"`` also takes DistilBERT's ``pre_classifier``), with all its
+parameters (RoBERTa's ``classifier.dense`` and ``classifier.out_proj``); files are written and read by that rule.
+``task_type`` is ``CAUSAL_LM``, ``SEQ_CLS`` or ``TOKEN_CLS`` from the model class (else null: PEFT's plain
+``PeftModel``), and ``base_model_name_or_path`` the path the base was loaded from, so ``peft.AutoPeftModelFor...``
+can load the directory alone. The config holds PEFT's fields only (PEFT warns about others); the safetensors
+header records the lightning-peft version and the base fingerprint.
 
 Safety: only JSON and safetensors are read unless the caller passes ``allow_pickle=True`` for a
 ``.bin`` file; the config is validated field by field; every tensor's shape is checked against the
@@ -18,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,7 +44,7 @@ from lightning_peft.callbacks.base import peft_state
 from lightning_peft.core import AdapterLayer, adapter_modules, adapter_param_names, mark_trainable
 from lightning_peft.methods.lora import LoRALinear, inject_lora, pattern_value
 from lightning_peft.quant import weight_shape
-from lightning_peft.targeting import find_targets, linear_types, match_name
+from lightning_peft.targeting import find_targets, linear_types
 
 __all__ = ["AdapterFileError", "base_fingerprint", "find_base_model", "load_adapter", "register_peft_format", "save_adapter"]
 
@@ -42,6 +53,10 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
 _FINGERPRINT_KEY = "lightning_peft_base"
+_LIBRARY_KEY = "lightning_peft"  # safetensors metadata: which lightning-peft wrote the file
+#: PEFT's sequence and token classification models always save these heads (``modules_to_save``).
+_HEAD_NAMES = ("classifier", "score")
+_CLASSIFIER_TASKS = ("SEQ_CLS", "TOKEN_CLS")
 
 
 class AdapterFileError(ValueError):
@@ -59,6 +74,7 @@ class PeftFormat:
     ``fields``: required config fields and their accepted types, checked before ``from_peft`` runs.
     ``key_prefix``: how trained base parameters (``modules_to_save``) are keyed; PEFT's prompt-learning methods
     (prompt tuning, P-tuning, prefix tuning) use ``base_model.`` and store their one tensor as ``prompt_embeddings``.
+    ``modules_to_save``: whether the method's PEFT config has that field (PEFT's adaption prompt has not).
     """
 
     peft_type: str
@@ -67,6 +83,7 @@ class PeftFormat:
     from_peft: Callable[..., list[str]]
     fields: dict[str, tuple[type, ...]]
     key_prefix: str = PEFT_PREFIX
+    modules_to_save: bool = True
 
 
 _FORMATS: dict[str, PeftFormat] = {}
@@ -230,24 +247,101 @@ def _save_one(module, prefix, base, layers, name, directory: Path) -> None:
     fmt = _format_for(mine)
     config, tensors = fmt.to_peft(base, mine, name)
     trained = [n[len(prefix):] for n in peft_state(module)["trainable"] if n.startswith(prefix)]
-    params = dict(base.named_parameters())
-    for pname in trained:
-        tensors[f"{fmt.key_prefix}{pname}"] = params[pname].detach()
+    task = config.get("task_type") or _peft_task_type(base)
+    try:
+        entries, saved = _modules_to_save(base, trained, _HEAD_NAMES if task in _CLASSIFIER_TASKS else ())
+    except _AdaptedHead:
+        if config.get("task_type"):  # the method's own format names the task: it cannot be dropped
+            raise
+        # an adapted layer inside the classification head: PEFT's classifier tasks save the head whole (and adapt
+        # nothing inside it), so the adapter is written as a plain (task-less) one, in which the head keeps its layers
+        task = None
+        entries, saved = _modules_to_save(base, trained, ())
+    for mname in saved:
+        for key, value in base.get_submodule(mname).state_dict().items():
+            tensors[f"{fmt.key_prefix}{mname}.{key}"] = value.detach()
     name_or_path = getattr(getattr(base, "config", None), "_name_or_path", None)
     config = {
         "peft_type": fmt.peft_type,
-        "task_type": None,
-        "base_model_name_or_path": name_or_path or None,
+        "base_model_name_or_path": str(name_or_path) if name_or_path else None,
         **config,
-        "modules_to_save": sorted({n.rsplit(".", 1)[0] for n in trained}) or None,
+        "task_type": task,
+        "modules_to_save": entries or None,
         "inference_mode": True,
-        "library": "lightning-peft",
     }
+    if not entries and not fmt.modules_to_save:
+        del config["modules_to_save"]  # a field this method's PEFT config does not have (peft would warn)
     fingerprint = base_fingerprint(base, [n for n, _ in mine])
     directory.mkdir(parents=True, exist_ok=True)
-    metadata = {"format": "pt", _FINGERPRINT_KEY: json.dumps(fingerprint)}
+    # our provenance lives in the safetensors header: peft warns about any config field it does not know
+    metadata = {"format": "pt", _FINGERPRINT_KEY: json.dumps(fingerprint), _LIBRARY_KEY: f"lightning-peft {_version()}"}
     save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(directory / WEIGHTS_NAME), metadata=metadata)
     (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+
+
+def _version() -> str:
+    from lightning_peft import __version__
+
+    return __version__
+
+
+def _peft_task_type(base: nn.Module) -> Optional[str]:
+    """PEFT's ``task_type`` for the model class, for the tasks whose PEFT model class serves it as our model runs;
+    None (PEFT's plain ``PeftModel``) for any other model."""
+    from lightning_peft.methods._prompt import task_type
+
+    task = task_type(base)
+    return task if task in ("CAUSAL_LM", *_CLASSIFIER_TASKS) else None
+
+
+def _peft_matches(module_names: list[str], entries: list[str]) -> list[str]:
+    """The modules PEFT wraps for ``modules_to_save=entries``: every module whose qualified name ends with an entry
+    (a plain suffix: ``"classifier"`` also takes ``pre_classifier``), outermost only (the others are inside them)."""
+    hit = [n for n in module_names if any(n.endswith(e) for e in entries)]
+    return [n for n in hit if not any(n.startswith(o + ".") for o in hit)]
+
+
+class _AdaptedHead(NotImplementedError):
+    pass
+
+
+def _modules_to_save(base: nn.Module, trained: list[str], heads: tuple[str, ...]) -> tuple[list[str], list[str]]:
+    """``(modules_to_save entries, modules saved whole)`` for the trained base parameters ``trained`` and, for a
+    classifier task, its head (PEFT's sequence/token classification models always save ``classifier``/``score``).
+
+    PEFT saves and loads every module an entry matches (see :func:`_peft_matches`), all its parameters and buffers,
+    and fails on a file that lacks one; so every matched module is written whole, trained or not."""
+    modules = dict(base.named_modules())
+    names = [n for n in modules if n]
+    top = sorted(p for p in trained if "." not in p)
+    if top:
+        raise NotImplementedError(
+            f"Trained parameters {top} belong to no submodule of {type(base).__name__}: PEFT's modules_to_save names modules. "
+            "Save a Lightning checkpoint instead."
+        )
+    entries = [h for h in heads if any(n.endswith(h) for n in names)]
+    saved = _peft_matches(names, entries)
+    adapted = [n for n in saved if any(isinstance(m, AdapterLayer) for m in modules[n].modules())]
+    if adapted:
+        raise _AdaptedHead(f"classification head {adapted} carries adapter layers")
+    owners = sorted({p.rsplit(".", 1)[0] for p in trained}, key=lambda n: (n.count("."), n))
+    missing = [o for o in owners if o not in modules]
+    if missing:
+        raise NotImplementedError(
+            f"Trained base parameters of {missing} are recorded, but {type(base).__name__} has no such modules (any more); "
+            "the adapter cannot be written with them. Save a Lightning checkpoint instead."
+        )
+    for owner in owners:
+        if not any(owner == s or owner.startswith(s + ".") for s in saved):
+            entries.append(owner)
+            saved = _peft_matches(names, entries)
+    adapted = [n for n in saved if any(isinstance(m, AdapterLayer) for m in modules[n].modules())]
+    if adapted:
+        raise NotImplementedError(
+            f"Modules {adapted} are trained in full (trainable_modules) and also carry adapter layers; PEFT's modules_to_save "
+            "cannot hold both. Leave them out of trainable_modules or out of the adapter's target_modules."
+        )
+    return entries, saved
 
 
 # -- load --------------------------------------------------------------------------------------------
@@ -265,7 +359,8 @@ def load_adapter(
     On a plain base model the adapter its config describes (method, targets, ranks) is injected and its
     weights loaded; on a model that already carries adapters it is added under ``adapter_name``.
     Everything (config fields, tensor names and shapes, base fingerprint) is checked before ``module``
-    is changed, so a bad file leaves it as it was.
+    is changed, so a bad file leaves it as it was. An additional named adapter whose file stores base modules
+    whole (a classifier's head) loads only if those hold the model's current values: the adapters share them.
 
     Args:
         module: the base model (or a LightningModule holding it), with or without adapters.
@@ -288,18 +383,24 @@ def load_adapter(
     had_adapters = any(True for _ in adapter_modules(base))
     if check_base and _FINGERPRINT_KEY in metadata:
         _check_fingerprint(base, json.loads(metadata[_FINGERPRINT_KEY]), directory)
-    # modules_to_save: base parameters stored in full
+    # modules_to_save: base modules stored whole (PEFT's classifier tasks always store their head)
     saved_modules = config.get("modules_to_save") or []
     if not isinstance(saved_modules, list) or not all(isinstance(m, str) for m in saved_modules):
         raise AdapterFileError(f"{directory / CONFIG_NAME}: 'modules_to_save' must be a list of module names or null, found {saved_modules!r}.")
-    full, rest = _split_modules_to_save(base, tensors, saved_modules, directory, _FORMATS[config["peft_type"]].key_prefix)
-    if full and had_adapters:
-        raise NotImplementedError(
-            f"The adapter in {directory} also stores trained base modules ({saved_modules}); loading it as an "
-            "additional named adapter would overwrite the base modules the other adapters use. Load it onto a "
-            "fresh base model."
-        )
+    heads = list(_HEAD_NAMES) if config.get("task_type") in _CLASSIFIER_TASKS else []  # PEFT's classifier models add these
+    entries = [m for m in dict.fromkeys(saved_modules + heads) if m]
     fmt = _FORMATS[config["peft_type"]]
+    full, rest = _split_modules_to_save(base, tensors, entries, directory, fmt.key_prefix, adapter_name)
+    if full and had_adapters:
+        current = _tensors_of(base)
+        changed = sorted(p for p, v in full.items() if not torch.equal(current[p].detach().cpu(), v.to(current[p].dtype)))
+        if changed:
+            raise NotImplementedError(
+                f"The adapter in {directory} also stores base modules whole (modules_to_save {saved_modules}), with other "
+                f"values than this model's ({changed[0]}{' ...' if len(changed) > 1 else ''}); loading it as an additional "
+                "named adapter would overwrite the base modules the other adapters use. Load it onto a fresh base model."
+            )
+        full = {}  # the same values: nothing to load, and the shared modules stay as the other adapters have them
     try:
         fmt.from_peft(base, config, rest, adapter_name)
     except AdapterFileError:
@@ -307,9 +408,9 @@ def load_adapter(
     except (ValueError, TypeError, KeyError) as err:
         raise AdapterFileError(f"{directory}: {err}") from err
     with torch.no_grad():
-        params = dict(base.named_parameters())
+        current = _tensors_of(base)
         for pname, value in full.items():
-            params[pname].copy_(value.to(params[pname].dtype))
+            current[pname].copy_(value.to(current[pname].dtype))
     layers = [m for _, m in adapter_modules(base)]
     for m in layers:
         if hasattr(m, "adapter_names") and adapter_name in m.adapter_names():
@@ -320,17 +421,25 @@ def load_adapter(
             elif adapter_name not in m.active:
                 m.active.append(adapter_name)
     state = peft_state(module)
+    params = dict(base.named_parameters())
     if is_trainable and full:
-        state["trainable"] = sorted(set(state["trainable"]) | {prefix + n for n in full})
-    record = _method_record(config, adapter_name, saved_modules)
+        state["trainable"] = sorted(set(state["trainable"]) | {prefix + n for n in full if n in params})
+    module_names = [n for n, _ in base.named_modules() if n]
+    record = _method_record(config, adapter_name, [m for m in _peft_matches(module_names, entries) if any(p.startswith(m + ".") for p in full)])
     if record is not None:
         state["methods"].append(record)
     mark_trainable(module, extra=state["trainable"])
     return module
 
 
-def _split_modules_to_save(base: nn.Module, tensors: dict[str, torch.Tensor], modules: list[str], where: Path, key_prefix: str = PEFT_PREFIX):
-    params = dict(base.named_parameters())
+def _split_modules_to_save(
+    base: nn.Module, tensors: dict[str, torch.Tensor], modules: list[str], where: Path, key_prefix: str = PEFT_PREFIX, adapter_name: str = "default",
+):
+    """``(full, rest)``: the tensors of the base modules stored whole (``modules_to_save``, matched as PEFT matches
+    them: module names ending with an entry), keyed by their name in ``base``, after checking their shapes; and the
+    method's own tensors, keyed as in the file."""
+    current = _tensors_of(base)
+    saved = _peft_matches([n for n, _ in base.named_modules() if n], modules)
     full, rest = {}, {}
     for key, value in tensors.items():
         if key_prefix != PEFT_PREFIX and key == "prompt_embeddings":  # a prompt-learning method's own tensor
@@ -338,17 +447,37 @@ def _split_modules_to_save(base: nn.Module, tensors: dict[str, torch.Tensor], mo
             continue
         if not key.startswith(key_prefix):
             raise AdapterFileError(f"{where / WEIGHTS_NAME}: tensor {key!r} does not start with {key_prefix!r} (not a PEFT adapter file).")
-        path = key[len(key_prefix):].replace(".modules_to_save.", ".")  # peft writes <module>.modules_to_save.<param> at times
-        if path in params and "." in path and match_name(path.rsplit(".", 1)[0], modules):
-            if tuple(value.shape) != tuple(params[path].shape):
+        path = _unwrapped(key[len(key_prefix):], adapter_name, current)
+        owner = next((m for m in saved if path.startswith(m + ".")), None)
+        if owner is not None and path in current:
+            if tuple(value.shape) != tuple(current[path].shape):
                 raise AdapterFileError(
-                    f"{where}: module {path.rsplit('.', 1)[0]} ({path.rsplit('.', 1)[1]}): the model has shape "
-                    f"{list(params[path].shape)}, the adapter file {list(value.shape)}."
+                    f"{where}: module {owner} ({path[len(owner) + 1:]}): the model has shape "
+                    f"{list(current[path].shape)}, the adapter file {list(value.shape)}."
                 )
             full[path] = value
         else:
             rest[key] = value
     return full, rest
+
+
+def _tensors_of(base: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer of ``base`` by qualified name (PEFT stores a module's buffers too), tied ones
+    under each of their names."""
+    return {**dict(base.named_buffers(remove_duplicate=False)), **dict(base.named_parameters(remove_duplicate=False))}
+
+
+def _unwrapped(path: str, adapter_name: str, known) -> str:
+    """A module-to-save tensor's name in the model: peft writes ``<module>.<param>``, older versions
+    ``<module>.modules_to_save.<adapter>.<param>`` or ``<module>.modules_to_save.<param>``."""
+    if ".modules_to_save." not in path:
+        return path
+    for name in dict.fromkeys((adapter_name, "default")):
+        candidate = path.replace(f".modules_to_save.{name}.", ".")
+        if candidate in known:
+            return candidate
+    candidate = re.sub(r"\.modules_to_save\.[^.]+\.", ".", path)
+    return candidate if candidate in known else path.replace(".modules_to_save.", ".")
 
 
 def _method_record(config: dict[str, Any], adapter_name: str, saved_modules: list[str]) -> Optional[dict[str, Any]]:
@@ -570,7 +699,7 @@ def _register_llama_adapter() -> None:
         PeftFormat(
             peft_type="ADAPTION_PROMPT", layer_type=llama_adapter.LlamaAdapterAttention, to_peft=_unnamed(llama_adapter.to_peft),
             from_peft=_default_only(llama_adapter.from_peft, "LLaMA-Adapter layers hold one adaption prompt each"),
-            fields={"target_modules": (str,), "adapter_len": (int,), "adapter_layers": (int,)},
+            fields={"target_modules": (str,), "adapter_len": (int,), "adapter_layers": (int,)}, modules_to_save=False,
         )
     )
 

@@ -141,6 +141,14 @@ def prefix_target(model: nn.Module) -> tuple[nn.Module, Optional[str]]:
     return target, cache_arg(_param_names(target.forward))
 
 
+def position_offset(model: nn.Module) -> int:
+    """The first position id of ``model``: ``padding_idx + 1`` for RoBERTa-style embeddings (RoBERTa, XLM-R,
+    CamemBERT, ...: they number real tokens from ``padding_idx + 1``), else 0."""
+    embeddings = getattr(model.base_model, "embeddings", None)
+    idx = getattr(embeddings, "padding_idx", None)
+    return idx + 1 if isinstance(idx, int) and hasattr(embeddings, "create_position_ids_from_input_ids") else 0
+
+
 class SoftPromptLayer(AdapterLayer):
     """Base of the soft-prompt adapters: ``n`` virtual tokens added to a Hugging Face model by a forward pre-hook.
 
@@ -232,6 +240,7 @@ class SoftPromptLayer(AdapterLayer):
         if self.gated:  # float32, like the prefix parameters; on the model's device
             self.prefix_gate.to(device=model.get_input_embeddings().weight.device)
         self._params = params
+        self._position_offset = position_offset(model)
         self._cache_name = cache_name  # None: the model takes no cache (prompt tuning on an encoder)
         self._word_embeddings = [model.get_input_embeddings()]  # a list: not a submodule of this layer
         self._handle = target.register_forward_pre_hook(self._hook, with_kwargs=True)
@@ -335,9 +344,9 @@ class SoftPromptLayer(AdapterLayer):
             if pos is not None:
                 pos = pos + n
                 if added:
-                    pos = torch.cat([torch.arange(n, device=pos.device, dtype=pos.dtype).expand(pos.shape[0], n), pos], dim=1)
+                    pos = torch.cat([torch.arange(n, device=pos.device, dtype=pos.dtype).expand(pos.shape[0], n) + self._position_offset, pos], dim=1)
             elif mask is not None and mask.dim() == 2:
-                pos = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -(q + added):]
+                pos = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -(q + added):] + self._position_offset
             kwargs["position_ids"] = pos
         return (), kwargs
 
