@@ -39,7 +39,7 @@ def test_merged_model_has_the_base_structure_and_flops(method):
     assert structure(unload(adapted, merge=True)) == structure(plain)
 
 
-@pytest.mark.parametrize("method", ["houlsby", "prompt_tuning"])
+@pytest.mark.parametrize("method", ["houlsby", "prompt_tuning", "prefix_tuning"])  # prefix_tuning crashed on transformers 5.24
 def test_unmergeable_methods_add_flops_and_have_no_merged_row(method):
     base = inference.run_one("tiny-llama", "base", **FAST)
     row = inference.run_one("tiny-llama", method, **FAST)
