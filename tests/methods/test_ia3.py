@@ -304,9 +304,9 @@ _ARCHS = {
     "deberta": ("DebertaConfig", "DebertaModel", _ENC, "FEATURE_EXTRACTION"),
     "deberta-v2": ("DebertaV2Config", "DebertaV2Model", _ENC, "FEATURE_EXTRACTION"),
     "bart": ("BartConfig", "BartForConditionalGeneration", dict(d_model=32, encoder_ffn_dim=64, decoder_ffn_dim=64, encoder_layers=1, decoder_layers=1,
-                                                                encoder_attention_heads=4, decoder_attention_heads=4, vocab_size=128), "SEQ_2_SEQ_LM"),
-    "t5": ("T5Config", "T5ForConditionalGeneration", dict(d_model=32, d_ff=64, d_kv=8, num_layers=1, num_heads=4, vocab_size=128), "SEQ_2_SEQ_LM"),
-    "mt5": ("MT5Config", "MT5ForConditionalGeneration", dict(d_model=32, d_ff=64, d_kv=8, num_layers=1, num_heads=4, vocab_size=128), "SEQ_2_SEQ_LM"),
+                                                                encoder_attention_heads=4, decoder_attention_heads=4, vocab_size=128), None),  # no task: peft < 0.21.2 cannot wrap seq2seq models of transformers 5.23; same targets
+    "t5": ("T5Config", "T5ForConditionalGeneration", dict(d_model=32, d_ff=64, d_kv=8, num_layers=1, num_heads=4, vocab_size=128), None),  # no task: peft < 0.21.2 cannot wrap seq2seq models of transformers 5.23; same targets
+    "mt5": ("MT5Config", "MT5ForConditionalGeneration", dict(d_model=32, d_ff=64, d_kv=8, num_layers=1, num_heads=4, vocab_size=128), None),  # no task: peft < 0.21.2 cannot wrap seq2seq models of transformers 5.23; same targets
 }
 
 
