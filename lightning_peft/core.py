@@ -36,6 +36,7 @@ __all__ = [
     "disable_adapters",
     "mark_trainable",
     "merge_adapters",
+    "structure_snapshot",
     "unmerge_adapters",
 ]
 
@@ -325,3 +326,43 @@ def unload(model: nn.Module, merge: bool = False) -> nn.Module:
         if p.is_floating_point():  # a quantized base weight (int8/uint8 codes) cannot require grad
             p.requires_grad_(True)
     return model
+
+
+@contextlib.contextmanager
+def structure_snapshot(model: nn.Module) -> Iterator[nn.Module]:
+    """All or nothing: if the block raises, ``model`` gets back its module tree (the same module objects), its
+    parameters and buffers (the same tensor objects; values are not copied), its forward hooks, its
+    ``requires_grad`` flags and its lightning-peft record, then the error propagates.
+
+    Injection only adds modules, hooks and flags and swaps submodules, so this undoes it exactly::
+
+        with structure_snapshot(model):
+            inject(model)
+            check(model)      # raises: model is as it was before inject
+    """
+    import copy
+
+    saved = [
+        (m, dict(m._modules), dict(m._parameters), dict(m._buffers), dict(m._forward_pre_hooks),
+         dict(m._forward_pre_hooks_with_kwargs), dict(m._forward_hooks), dict(m._forward_hooks_with_kwargs))
+        for m in model.modules()
+    ]
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    record = copy.deepcopy(model.__dict__.get("_lightning_peft"))
+    had_record = "_lightning_peft" in model.__dict__
+    try:
+        yield model
+    except BaseException:
+        for m, modules, params, buffers, pre, pre_kw, post, post_kw in saved:
+            for attr, value in (("_modules", modules), ("_parameters", params), ("_buffers", buffers), ("_forward_pre_hooks", pre),
+                                ("_forward_pre_hooks_with_kwargs", pre_kw), ("_forward_hooks", post), ("_forward_hooks_with_kwargs", post_kw)):
+                current = getattr(m, attr)
+                current.clear()
+                current.update(value)
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        if had_record:
+            model.__dict__["_lightning_peft"] = record
+        else:
+            model.__dict__.pop("_lightning_peft", None)
+        raise

@@ -54,6 +54,7 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
 _FINGERPRINT_KEY = "lightning_peft_base"
 _LIBRARY_KEY = "lightning_peft"  # safetensors metadata: which lightning-peft wrote the file
+_DIGEST_KEY = "lightning_peft_sha256"  # safetensors metadata: digest of every tensor (names, dtypes, shapes, bytes)
 #: PEFT's sequence and token classification models always save these heads (``modules_to_save``).
 _HEAD_NAMES = ("classifier", "score")
 _CLASSIFIER_TASKS = ("SEQ_CLS", "TOKEN_CLS")
@@ -153,8 +154,11 @@ def _read_config(directory: Path) -> dict[str, Any]:
         raise FileNotFoundError(f"Adapter directory {directory} does not exist.")
     if not path.is_file():
         raise AdapterFileError(f"{directory} has no {CONFIG_NAME}: it is not a Hugging Face PEFT / lightning-peft adapter directory.")
+    def no_constant(name: str) -> None:
+        raise AdapterFileError(f"{path} holds {name}, which is not a number an adapter config can use; write a finite value.")
+
     try:
-        config = json.loads(path.read_text())
+        config = json.loads(path.read_text(), parse_constant=no_constant)  # JSON's Infinity / -Infinity / NaN refused
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise AdapterFileError(f"{path} is not valid JSON: {err}.") from None
     if not isinstance(config, dict):
@@ -167,11 +171,27 @@ def _read_config(directory: Path) -> dict[str, Any]:
     for field, types in _FORMATS[peft_type].fields.items():
         if field not in config:
             raise AdapterFileError(f"{path}: the {peft_type} config is missing the required field {field!r}.")
-        value = config[field]
-        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
-            names = " or ".join(t.__name__ for t in types)
-            raise AdapterFileError(f"{path}: field {field!r} must be {names}, found {type(value).__name__} {value!r}.")
+        _check_field(path, field, config[field], types)
+    for field, types in _OPTIONAL_FIELDS.items():  # typed strictly where present: "false" is a string, not False
+        if config.get(field) is not None:
+            _check_field(path, field, config[field], types)
     return config
+
+
+#: Optional config fields the loaders read, with their types (PEFT's), checked when present and not null.
+_OPTIONAL_FIELDS: dict[str, tuple[type, ...]] = {
+    "use_rslora": (bool,), "fan_in_fan_out": (bool,), "inference_mode": (bool,), "use_dora": (bool,), "lora_bias": (bool,),
+    "lora_dropout": (int, float), "lora_alpha": (int, float), "r": (int,), "init_lora_weights": (bool, str),
+    "rank_pattern": (dict,), "alpha_pattern": (dict,), "target_modules": (str, list), "exclude_modules": (str, list),
+    "modules_to_save": (list,), "task_type": (str,), "peft_type": (str,), "num_virtual_tokens": (int,),
+}
+
+
+def _check_field(path: Path, field: str, value: Any, types: tuple[type, ...]) -> None:
+    if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+        names = " or ".join(t.__name__ for t in types)
+        hint = " (a JSON string, not a JSON boolean: write true or false without quotes)" if bool in types and isinstance(value, str) else ""
+        raise AdapterFileError(f"{path}: field {field!r} must be {names}, found {type(value).__name__} {value!r}{hint}.")
 
 
 def _read_tensors(directory: Path, allow_pickle: bool) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -198,6 +218,33 @@ def _read_tensors(directory: Path, allow_pickle: bool) -> tuple[dict[str, torch.
         except Exception as err:  # noqa: BLE001 - any unpickling failure is a bad file
             raise AdapterFileError(f"{pickled} could not be read: {err}.") from None
     raise AdapterFileError(f"{directory} has {CONFIG_NAME} but no {WEIGHTS_NAME} (nor {PICKLE_NAME}).")
+
+
+def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of ``tensors``: names, dtypes, shapes and bytes, in name order (the integrity record of a file)."""
+    h = hashlib.sha256()
+    for key in sorted(tensors):
+        t = tensors[key].detach().contiguous().cpu()
+        h.update(f"{key}|{t.dtype}|{list(t.shape)}|".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _check_tensors(directory: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """The file's tensors match the digest it records (written here since integrity hashes exist; a file from
+    peft has none), and every floating-point tensor is finite."""
+    recorded = metadata.get(_DIGEST_KEY)
+    if recorded is not None and recorded != tensor_digest(tensors):
+        raise AdapterFileError(
+            f"{directory / WEIGHTS_NAME}: the tensors do not match the integrity digest recorded when the file was written "
+            "(the file was changed or corrupted after saving). Nothing was loaded; save the adapter again."
+        )
+    bad = [k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise AdapterFileError(
+            f"{directory}: tensor(s) {bad[:5]} hold NaN or infinite values (training diverged, or the file is corrupted). "
+            "Nothing was loaded; use an adapter saved before the values went non-finite."
+        )
 
 
 # -- save --------------------------------------------------------------------------------------------
@@ -274,8 +321,12 @@ def _save_one(module, prefix, base, layers, name, directory: Path) -> None:
     fingerprint = base_fingerprint(base, [n for n, _ in mine])
     directory.mkdir(parents=True, exist_ok=True)
     # our provenance lives in the safetensors header: peft warns about any config field it does not know
-    metadata = {"format": "pt", _FINGERPRINT_KEY: json.dumps(fingerprint), _LIBRARY_KEY: f"lightning-peft {_version()}"}
-    save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(directory / WEIGHTS_NAME), metadata=metadata)
+    tensors = {k: v.contiguous().cpu() for k, v in tensors.items()}
+    metadata = {
+        "format": "pt", _FINGERPRINT_KEY: json.dumps(fingerprint), _LIBRARY_KEY: f"lightning-peft {_version()}",
+        _DIGEST_KEY: tensor_digest(tensors),
+    }
+    save_file(tensors, str(directory / WEIGHTS_NAME), metadata=metadata)
     (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
 
 
@@ -379,6 +430,7 @@ def load_adapter(
     directory = Path(directory)
     config = _read_config(directory)
     tensors, metadata = _read_tensors(directory, allow_pickle)
+    _check_tensors(directory, tensors, metadata)
     prefix, base = find_base_model(module)
     had_adapters = any(True for _ in adapter_modules(base))
     if check_base and _FINGERPRINT_KEY in metadata:
@@ -391,6 +443,14 @@ def load_adapter(
     entries = [m for m in dict.fromkeys(saved_modules + heads) if m]
     fmt = _FORMATS[config["peft_type"]]
     full, rest = _split_modules_to_save(base, tensors, entries, directory, fmt.key_prefix, adapter_name)
+    listed = _peft_matches([n for n, _ in base.named_modules() if n], [m for m in saved_modules if m])
+    lacking = [f"{m}.{k}" for m in listed for k in base.get_submodule(m).state_dict() if f"{m}.{k}" not in full]
+    if lacking:
+        raise AdapterFileError(
+            f"{directory}: modules_to_save lists {saved_modules}, but the file lacks {len(lacking)} of their tensors "
+            f"({', '.join(lacking[:5])}{', ...' if len(lacking) > 5 else ''}); loading it would leave those modules as they "
+            "are in this model (e.g. an untrained head). Save the adapter again with its modules."
+        )
     if full and had_adapters:
         current = _tensors_of(base)
         changed = sorted(p for p, v in full.items() if not torch.equal(current[p].detach().cpu(), v.to(current[p].dtype)))
@@ -576,11 +636,17 @@ def _lora_from_peft(base: nn.Module, config: dict[str, Any], tensors: dict[str, 
         expected[f"{PEFT_PREFIX}{n}.lora_A.weight"] = (rank, in_f)
         expected[f"{PEFT_PREFIX}{n}.lora_B.weight"] = (out_f, rank)
     # peft may keep the adapter name in keys (lora_A.<name>.weight); accept that spelling too
-    normalized = {}
-    for key, value in tensors.items():
+    normalized, spelled = {}, {}
+    for original, value in tensors.items():
+        key = original
         for part in ("lora_A", "lora_B"):
             key = key.replace(f".{part}.{adapter_name}.weight", f".{part}.weight").replace(f".{part}.default.weight", f".{part}.weight")
-        normalized[key] = value
+        if key in normalized:
+            raise AdapterFileError(
+                f"the adapter file holds {spelled[key]!r} and {original!r}, two spellings of the same tensor {key!r}: it is "
+                "ambiguous which one to load. Keep one of them."
+            )
+        normalized[key], spelled[key] = value, original
     problems = []
     for key, shape in expected.items():
         if key not in normalized:

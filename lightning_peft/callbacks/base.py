@@ -29,8 +29,9 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 from typing_extensions import override
 
-from lightning_peft.core import adapter_param_names, count_parameters, mark_trainable
+from lightning_peft.core import adapter_param_names, count_parameters, mark_trainable, structure_snapshot
 from lightning_peft.targeting import match_name
+from lightning_peft.validation import strict_init
 
 __all__ = [
     "PEFTCallback",
@@ -100,6 +101,8 @@ def check_adapter_checkpoint(module: nn.Module, checkpoint: dict[str, Any]) -> N
             problems.append(f"missing {key} (expected shape {list(expected[key])})")
         elif tuple(state_dict[key].shape) != expected[key]:
             problems.append(f"{key}: checkpoint shape {list(state_dict[key].shape)}, model shape {list(expected[key])}")
+        elif state_dict[key].is_floating_point() and not bool(torch.isfinite(state_dict[key]).all()):
+            problems.append(f"{key}: holds NaN or infinite values (training diverged before this checkpoint, or it is corrupted)")
     for key in sorted(k for k in state_dict if k not in expected and looks_like_adapter(k)):
         problems.append(f"unexpected {key} (shape {list(state_dict[key].shape)}): this model has no such adapter parameter")
     saved = checkpoint.get(_CKPT_KEY, {}).get("methods")
@@ -187,6 +190,7 @@ class PEFTCallback(Callback):
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         PEFTCallback._registry[cls.method_name] = cls
+        strict_init(cls)  # every typed __init__ argument is checked strictly (a string is not a bool, inf no scale)
 
     @property
     @override
@@ -300,6 +304,9 @@ class PEFTCallback(Callback):
             raise ValueError(f"{type(self).__name__} settings differ from the checkpoint's (checkpoint, now): {diff}.")
 
 
+strict_init(PEFTCallback)
+
+
 def read_checkpoint(path: Union[str, Path], allow_types: Sequence[Any] = ()) -> dict[str, Any]:
     """Read a Lightning checkpoint file safely: ``torch.load(weights_only=True)``, which unpickles tensors and plain
     containers only, so a file cannot run code.
@@ -358,14 +365,21 @@ def load_adapter_checkpoint(module: nn.Module, checkpoint: Union[str, Path, dict
     if not isinstance(checkpoint, dict):
         checkpoint = read_checkpoint(checkpoint, allow_types)
     record = checkpoint.get(_CKPT_KEY)
-    if record is None:
+    if not isinstance(record, dict) or not isinstance(record.get("methods"), list):
         raise ValueError("This checkpoint has no 'lightning_peft' record: it was not saved with a lightning-peft callback or PEFTMixin.")
-    if not peft_state(module)["methods"]:
-        for cfg in record["methods"]:
-            cfg = dict(cfg)
-            cls = PEFTCallback._registry[cfg.pop("method")]
-            cls(**cfg).inject(module)
-    check_adapter_checkpoint(module, checkpoint)  # every adapter key present, with the right shape
+    # all or nothing: a checkpoint that does not fit leaves the module without the adapters injected for it
+    with structure_snapshot(module):
+        if not peft_state(module)["methods"]:
+            for cfg in record["methods"]:
+                cfg = dict(cfg) if isinstance(cfg, dict) else {"method": cfg}
+                method = cfg.pop("method", None)
+                if method not in PEFTCallback._registry:
+                    raise ValueError(
+                        f"The checkpoint records an adapter of method {method!r}, which this lightning-peft does not have "
+                        f"(known: {sorted(PEFTCallback._registry)}). Load it with the lightning-peft version that wrote it."
+                    )
+                PEFTCallback._registry[method](**cfg).inject(module)
+        check_adapter_checkpoint(module, checkpoint)  # every adapter key present, with the right shape and finite values
     module.load_state_dict(checkpoint["state_dict"], strict=False)
     if isinstance(module, pl.LightningModule):
         _install_checkpoint_hooks(module)

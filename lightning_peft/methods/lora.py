@@ -47,9 +47,9 @@ def check_lora_args(r: int, alpha: float, dropout: float, init: str = "kaiming")
     """Raise ``ValueError`` naming the bad value and the fix."""
     if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
         raise ValueError(f"LoRA rank r must be a positive integer, got r={r!r}. Typical values: 4, 8, 16, 64.")
-    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not alpha > 0:
-        raise ValueError(f"LoRA alpha must be > 0, got alpha={alpha!r}. A common choice is alpha = 2 * r.")
-    if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha) or not alpha > 0:
+        raise ValueError(f"LoRA alpha must be a finite number > 0, got alpha={alpha!r}. A common choice is alpha = 2 * r.")
+    if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0.0 <= dropout < 1.0:
         raise ValueError(f"LoRA dropout must be in [0, 1), got dropout={dropout!r}. Use 0.0 to disable it.")
     if init not in ("kaiming", "gaussian"):
         raise ValueError(f"LoRA init must be 'kaiming' or 'gaussian', got init={init!r}.")
@@ -203,6 +203,8 @@ class LoRALinear(AdapterLayer):
     ) -> None:
         """Add a named adapter (``B = 0``: the output does not change); it is applied when ``active``."""
         check_lora_args(r, alpha, dropout, init)
+        if not isinstance(use_rslora, bool):
+            raise TypeError(f"use_rslora must be True or False, got {use_rslora!r} ({type(use_rslora).__name__}).")
         _check_adapter_name(name)
         if name in self.specs:
             raise ValueError(f"This layer already has an adapter named {name!r} (adapters: {sorted(self.specs)}).")

@@ -1,0 +1,248 @@
+"""Wrong values never load silently, and a failed load leaves everything as it was (issue: trust boundary).
+
+Classes: typed arguments checked strictly (a string is not a bool, ``inf`` is not a scale) for every callback at
+once; adapter configs typed strictly and without non-finite numbers; NaN/inf tensors refused in files and
+checkpoints; an integrity digest of the tensors verified on load; ``modules_to_save`` without its tensors and a
+tensor spelled twice refused; ``load_adapter_checkpoint`` all or nothing.
+"""
+
+import inspect
+import json
+import math
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from lightning_peft import LoRA, load_adapter, load_adapter_checkpoint, save_adapter
+from lightning_peft.callbacks.base import PEFTCallback, adapter_checkpoint_state
+from lightning_peft.io import AdapterFileError
+from lightning_peft.methods.lora import inject_lora
+from tests.callbacks.helpers import TinyLM
+from tests.conftest import tiny_llama
+
+
+def _state(module):
+    """What must not change when a call fails: tensors (values), module types, requires_grad flags, hooks."""
+    return (
+        {k: v.clone() for k, v in module.state_dict().items()},
+        [(n, type(m)) for n, m in module.named_modules()],
+        {n: p.requires_grad for n, p in module.named_parameters()},
+        sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in module.modules()),
+    )
+
+
+def _same(a, b):
+    assert a[0].keys() == b[0].keys() and all(torch.equal(a[0][k], b[0][k]) for k in a[0])
+    assert a[1:] == b[1:]
+
+
+# -- typed arguments -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(use_rslora="no"), TypeError, r"LoRA: use_rslora='no' \(str\) must be True or False \(the string 'no' is not a bool: write False"),
+        (dict(use_rslora="false"), TypeError, r"use_rslora='false'"),
+        (dict(alpha=math.inf), ValueError, r"LoRA alpha must be a finite number > 0, got alpha=inf"),
+        (dict(alpha=float("nan")), ValueError, r"LoRA alpha must be a finite number > 0, got alpha=nan"),
+        (dict(dropout=-math.inf), ValueError, r"LoRA dropout must be in \[0, 1\), got dropout=-inf"),
+        (dict(r=True), ValueError, r"LoRA rank r must be a positive integer, got r=True"),
+        (dict(gate=1), TypeError, r"gate=1 \(int\) must be True or False"),
+        (dict(init="xavier"), ValueError, r"LoRA init must be 'kaiming' or 'gaussian', got init='xavier'"),
+        (dict(rank_pattern={"q_proj": 2.5}), ValueError, r"LoRA rank r must be a positive integer, got r=2.5"),
+        (dict(rank_pattern={"q_proj": "4"}), ValueError, r"LoRA rank r must be a positive integer, got r='4'"),
+        (dict(save_dir=3), TypeError, r"LoRA: save_dir=3 \(int\) must be a string or None"),
+        (dict(target_modules=["q_proj", 3]), TypeError, r"target_modules=\['q_proj', 3\] \(list\) must be a string or a list of strings"),
+    ],
+)
+def test_lora_arguments_are_checked_strictly(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        LoRA(**kwargs)
+
+
+def test_every_callback_checks_its_typed_arguments_and_keeps_its_signature():
+    """The check is in the base class, so each method callback has it (and LightningCLI still sees the signature)."""
+    checked = 0
+    for name, cls in sorted(PEFTCallback._registry.items()):
+        sig = inspect.signature(cls.__init__)
+        assert "self" in sig.parameters and len(sig.parameters) > 1, name
+        cls()  # the defaults pass
+        bools = [p for p, v in sig.parameters.items() if v.annotation in (bool, "bool")]
+        for p in bools:
+            with pytest.raises(TypeError, match=rf"{cls.__name__}: {p}='yes' \(str\) must be True or False"):
+                cls(**{p: "yes"})
+            checked += 1
+    assert checked >= 5
+
+
+def test_a_yaml_infinity_is_refused_through_the_cli(minilm_path, monkeypatch, capsys):
+    from lightning_peft.cli import main
+    from tests.conftest import REPO
+
+    monkeypatch.chdir(REPO)
+    with pytest.raises((ValueError, SystemExit)) as exc:
+        main(["fit", "--config", "configs/quickstart.yaml", "--trainer.callbacks.init_args.alpha=.inf", "--trainer.fast_dev_run=1"])
+    assert "LoRA alpha must be a finite number > 0, got alpha=inf" in str(exc.value) + capsys.readouterr().err
+
+
+def test_functional_injection_refuses_infinite_alpha_and_string_flags():
+    model = tiny_llama()
+    before = _state(model)
+    with pytest.raises(ValueError, match="alpha must be a finite number > 0, got alpha=inf"):
+        inject_lora(model, ["q_proj"], alpha=math.inf)
+    with pytest.raises(TypeError, match="use_rslora must be True or False, got 'no'"):
+        inject_lora(model, ["q_proj"], use_rslora="no")
+    _same(before, _state(model))
+
+
+# -- adapter files ---------------------------------------------------------------------------------------------
+def _saved(tmp_path):
+    model = tiny_llama()
+    LoRA(r=2, alpha=4, target_modules=["q_proj", "v_proj"]).inject(model)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_b" in n:
+                p.normal_()
+    save_adapter(model, tmp_path / "a")
+    return model, tmp_path / "a"
+
+
+def _edit_config(directory, **fields):
+    path = directory / "adapter_config.json"
+    text = json.dumps({**json.loads(path.read_text()), **fields})
+    path.write_text(text.replace('"__INF__"', "Infinity"))
+
+
+@pytest.mark.parametrize(
+    "fields, match",
+    [
+        ({"use_rslora": "false"}, r"field 'use_rslora' must be bool, found str 'false' \(a JSON string, not a JSON boolean"),
+        ({"lora_alpha": "__INF__"}, r"holds Infinity, which is not a number an adapter config can use"),
+        ({"lora_dropout": True}, r"field 'lora_dropout' must be int or float, found bool"),
+        ({"fan_in_fan_out": 0}, r"field 'fan_in_fan_out' must be bool, found int"),
+    ],
+)
+def test_config_fields_are_typed_strictly_and_finite(tmp_path, fields, match):
+    _, d = _saved(tmp_path)
+    _edit_config(d, **fields)
+    fresh = tiny_llama()
+    before = _state(fresh)
+    with pytest.raises(AdapterFileError, match=match):
+        load_adapter(fresh, d)
+    _same(before, _state(fresh))
+
+
+def _rewrite_tensors(directory, change):
+    path = directory / "adapter_model.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    change(tensors, meta)
+    save_file(tensors, str(path), metadata=meta)
+
+
+def test_non_finite_tensors_are_refused(tmp_path):
+    _, d = _saved(tmp_path)
+
+    def poison(tensors, meta):
+        key = sorted(tensors)[0]
+        tensors[key][0, 0] = float("nan")
+        meta.pop("lightning_peft_sha256")  # as a file from elsewhere: no digest to catch it first
+
+    _rewrite_tensors(d, poison)
+    fresh = tiny_llama()
+    before = _state(fresh)
+    with pytest.raises(AdapterFileError, match=r"hold NaN or infinite values"):
+        load_adapter(fresh, d)
+    _same(before, _state(fresh))
+
+
+def test_a_flipped_byte_fails_the_integrity_digest(tmp_path):
+    model, d = _saved(tmp_path)
+    path = d / "adapter_model.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0x01  # inside the last tensor's bytes: still a valid file, a slightly different value
+    path.write_bytes(bytes(data))
+    with pytest.raises(AdapterFileError, match="do not match the integrity digest"):
+        load_adapter(tiny_llama(), d)
+    # and an intact file loads, equal to what was saved
+    save_adapter(model, tmp_path / "b")
+    ids = torch.tensor([[1, 2, 3]])
+    torch.testing.assert_close(load_adapter(tiny_llama(), tmp_path / "b")(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_modules_to_save_without_its_tensors_is_an_error(tmp_path):
+    model = tiny_llama()
+    LoRA(r=2, alpha=4, target_modules=["q_proj"], trainable_modules=["lm_head"]).inject(model)
+    save_adapter(model, tmp_path / "a")
+    _rewrite_tensors(tmp_path / "a", lambda t, m: (t.pop("base_model.model.lm_head.weight"), m.pop("lightning_peft_sha256")))
+    fresh = tiny_llama()
+    before = _state(fresh)
+    with pytest.raises(AdapterFileError, match=r"modules_to_save lists \['lm_head'\], but the file lacks 1 of their tensors \(lm_head.weight\)"):
+        load_adapter(fresh, tmp_path / "a")
+    _same(before, _state(fresh))
+
+
+def test_a_tensor_spelled_twice_is_an_error(tmp_path):
+    _, d = _saved(tmp_path)
+
+    def twice(tensors, meta):
+        key = next(k for k in sorted(tensors) if k.endswith("lora_A.weight"))
+        tensors[key.replace("lora_A.weight", "lora_A.default.weight")] = tensors[key] + 1
+        meta.pop("lightning_peft_sha256")
+
+    _rewrite_tensors(d, twice)
+    with pytest.raises(AdapterFileError, match=r"two spellings of the same tensor"):
+        load_adapter(tiny_llama(), d)
+
+
+# -- checkpoints -----------------------------------------------------------------------------------------------
+def _checkpoint(**lora):
+    module = TinyLM()
+    LoRA(r=2, alpha=4, target_modules=["q_proj"], **lora).inject(module)
+    with torch.no_grad():
+        for n, p in module.named_parameters():
+            if "lora_b" in n:
+                p.normal_()
+    ckpt = {"state_dict": module.state_dict()}
+    adapter_checkpoint_state(module, ckpt)
+    return ckpt
+
+
+def test_a_checkpoint_that_does_not_fit_leaves_the_module_as_it_was():
+    ckpt = _checkpoint()
+    ckpt["state_dict"] = {k: v[:1] for k, v in ckpt["state_dict"].items()}  # wrong shapes (another base / tampered)
+    module = TinyLM()
+    before = _state(module)
+    with pytest.raises(ValueError, match="does not match this model's adapters"):
+        load_adapter_checkpoint(module, ckpt)
+    _same(before, _state(module))
+    assert not any("lora" in n for n, _ in module.named_modules())
+
+
+def test_a_checkpoint_with_non_finite_adapter_values_is_refused():
+    ckpt = _checkpoint()
+    key = next(k for k in ckpt["state_dict"] if "lora_b" in k)
+    ckpt["state_dict"][key][0, 0] = float("inf")
+    module = TinyLM()
+    before = _state(module)
+    with pytest.raises(ValueError, match=rf"{key}: holds NaN or infinite values"):
+        load_adapter_checkpoint(module, ckpt)
+    _same(before, _state(module))
+
+
+def test_an_unknown_method_in_the_record_is_a_clear_error():
+    ckpt = _checkpoint()
+    ckpt["lightning_peft"]["methods"][0]["method"] = "dora"
+    module = TinyLM()
+    before = _state(module)
+    with pytest.raises(ValueError, match=r"records an adapter of method 'dora', which this lightning-peft does not have \(known: \["):
+        load_adapter_checkpoint(module, ckpt)
+    _same(before, _state(module))
+
+
+def test_a_good_checkpoint_still_loads_exactly():
+    ckpt = _checkpoint()
+    module = load_adapter_checkpoint(TinyLM(), ckpt)
+    for k, v in ckpt["state_dict"].items():
+        assert torch.equal(module.state_dict()[k], v), k
