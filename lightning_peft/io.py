@@ -622,7 +622,7 @@ def _lora_from_peft(base: nn.Module, config: dict[str, Any], tensors: dict[str, 
     targets = config["target_modules"]
     targets = targets if isinstance(targets, str) else list(targets)
     exclude = config.get("exclude_modules")
-    names = find_targets(base, targets, exclude, supported=linear_types(), method="LoRA", extend=(LoRALinear,))
+    names = find_targets(base, targets, exclude, supported=linear_types(), method="LoRA", extend=(LoRALinear,), each_entry=False)
     modules = dict(base.named_modules())
     expected: dict[str, tuple[int, ...]] = {}
     for n in names:
@@ -663,7 +663,7 @@ def _lora_from_peft(base: nn.Module, config: dict[str, Any], tensors: dict[str, 
     injected = inject_lora(
         base, names, None, r=r, alpha=alpha, dropout=float(config.get("lora_dropout", 0.0) or 0.0),
         use_rslora=bool(config.get("use_rslora", False)), init=init, adapter_name=adapter_name,
-        rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
+        rank_pattern=rank_pattern, alpha_pattern=alpha_pattern, strict=False,
     )
     with torch.no_grad():
         for n in injected:

@@ -111,6 +111,7 @@ def find_targets(
     method: str = "adapter",
     extend: tuple[type[nn.Module], ...] = (),
     recomputes_linear: Optional[bool] = None,
+    each_entry: bool = True,
 ) -> list[str]:
     """Qualified names of the modules to wrap, validated; raises before anything is changed.
 
@@ -121,6 +122,9 @@ def find_targets(
         supported: the module types the method can wrap (default: :func:`linear_types`).
         method: the method's name, for error messages.
         extend: adapter layer types that may be selected again (to add another named adapter to them).
+        each_entry: every entry of a ``target_modules`` / ``exclude_modules`` list must match a module (a typo such as
+            ``["query", "valeu"]`` would otherwise adapt ``query`` only, silently). False for files written elsewhere
+            (a PEFT config may list names the model does not have).
         recomputes_linear: the method's layer computes the linear map from the module's weight instead of calling
             the module (LoRA, (IA)³, AdaLoRA), so linear subclasses that override ``forward`` are refused. None:
             whenever every ``supported`` type is a linear type.
@@ -164,6 +168,20 @@ def find_targets(
             f"{type(model).__name__}. Candidate module names: [{shown}]. Use names from that list, dotted suffixes, "
             f"a regular expression matching whole names, or 'all-linear'."
         )
+    if each_entry:
+        for arg, spec in (("target_modules", target_modules), ("exclude_modules", exclude_modules)):
+            if spec is None or isinstance(spec, str):
+                continue
+            unmatched = [t for t in spec if not any(n and match_name(n, [t]) for n in modules)]
+            if unmatched:
+                candidates = sorted({n.split(".")[-1] for n, m in modules.items() if n and isinstance(m, supported)}) or sorted(
+                    {n.split(".")[-1] for n in modules if n}
+                )
+                shown = ", ".join(candidates[:20]) + (", ..." if len(candidates) > 20 else "")
+                raise ValueError(
+                    f"{arg} entries {unmatched} match no module of {type(model).__name__} (a typo?). Every entry must name "
+                    f"a module (its name or a dotted suffix). Candidate module names: [{shown}]."
+                )
 
     already = [n for n in selected if (n in wrapped and not isinstance(modules[n], tuple(extend))) or n in hf_peft]
     if already:

@@ -246,3 +246,31 @@ def test_a_good_checkpoint_still_loads_exactly():
     module = load_adapter_checkpoint(TinyLM(), ckpt)
     for k, v in ckpt["state_dict"].items():
         assert torch.equal(module.state_dict()[k], v), k
+
+
+# -- typos are errors ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(target_modules=["q_proj", "v_prj"]), r"target_modules entries \['v_prj'\] match no module of LlamaForCausalLM \(a typo\?\).*Candidate module names: \[.*v_proj"),
+        (dict(target_modules="all-linear", exclude_modules=["o_proj", "gate_prj"]), r"exclude_modules entries \['gate_prj'\] match no module"),
+        (dict(target_modules=["q_proj"], trainable_modules=["lm_head", "lm_haed"]), r"trainable_modules entries \['lm_haed'\] match no module of LlamaForCausalLM \(a typo\?\)"),
+        (dict(target_modules=["q_proj", "v_proj"], rank_pattern={"v_prj": 4}), r"rank_pattern key 'v_prj' matches none of the adapted modules \(a typo\?\)"),
+        (dict(target_modules=["q_proj"], alpha_pattern={"q_proj(": 4.0}), r"alpha_pattern key 'q_proj\(' is not a valid regular expression"),
+    ],
+)
+def test_every_entry_and_pattern_key_must_match(kwargs, match):
+    """["query", "valeu"] adapted query only, silently: each entry of a list and each pattern key must match."""
+    model = tiny_llama()
+    before = _state(model)
+    with pytest.raises(ValueError, match=match):
+        LoRA(r=2, alpha=4, **kwargs).inject(model)
+    _same(before, _state(model))
+
+
+def test_a_peft_file_may_list_targets_the_model_does_not_have(tmp_path):
+    """Files written elsewhere are read as peft reads them: a listed name the model lacks is not an error."""
+    model, d = _saved(tmp_path)
+    _edit_config(d, target_modules=["q_proj", "v_proj", "not_in_llama"])
+    ids = torch.tensor([[1, 2, 3]])
+    torch.testing.assert_close(load_adapter(tiny_llama(), d, check_base=False)(input_ids=ids).logits, model(input_ids=ids).logits)

@@ -248,6 +248,12 @@ class PEFTCallback(Callback):
                 f"trainable_modules={self.trainable_modules!r} matched no module of {type(module).__name__}. "
                 f"Candidates: {candidates[:20]}."
             )
+        unmatched = [t for t in self.trainable_modules if not any(match_name(n, [t]) for n in names)]
+        if unmatched:
+            raise ValueError(
+                f"trainable_modules entries {unmatched} match no module of {type(module).__name__} (a typo?); the others "
+                f"matched {names[:5]}. Every entry must name a module (its name or a dotted suffix)."
+            )
         return sorted({f"{m}.{p}" for m in names for p, _ in module.get_submodule(m).named_parameters()})
 
     # -- Lightning hooks --------------------------------------------------------------------------

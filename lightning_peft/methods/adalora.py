@@ -496,7 +496,7 @@ def from_peft(model: nn.Module, config: dict[str, Any], tensors: dict[str, torch
     dropout = float(config.get("lora_dropout") or 0.0)
     targets = config["target_modules"]
     targets = targets if isinstance(targets, str) else sorted(targets)
-    names = find_targets(model, targets, config.get("exclude_modules"), supported=linear_types(), method="AdaLoRA")
+    names = find_targets(model, targets, config.get("exclude_modules"), supported=linear_types(), method="AdaLoRA", each_entry=False)
     pattern = {k.replace(f".{adapter_name}", "").replace(".default", ""): v for k, v in (config.get("rank_pattern") or {}).items()}
 
     def norm(key: str) -> str:

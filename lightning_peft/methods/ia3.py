@@ -284,7 +284,9 @@ def inject_ia3(
     All targets are validated and all layers built before the first one is swapped in.
     """
     targets, ff = resolve_ia3_targets(model, target_modules, feedforward_modules)
-    names = find_targets(model, targets, exclude_modules, supported=linear_types(), method="(IA)³")
+    # peft's per-family defaults may name modules a variant lacks (Mixtral's fused experts have no w2): as peft, only
+    # the targets the user names must each match
+    names = find_targets(model, targets, exclude_modules, supported=linear_types(), method="(IA)³", each_entry=target_modules is not None)
     new = {n: IA3Linear(model.get_submodule(n), feedforward=_is_feedforward(n, ff)) for n in names}
     for name, layer in new.items():
         model.set_submodule(name, layer)
@@ -350,7 +352,7 @@ def from_peft(model: nn.Module, config: dict[str, Any], tensors: dict[str, torch
     plain = {k[len(_PEFT_PREFIX):] if k.startswith(_PEFT_PREFIX) else k: v for k, v in tensors.items()}
     if targets is None:
         targets, ff = default_ia3_targets(model)
-    names = find_targets(model, targets, config.get("exclude_modules"), supported=linear_types(), method="(IA)³")
+    names = find_targets(model, targets, config.get("exclude_modules"), supported=linear_types(), method="(IA)³", each_entry=False)
     missing = [f"{n}.ia3_l" for n in names if f"{n}.ia3_l" not in plain]
     params = dict(model.named_parameters())
     unknown = [k for k in plain if not k.endswith(".ia3_l") and k not in params]

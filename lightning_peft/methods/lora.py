@@ -439,6 +439,23 @@ def pattern_value(name: str, pattern: Optional[dict], default):
     return default
 
 
+def check_patterns(names: list[str], patterns: dict[str, Optional[dict]], require_match: bool = True) -> None:
+    """Every ``rank_pattern`` / ``alpha_pattern`` key is a valid regular expression and (``require_match``) selects
+    at least one of the adapted modules ``names`` (a typo would otherwise leave every module at the default)."""
+    for arg, pattern in patterns.items():
+        for key in pattern or {}:
+            try:
+                re.compile(rf"(.*\.)?({key})$")
+            except re.error as err:
+                raise ValueError(f"{arg} key {key!r} is not a valid regular expression: {err}.") from None
+            if require_match and not any(re.match(rf"(.*\.)?({key})$", n) for n in names):
+                shown = ", ".join(names[:10]) + (", ..." if len(names) > 10 else "")
+                raise ValueError(
+                    f"{arg} key {key!r} matches none of the adapted modules (a typo?): [{shown}]. Keys are regular "
+                    "expressions matched against the end of a module's name (e.g. 'v_proj' or 'layers\\.0\\.self_attn\\.q_proj')."
+                )
+
+
 def inject_lora(
     model: nn.Module,
     target_modules: TargetSpec,
@@ -452,6 +469,7 @@ def inject_lora(
     rank_pattern: Optional[dict[str, int]] = None,
     alpha_pattern: Optional[dict[str, float]] = None,
     gate: bool = False,
+    strict: bool = True,
 ) -> list[str]:
     """Wrap the matching layers of ``model`` in :class:`LoRALinear`, in place; returns their names.
 
@@ -463,7 +481,9 @@ def inject_lora(
     expressions matched against the end of the module name, as in Hugging Face PEFT).
 
     All targets are validated and all new layers built before the first one is swapped in, so an
-    error leaves ``model`` unchanged.
+    error leaves ``model`` unchanged. Every entry of a ``target_modules`` / ``exclude_modules`` list and every
+    pattern key must match a module (``strict=False`` for defaults that span model families and for configs
+    written elsewhere, such as PEFT files).
     """
     check_lora_args(r, alpha, dropout, init)
     _check_adapter_name(adapter_name)
@@ -471,7 +491,8 @@ def inject_lora(
         check_lora_args(value, alpha, dropout, init)
     for key, value in (alpha_pattern or {}).items():
         check_lora_args(r, value, dropout, init)
-    names = find_targets(model, target_modules, exclude_modules, supported=linear_types(), method="LoRA", extend=(LoRALinear,))
+    names = find_targets(model, target_modules, exclude_modules, supported=linear_types(), method="LoRA", extend=(LoRALinear,), each_entry=strict)
+    check_patterns(names, {"rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern}, require_match=strict)
     clash = [n for n in names if isinstance(model.get_submodule(n), LoRALinear) and adapter_name in model.get_submodule(n).specs]
     if clash:
         raise ValueError(

@@ -90,7 +90,7 @@ def inject_unipelt(
     check_unipelt_args(r, alpha, lora_dropout, num_virtual_tokens, bottleneck_size, reduction_factor, activation, adapter_sites)
     targets = lora_target_modules if isinstance(lora_target_modules, str) else list(lora_target_modules)
     return inject_in_order(model, [
-        lambda m: inject_lora(m, targets, r=r, alpha=alpha, dropout=lora_dropout, gate=True),
+        lambda m: inject_lora(m, targets, r=r, alpha=alpha, dropout=lora_dropout, gate=True, strict=tuple(targets) != DEFAULT_LORA_TARGETS),
         lambda m: inject_prefix_tuning(m, num_virtual_tokens, projection=True, encoder_hidden_size=prefix_hidden_size, gate=True),
         lambda m: inject_houlsby(m, adapter_target_modules, None, bottleneck_size, reduction_factor, activation, tuple(adapter_sites), gate=True),
     ])

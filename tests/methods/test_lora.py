@@ -144,7 +144,7 @@ def test_autocast_bf16_runs_and_backprops():
     [
         ({"r": 0}, r"rank r must be a positive integer, got r=0"),
         ({"r": -2}, r"got r=-2"),
-        ({"alpha": 0}, r"alpha must be > 0, got alpha=0"),
+        ({"alpha": 0}, r"alpha must be a finite number > 0, got alpha=0"),
         ({"dropout": 1.0}, r"dropout must be in \[0, 1\), got dropout=1.0"),
         ({"dropout": -0.1}, r"got dropout=-0.1"),
     ],

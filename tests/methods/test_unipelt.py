@@ -95,7 +95,8 @@ def test_gated_prefixes_scale_the_cached_keys_and_values_by_the_mean_gate():
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_gated_prefixes_keep_padding_invariance(family):
     model = tiny_decoder(family)
-    UniPELT(lora_target_modules=["q_proj", "v_proj", "c_attn"], num_virtual_tokens=4, bottleneck_size=8).inject(model)
+    targets = {"llama": ["q_proj", "v_proj"], "gpt2": ["c_attn"]}[family]  # each entry of a list must match a module
+    UniPELT(lora_target_modules=targets, num_virtual_tokens=4, bottleneck_size=8).inject(model)
     randomize(model, seed=3, scale=0.05)
     check_padding_invariance(model, torch.tensor([5, 6, 7]), torch.tensor([8, 9, 10, 11, 12, 13]), atol=1e-4)
 
