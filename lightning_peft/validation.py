@@ -7,7 +7,7 @@ every argument to its annotation, strictly:
 * ``bool``: ``True`` / ``False`` only (not ``"false"``, not ``0``);
 * ``int``: an integer, not a bool;
 * ``float``: a finite real number (an integer is fine), not a bool, not ``inf`` / ``nan``;
-* ``str``, ``Literal[...]``, ``Optional[...]`` / ``Union[...]``, ``list[...]`` / ``Sequence[...]`` (a list or tuple
+* ``str`` (a string or a ``pathlib.Path``), ``Literal[...]``, ``Optional[...]`` / ``Union[...]``, ``list[...]`` / ``Sequence[...]`` (a list or tuple
   whose items match), ``dict[K, V]``; anything else (``Any``, classes) is not checked here.
 
 Nothing here imports Lightning or transformers.
@@ -19,6 +19,7 @@ import collections.abc
 import functools
 import inspect
 import math
+import os
 import types
 import typing
 from typing import Any, Callable, Literal, Union
@@ -70,7 +71,7 @@ def _matches(value: Any, tp: Any) -> bool:
     if tp is float:
         return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if tp is str:
-        return isinstance(value, str)
+        return isinstance(value, (str, os.PathLike))  # a path is as good as its string
     if tp is type(None):
         return value is None
     if origin is Literal:

@@ -274,3 +274,68 @@ def test_a_peft_file_may_list_targets_the_model_does_not_have(tmp_path):
     _edit_config(d, target_modules=["q_proj", "v_proj", "not_in_llama"])
     ids = torch.tensor([[1, 2, 3]])
     torch.testing.assert_close(load_adapter(tiny_llama(), d, check_base=False)(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+# -- no lost work ---------------------------------------------------------------------------------------------
+def test_an_unwritable_save_dir_fails_at_setup_before_any_training(tmp_path):
+    import lightning as L
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    module = TinyLM()
+    steps = []
+    trainer = L.Trainer(max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[LoRA(r=2, alpha=4, target_modules=["q_proj"], save_dir=str(blocker / "adapter")),
+                                   L.Callback()], default_root_dir=tmp_path)
+    trainer.callbacks[-1].on_train_batch_end = lambda *a, **k: steps.append(1)
+    with pytest.raises(NotADirectoryError, match=r"LoRA\(save_dir=...\): .*a_file \(on the way to .*adapter\) is a file"):
+        trainer.fit(module)
+    assert steps == []  # refused before the first step, not after the whole run
+
+
+def test_save_dir_expands_the_home_folder(monkeypatch, tmp_path):
+    from pathlib import Path
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert LoRA(save_dir="~/adapters/x").save_dir == str(tmp_path / "adapters" / "x")
+    assert LoRA(save_dir=Path("out")).save_dir == "out"  # a Path is accepted as a string
+
+
+# -- no silent no-ops ------------------------------------------------------------------------------------------
+def test_training_a_merged_model_is_refused_with_the_fix(tmp_path):
+    import lightning as L
+
+    from lightning_peft import merge_adapters, unmerge_adapters
+
+    module = TinyLM()
+    lora = LoRA(r=2, alpha=4, target_modules=["q_proj"])
+    lora.inject(module)
+    merge_adapters(module)
+
+    def trainer():
+        return L.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[lora], default_root_dir=tmp_path)
+
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    with pytest.raises(RuntimeError, match=r"merged into the base weights .* Call lightning_peft.unmerge_adapters\(model\) before fit"):
+        trainer().fit(module)
+    assert all(torch.equal(before[k], v) for k, v in module.state_dict().items())
+    unmerge_adapters(module)
+    trainer().fit(module)  # unmerged: it trains
+    assert any(not torch.equal(before[k], v) for k, v in module.state_dict().items() if "lora_" in k)
+
+
+def test_training_a_new_adapter_on_top_of_a_merged_frozen_one_is_allowed(tmp_path):
+    import lightning as L
+
+    from lightning_peft import merge_adapters
+
+    module = TinyLM()
+    LoRA(r=2, alpha=4, target_modules=["q_proj"]).inject(module)
+    merge_adapters(module)
+    for m in module.modules():
+        if hasattr(m, "frozen"):
+            m.frozen.add("default")
+    new = LoRA(r=2, alpha=4, target_modules=["q_proj"], adapter_name="b")
+    L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+              callbacks=[new], default_root_dir=tmp_path).fit(module)

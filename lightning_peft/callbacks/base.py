@@ -183,7 +183,8 @@ class PEFTCallback(Callback):
         self.target_modules = target_modules if isinstance(target_modules, str) else list(target_modules)
         self.exclude_modules = exclude_modules if exclude_modules is None or isinstance(exclude_modules, str) else list(exclude_modules)
         self.trainable_modules = list(trainable_modules or [])
-        self.save_dir = save_dir
+        # "~/adapters/x" means the home folder; a value of another type is refused by the strict argument check
+        self.save_dir = str(Path(save_dir).expanduser()) if isinstance(save_dir, (str, Path)) and str(save_dir) else save_dir
         self.injected: list[str] = []
         self._injected_into: Optional[weakref.ref] = None
 
@@ -265,6 +266,8 @@ class PEFTCallback(Callback):
                     f"Two {type(self).__name__} callbacks are attached to this Trainer. One model takes one "
                     f"{type(self).__name__}: merge their target_modules into one callback."
                 )
+        if stage == "fit" and self.save_dir:
+            check_writable_dir(self.save_dir, f"{type(self).__name__}(save_dir=...)")  # before training, not after it
         if self._injected_into is not None and self._injected_into() is pl_module:
             return  # a second stage (validate after fit, ...) on the same module
         # (a callback already used on another module raises in inject(): one callback per model)
@@ -291,6 +294,28 @@ class PEFTCallback(Callback):
         rank_zero_info(f"{type(self).__name__}: adapted {len(self.injected)} modules. {count_parameters(pl_module)}")
 
     @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        from lightning_peft.core import adapter_modules
+
+        def merged_and_trained(m) -> bool:
+            if not m.merged:
+                return False
+            params = dict(m.named_parameters())
+            names = getattr(m, "merged_adapters", None)  # named adapters (LoRA): only those folded into the weights
+            trained = [n for n in m.adapter_params() if params[n].requires_grad]
+            return any(names is None or any(a in n.split(".") for a in names) for n in trained)
+
+        # a merged adapter that is still trainable learns nothing (merging another, frozen one and training a new
+        # adapter on top is fine)
+        merged = [n for n, m in adapter_modules(pl_module) if merged_and_trained(m)]
+        if merged:
+            raise RuntimeError(
+                f"{len(merged)} adapter layer(s) are merged into the base weights (e.g. {merged[0]!r}): training now would "
+                "update adapter parameters that the forward does not use, so nothing would be learned. Call "
+                "lightning_peft.unmerge_adapters(model) before fit, and merge again after training."
+            )
+
+    @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.save_dir and trainer.is_global_zero:
             from lightning_peft.io import save_adapter
@@ -311,6 +336,27 @@ class PEFTCallback(Callback):
 
 
 strict_init(PEFTCallback)
+
+
+def check_writable_dir(directory: Union[str, Path], what: str) -> Path:
+    """Raise ``PermissionError`` / ``NotADirectoryError`` unless ``directory`` can be created (or exists) and written,
+    without creating anything: called at ``setup``, so an unwritable path fails before training, not after it."""
+    import os
+
+    path = Path(directory).expanduser().absolute()
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"{what}: {path} exists and is not a directory; the adapter is a directory of files. Choose another path.")
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise NotADirectoryError(f"{what}: {existing} (on the way to {path}) is a file, so {path} cannot be created. Choose another path.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(
+            f"{what}: cannot write to {path} ({existing} is not writable). Training was not started, so nothing is lost: "
+            "choose a writable save_dir."
+        )
+    return path
 
 
 def read_checkpoint(path: Union[str, Path], allow_types: Sequence[Any] = ()) -> dict[str, Any]:
