@@ -66,6 +66,10 @@ class AdapterLayer(nn.Module):
         prefix = self.adapter_prefix
         return [n for n, _ in self.named_parameters(recurse=True) if prefix and any(p.startswith(prefix) for p in n.split("."))]
 
+    def merge_problem(self) -> str | None:
+        """Why :meth:`merge` would fail now (None: it can merge). Checked for every layer before any is merged."""
+        return None if self.mergeable else f"{type(self).__name__} cannot be merged into the base weights"
+
     def merge(self) -> None:
         """Fold the adapter into the base weights. Safe to call twice."""
         raise NotImplementedError(f"{type(self).__name__} cannot be merged into the base weights.")
@@ -194,9 +198,31 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def merge_adapters(model: nn.Module) -> nn.Module:
-    """Merge every mergeable adapter into its base weights (idempotent). Returns ``model``."""
-    for _, m in adapter_modules(model):
-        m.merge()
+    """Merge every adapter into its base weights (idempotent). Returns ``model``.
+
+    All or nothing: every layer is checked first (:meth:`AdapterLayer.merge_problem`), and if one layer's merge
+    still fails (e.g. non-finite adapter values), the layers merged by this call are unmerged again, so the model
+    is never left half-merged.
+    """
+    layers = list(adapter_modules(model))
+    problems = [f"{name or type(m).__name__}: {problem}" for name, m in layers if (problem := m.merge_problem())]
+    if problems:
+        listed = "\n  ".join(sorted(set(problems))[:10])
+        raise NotImplementedError(
+            f"merge_adapters: nothing was merged, {len(problems)} adapter layer(s) cannot be:\n  {listed}\n"
+            "Run the model unmerged, or unload(model) the adapters that cannot merge before merging the others."
+        )
+    before = [(m, list(getattr(m, "merged_adapters", [])), m.merged) for _, m in layers]
+    try:
+        for _, m in layers:
+            m.merge()
+    except BaseException:
+        for m, merged_names, was_merged in before:  # back to what each layer held before this call
+            if m.merged and (list(getattr(m, "merged_adapters", [])) != merged_names or not was_merged):
+                m.unmerge()
+                if merged_names:
+                    m.merge(merged_names)
+        raise
     return model
 
 

@@ -339,3 +339,42 @@ def test_training_a_new_adapter_on_top_of_a_merged_frozen_one_is_allowed(tmp_pat
     new = LoRA(r=2, alpha=4, target_modules=["q_proj"], adapter_name="b")
     L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
               callbacks=[new], default_root_dir=tmp_path).fit(module)
+
+
+# -- a failed call leaves everything as it was -------------------------------------------------------------------
+def test_merge_adapters_with_an_unmergeable_layer_merges_nothing():
+    """LoRA + Houlsby: LoRA was merged, then Houlsby raised: a half-merged model. Every layer is checked first."""
+    from lightning_peft import Houlsby, merge_adapters
+
+    model = tiny_llama()
+    LoRA(r=2, alpha=4, target_modules=["q_proj"]).inject(model)
+    Houlsby(bottleneck_size=4).inject(model)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_b" in n:
+                p.normal_()
+    before = _state(model)
+    with pytest.raises(NotImplementedError, match=r"(?s)merge_adapters: nothing was merged, 4 adapter layer\(s\) cannot be:.*HoulsbyAdapter cannot be merged"):
+        merge_adapters(model)
+    _same(before, _state(model))
+    assert not any(getattr(m, "merged", False) for m in model.modules())
+
+
+def test_a_merge_that_fails_midway_is_rolled_back():
+    from lightning_peft import merge_adapters
+
+    model = tiny_llama()
+    LoRA(r=2, alpha=4, target_modules=["q_proj", "v_proj"]).inject(model)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_b" in n:
+                p.normal_()
+        last = [m for n, m in model.named_modules() if n.endswith("v_proj")][-1]
+        last.lora_b["default"][0, 0] = float("inf")  # the last layer's merge refuses: earlier ones were merged
+    before = _state(model)
+    with pytest.raises(ValueError, match="would write NaN/inf into the base weight"):
+        merge_adapters(model)
+    after = _state(model)
+    for k in before[0]:
+        torch.testing.assert_close(after[0][k], before[0][k], atol=1e-6, rtol=0)  # unmerge rounds in float32
+    assert not any(getattr(m, "merged", False) for m in model.modules())

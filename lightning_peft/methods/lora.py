@@ -375,6 +375,12 @@ class LoRALinear(AdapterLayer):
         return out
 
     # -- merge --------------------------------------------------------------------------------------
+    def merge_problem(self) -> Optional[str]:
+        gated = [n for n in self.active if n in self.specs and n not in self.merged_adapters and n in self.lora_gate]
+        if gated:
+            return f"LoRA adapter(s) {gated} are gated (UniPELT): the gate depends on the input, so the update cannot be folded into the weight"
+        return None
+
     @torch.no_grad()
     def merge(self, names: Optional[list[str]] = None) -> None:
         """Fold adapters (default: the active ones) into the base weight. Merging twice is a no-op."""
