@@ -28,6 +28,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
+import shutil
+import warnings
 import re
 from collections import Counter
 from collections.abc import Callable
@@ -55,6 +58,7 @@ PICKLE_NAME = "adapter_model.bin"
 _FINGERPRINT_KEY = "lightning_peft_base"
 _LIBRARY_KEY = "lightning_peft"  # safetensors metadata: which lightning-peft wrote the file
 _DIGEST_KEY = "lightning_peft_sha256"  # safetensors metadata: digest of every tensor (names, dtypes, shapes, bytes)
+_CONFIG_DIGEST_KEY = "lightning_peft_config_sha256"  # safetensors metadata: digest of the adapter_config.json written with it
 #: PEFT's sequence and token classification models always save these heads (``modules_to_save``).
 _HEAD_NAMES = ("classifier", "score")
 _CLASSIFIER_TASKS = ("SEQ_CLS", "TOKEN_CLS")
@@ -276,11 +280,16 @@ def save_adapter(module: nn.Module, directory: Union[str, Path], adapter_name: O
     names = _adapter_names(layers)
     if adapter_name is not None and adapter_name not in names:
         raise ValueError(f"No adapter named {adapter_name!r}: this model carries {names}.")
-    out = Path(directory)
+    out = Path(directory).expanduser()
     chosen = [adapter_name] if adapter_name is not None else names
+    targets = {name: out if (adapter_name is not None or name == "default" or len(names) == 1) else out / name for name in chosen}
     for name in chosen:
-        target = out if (adapter_name is not None or name == "default" or len(names) == 1) else out / name
-        _save_one(module, prefix, base, layers, name, target)
+        _save_one(module, prefix, base, layers, name, targets[name])
+    if adapter_name is None and out.is_dir():  # every adapter was written: sub-adapter folders of adapters gone are stale
+        for sub in sorted(out.iterdir()):
+            if sub.is_dir() and (sub / CONFIG_NAME).is_file() and sub not in targets.values():
+                shutil.rmtree(sub)
+                warnings.warn(f"Removed {sub}: a saved adapter {sub.name!r} that this model no longer carries.", stacklevel=2)
     return out
 
 
@@ -322,12 +331,43 @@ def _save_one(module, prefix, base, layers, name, directory: Path) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     # our provenance lives in the safetensors header: peft warns about any config field it does not know
     tensors = {k: v.contiguous().cpu() for k, v in tensors.items()}
+    config_text = json.dumps(config, indent=2) + "\n"
     metadata = {
         "format": "pt", _FINGERPRINT_KEY: json.dumps(fingerprint), _LIBRARY_KEY: f"lightning-peft {_version()}",
-        _DIGEST_KEY: tensor_digest(tensors),
+        _DIGEST_KEY: tensor_digest(tensors), _CONFIG_DIGEST_KEY: hashlib.sha256(config_text.encode()).hexdigest(),
     }
-    save_file(tensors, str(directory / WEIGHTS_NAME), metadata=metadata)
-    (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+    _warn_if_replacing_another_adapter(directory, config, fingerprint)
+    # each file via a temporary file and an atomic rename, the config last: an interrupted save leaves the old pair,
+    # or new weights whose recorded config digest does not match the old config (refused on load), never a mix
+    # that loads silently
+    _atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    _atomic_write(directory / CONFIG_NAME, lambda tmp: tmp.write_text(config_text))
+
+
+def _atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _warn_if_replacing_another_adapter(directory: Path, config: dict[str, Any], fingerprint: dict[str, Any]) -> None:
+    path = directory / CONFIG_NAME
+    if not path.is_file():
+        return
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        old = {}
+    differs = [f for f in ("peft_type", "target_modules", "task_type") if old.get(f) != config.get(f)]
+    if differs:
+        warnings.warn(
+            f"{directory} held another adapter ({', '.join(f'{f}={old.get(f)!r}' for f in differs)}); it is replaced by this "
+            "one. Save to a new directory to keep both.",
+            stacklevel=4,
+        )
 
 
 def _version() -> str:
@@ -404,6 +444,7 @@ def load_adapter(
     activate: Optional[bool] = None,
     allow_pickle: bool = False,
     check_base: bool = True,
+    check_integrity: bool = True,
 ) -> nn.Module:
     """Load an adapter directory (written here or by Hugging Face PEFT) into ``module``; returns ``module``.
 
@@ -421,6 +462,8 @@ def load_adapter(
         activate: apply the adapter in forward. Default: only if ``module`` had no adapter before.
         allow_pickle: also read a pickled ``adapter_model.bin`` (with ``torch.load(weights_only=True)``).
         check_base: refuse an adapter whose recorded base fingerprint differs from ``module``'s base.
+        check_integrity: refuse a file written here whose ``adapter_config.json`` is not the one saved with its weights
+            (a torn save); pass False after editing the config by hand. The tensors' own digest is always checked.
 
     Example::
 
@@ -431,6 +474,13 @@ def load_adapter(
     config = _read_config(directory)
     tensors, metadata = _read_tensors(directory, allow_pickle)
     _check_tensors(directory, tensors, metadata)
+    recorded = metadata.get(_CONFIG_DIGEST_KEY)
+    if check_integrity and recorded is not None and recorded != hashlib.sha256((directory / CONFIG_NAME).read_bytes()).hexdigest():
+        raise AdapterFileError(
+            f"{directory}: {CONFIG_NAME} is not the config that was saved with {WEIGHTS_NAME} (an interrupted save, or the "
+            "config was edited). Nothing was loaded: save the adapter again, or pass check_integrity=False if you edited the "
+            "config on purpose."
+        )
     prefix, base = find_base_model(module)
     had_adapters = any(True for _ in adapter_modules(base))
     if check_base and _FINGERPRINT_KEY in metadata:

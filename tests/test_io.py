@@ -169,8 +169,12 @@ def test_bad_config_is_a_clear_error_and_leaves_the_model_unchanged(adapter_dir,
     model = tiny_llama()
     before = _snapshot(model)
     with pytest.raises((AdapterFileError, NotImplementedError), match=message):
-        load_adapter(model, adapter_dir)
+        load_adapter(model, adapter_dir, check_integrity=False)  # the config was edited on purpose: reach the checks behind
     assert _same(_snapshot(model), before)
+    if any(m in message for m in ("use_dora", "expected shape", "unexpected tensor")):  # a valid config, edited
+        with pytest.raises(AdapterFileError, match="is not the config that was saved with"):
+            load_adapter(model, adapter_dir)
+        assert _same(_snapshot(model), before)
 
 
 def test_invalid_json_is_a_clear_error(adapter_dir):

@@ -273,7 +273,7 @@ def test_a_peft_file_may_list_targets_the_model_does_not_have(tmp_path):
     model, d = _saved(tmp_path)
     _edit_config(d, target_modules=["q_proj", "v_proj", "not_in_llama"])
     ids = torch.tensor([[1, 2, 3]])
-    torch.testing.assert_close(load_adapter(tiny_llama(), d, check_base=False)(input_ids=ids).logits, model(input_ids=ids).logits)
+    torch.testing.assert_close(load_adapter(tiny_llama(), d, check_integrity=False)(input_ids=ids).logits, model(input_ids=ids).logits)
 
 
 # -- no lost work ---------------------------------------------------------------------------------------------
@@ -378,3 +378,36 @@ def test_a_merge_that_fails_midway_is_rolled_back():
     for k in before[0]:
         torch.testing.assert_close(after[0][k], before[0][k], atol=1e-6, rtol=0)  # unmerge rounds in float32
     assert not any(getattr(m, "merged", False) for m in model.modules())
+
+
+def test_a_torn_save_is_refused_and_an_edited_config_needs_the_opt_in(tmp_path):
+    """Weights and config are each written via a temporary file and a rename, the config last; the weights record
+    the config's digest, so new weights beside an old config (a save interrupted between the two) do not load."""
+    model, d = _saved(tmp_path)
+    old_config = (d / "adapter_config.json").read_text()
+    other = tiny_llama()
+    LoRA(r=4, alpha=8, target_modules=["q_proj", "v_proj"]).inject(other)
+    save_adapter(other, d)  # a second save over the first ...
+    (d / "adapter_config.json").write_text(old_config)  # ... whose config write never happened
+    with pytest.raises(AdapterFileError, match=r"adapter_config.json is not the config that was saved with adapter_model.safetensors"):
+        load_adapter(tiny_llama(), d)
+    assert not list(d.glob(".*.tmp"))  # no temporary files left behind
+
+
+def test_saving_over_another_adapter_warns_and_stale_sub_adapters_go(tmp_path):
+    from lightning_peft import IA3, delete_adapter
+
+    model, d = _saved(tmp_path)
+    other = tiny_llama()
+    IA3().inject(other)
+    with pytest.warns(UserWarning, match=r"held another adapter \(peft_type='LORA'.*it is replaced"):
+        save_adapter(other, d)
+    two = tiny_llama()
+    LoRA(r=2, alpha=4, target_modules=["q_proj"]).inject(two)
+    LoRA(r=2, alpha=4, target_modules=["q_proj"], adapter_name="b").inject(two)
+    save_adapter(two, tmp_path / "two")
+    assert (tmp_path / "two" / "b" / "adapter_config.json").is_file()
+    delete_adapter(two, "b")
+    with pytest.warns(UserWarning, match=r"Removed .*two/b: a saved adapter 'b' that this model no longer carries"):
+        save_adapter(two, tmp_path / "two")
+    assert not (tmp_path / "two" / "b").exists()
