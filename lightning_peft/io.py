@@ -154,6 +154,11 @@ def _check_fingerprint(model: nn.Module, saved: dict[str, Any], where: Path) -> 
 # -- reading files safely -------------------------------------------------------------------------------
 def _read_config(directory: Path) -> dict[str, Any]:
     path = directory / CONFIG_NAME
+    if directory.is_file():
+        raise AdapterFileError(
+            f"{directory} is a file; an adapter is a directory (holding {CONFIG_NAME} and {WEIGHTS_NAME}): pass "
+            f"{directory.parent} instead."
+        )
     if not directory.is_dir():
         raise FileNotFoundError(f"Adapter directory {directory} does not exist.")
     if not path.is_file():
@@ -470,7 +475,7 @@ def load_adapter(
         model = AutoModelForSequenceClassification.from_pretrained(base_path)
         load_adapter(model, "outputs/quickstart/adapter")
     """
-    directory = Path(directory)
+    directory = Path(directory).expanduser()
     config = _read_config(directory)
     tensors, metadata = _read_tensors(directory, allow_pickle)
     _check_tensors(directory, tensors, metadata)
@@ -484,7 +489,16 @@ def load_adapter(
     prefix, base = find_base_model(module)
     had_adapters = any(True for _ in adapter_modules(base))
     if check_base and _FINGERPRINT_KEY in metadata:
-        _check_fingerprint(base, json.loads(metadata[_FINGERPRINT_KEY]), directory)
+        try:
+            saved_fingerprint = json.loads(metadata[_FINGERPRINT_KEY])
+            if not isinstance(saved_fingerprint, dict):
+                raise ValueError(f"a {type(saved_fingerprint).__name__}, not an object")
+        except ValueError as err:
+            raise AdapterFileError(
+                f"{directory / WEIGHTS_NAME}: the base fingerprint in its header is malformed ({err}); the file was changed "
+                "after saving. Save the adapter again, or pass check_base=False to load it without the base check."
+            ) from None
+        _check_fingerprint(base, saved_fingerprint, directory)
     # modules_to_save: base modules stored whole (PEFT's classifier tasks always store their head)
     saved_modules = config.get("modules_to_save") or []
     if not isinstance(saved_modules, list) or not all(isinstance(m, str) for m in saved_modules):

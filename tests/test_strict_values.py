@@ -411,3 +411,21 @@ def test_saving_over_another_adapter_warns_and_stale_sub_adapters_go(tmp_path):
     with pytest.warns(UserWarning, match=r"Removed .*two/b: a saved adapter 'b' that this model no longer carries"):
         save_adapter(two, tmp_path / "two")
     assert not (tmp_path / "two" / "b").exists()
+
+
+# -- raw errors become clear ones ---------------------------------------------------------------------------------
+def test_a_path_to_the_weights_file_names_the_directory_to_pass(tmp_path):
+    _, d = _saved(tmp_path)
+    with pytest.raises(AdapterFileError, match=rf"adapter_model.safetensors is a file; an adapter is a directory .* pass {d}"):
+        load_adapter(tiny_llama(), d / "adapter_model.safetensors")
+
+
+def test_malformed_fingerprint_metadata_is_a_clear_error(tmp_path):
+    _, d = _saved(tmp_path)
+
+    def mangle(tensors, meta):
+        meta["lightning_peft_base"] = "{not json"
+
+    _rewrite_tensors(d, mangle)
+    with pytest.raises(AdapterFileError, match=r"the base fingerprint in its header is malformed"):
+        load_adapter(tiny_llama(), d)
