@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import random
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Callable, Literal, Optional
 
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from lightning_peft.tasks._hf import ensure_pad_token, load_tokenizer
 
@@ -177,19 +178,102 @@ def _resolve_tokenizer(dm: L.LightningDataModule, own: Any) -> Any:
     return tokenizer
 
 
+class ResumableBatches(Sampler[list[int]]):
+    """Shuffled batches of indices, a different reproducible order every epoch, that resume mid-epoch.
+
+    The order is exactly ``DataLoader(shuffle=True, generator=torch.Generator().manual_seed(seed))``'s (per epoch
+    the loader's iterator draws a seed from the generator, then ``RandomSampler`` one ``randperm`` and one more when
+    it is exhausted), so runs are unchanged.
+    :meth:`state_dict` records the generator state at the start of the current epoch; after
+    :meth:`load_state_dict` with ``consumed`` batches, the next iteration replays that epoch's order and skips the
+    batches already trained on (or, if the epoch was complete, starts the next one).
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int) -> None:
+        self.n, self.batch_size = n, batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+        self.epoch_state: torch.Tensor = self.generator.get_state()
+        self._resume: Optional[tuple[torch.Tensor, int]] = None
+
+    def __len__(self) -> int:
+        return math.ceil(self.n / self.batch_size)
+
+    def __iter__(self):
+        skip = 0
+        if self._resume is not None:
+            state, skip = self._resume
+            self._resume = None
+            self.generator.set_state(state)
+            if skip >= len(self):  # the saved epoch was complete: draw past it (and past the next iterator's seed)
+                torch.randperm(self.n, generator=self.generator)
+                torch.randperm(self.n, generator=self.generator)
+                torch.empty((), dtype=torch.int64).random_(generator=self.generator)
+                skip = 0
+        self.epoch_state = self.generator.get_state()
+        order = torch.randperm(self.n, generator=self.generator).tolist()
+        torch.randperm(self.n, generator=self.generator)  # RandomSampler's trailing draw, as it is exhausted
+        for start in range(skip * self.batch_size, self.n, self.batch_size):
+            yield order[start : start + self.batch_size]
+
+    def resume(self, epoch_state: torch.Tensor, consumed: int) -> None:
+        self._resume = (epoch_state, consumed)
+
+
+class ResumableLoader(DataLoader):
+    """A training ``DataLoader`` whose position Lightning saves in checkpoints and restores on resume.
+
+    Lightning calls :meth:`state_dict` when it saves a checkpoint (the fit loop's ``combined_loader`` state) and
+    :meth:`load_state_dict` before it iterates again after ``fit(ckpt_path=...)``. The state holds the epoch's
+    shuffle (:class:`ResumableBatches`), the batches the training loop has finished (``progress()``), and torch's
+    global RNG state (dropout), so a run killed at any step and resumed trains on the same batches with the same
+    random numbers as an uninterrupted one.
+    """
+
+    def __init__(self, dataset: Dataset, batch_size: int, seed: int, progress: Callable[[], int], **kwargs: Any) -> None:
+        batches = ResumableBatches(len(dataset), batch_size, seed)
+        super().__init__(dataset, batch_sampler=batches, generator=batches.generator, **kwargs)
+        self._progress = progress
+        self._rng: Optional[torch.Tensor] = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch_rng": self.batch_sampler.epoch_state, "consumed": int(self._progress()), "torch_rng": torch.get_rng_state()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.batch_sampler.resume(state_dict["epoch_rng"], int(state_dict["consumed"]))
+        self._rng = state_dict.get("torch_rng")
+
+    def __iter__(self):
+        if self._rng is not None:  # resuming: the random numbers continue where the saved run was
+            torch.set_rng_state(self._rng)
+            self._rng = None
+        return super().__iter__()
+
+
 def _loader(
-    dataset: Dataset, batch_size: int, shuffle: bool, seed: int, num_workers: int, collate: _PadCollator
+    dataset: Dataset, batch_size: int, shuffle: bool, seed: int, num_workers: int, collate: _PadCollator,
+    progress: Optional[Callable[[], int]] = None,
 ) -> DataLoader:
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=shuffle,
-        # A seeded generator: a different, reproducible order every epoch.
-        generator=torch.Generator().manual_seed(seed) if shuffle else None,
-        num_workers=num_workers,
-        persistent_workers=num_workers > 0,
-        collate_fn=collate,
-    )
+    common = dict(num_workers=num_workers, persistent_workers=num_workers > 0, collate_fn=collate)
+    if shuffle and progress is not None:  # training in one process: a seeded order every epoch, resumable mid-epoch
+        return ResumableLoader(dataset, batch_size, seed, progress, **common)
+    # evaluation; or training under a distributed strategy, where Lightning puts in its DistributedSampler (which
+    # resumes at epoch boundaries, not mid-epoch)
+    generator = torch.Generator().manual_seed(seed) if shuffle else None
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, **common)
+
+
+def _trained_batches(dm: L.LightningDataModule) -> Optional[Callable[[], int]]:
+    """How many batches of the current epoch the fit loop has trained on (read when a checkpoint is saved); None
+    under a distributed strategy (the loader is then Lightning's to shard)."""
+    trainer = getattr(dm, "trainer", None)
+    if trainer is not None and trainer.world_size > 1:
+        return None
+
+    def progress() -> int:
+        trainer = getattr(dm, "trainer", None)
+        return 0 if trainer is None else trainer.fit_loop.epoch_loop.batch_progress.current.processed
+
+    return progress
 
 
 def _check_loader_args(
@@ -390,7 +474,7 @@ class TextClassificationData(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         hp = self.hparams
-        return _loader(self.datasets["train"], hp.batch_size, True, hp.seed, hp.num_workers, self._collate())
+        return _loader(self.datasets["train"], hp.batch_size, True, hp.seed, hp.num_workers, self._collate(), _trained_batches(self))
 
     def val_dataloader(self) -> DataLoader | list:
         return self._eval_loader("val")
@@ -552,7 +636,7 @@ class InstructionData(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         hp = self.hparams
-        return _loader(self.datasets["train"], hp.batch_size, True, hp.seed, hp.num_workers, self._collate())
+        return _loader(self.datasets["train"], hp.batch_size, True, hp.seed, hp.num_workers, self._collate(), _trained_batches(self))
 
     def val_dataloader(self) -> DataLoader | list:
         if "val" not in self.datasets:
