@@ -37,8 +37,12 @@ def test_ddp_equals_one_process_with_the_same_global_batch(method, tmp_path):
     single, rank0, rank1 = (torch.load(tmp_path / name) for name in ("1_rank0.pt", "2_rank0.pt", "2_rank1.pt"))
     assert single["adapter"], "no adapter tensors were saved"
     assert _max_diff(rank0["adapter"], rank1["adapter"]) == 0.0  # every rank holds the same adapter
-    moved = max(v.abs().max().item() for v in single["adapter"].values() if v.numel())
-    assert moved > 0.1  # the runs trained (start values are 0.05 * N(0, 1) draws)
+    # the runs trained: the adapter moved from its fixed start (comparing final values alone could not fail, since
+    # the start values are 0.05 * N(0, 1) draws whose maximum exceeds any small threshold)
+    same_shape = [k for k, v in single["adapter"].items() if v.numel() and k in single["start"] and single["start"][k].shape == v.shape]
+    assert same_shape  # (AdaLoRA prunes ranks: tensors whose shape changed are left out of this check)
+    moved = max((single["adapter"][k] - single["start"][k]).abs().max().item() for k in same_shape)
+    assert moved > 1e-3, moved
     assert _max_diff(single["adapter"], rank0["adapter"]) < 1e-4  # float reduction order only
     if method == "adalora":  # scores come from the all-reduced gradients: the same masks everywhere, at every step
         assert len(single["masks"]) == 8

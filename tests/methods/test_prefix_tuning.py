@@ -150,6 +150,7 @@ def test_half_precision_model_gets_prefixes_in_its_dtype(family):
     got.float().sum().backward()
     grads = [p.grad for p in model.prefix_tuning.parameters() if p.requires_grad]
     assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert any(g.abs().sum() > 0 for g in grads)  # a zero gradient (prefixes cut off from the loss) would pass the line above
 
 
 def test_trains_like_peft_through_the_mlp():

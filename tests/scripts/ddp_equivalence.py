@@ -37,7 +37,7 @@ class FixedStart(L.Callback):
     """Same adapter values on every run; records AdaLoRA's masks after every step."""
 
     def __init__(self, adalora=None):
-        self.adalora, self.masks = adalora, []
+        self.adalora, self.masks, self.start = adalora, [], {}
 
     def on_train_start(self, trainer, pl_module):
         g = torch.Generator().manual_seed(1)
@@ -45,6 +45,7 @@ class FixedStart(L.Callback):
             for name, p in sorted(pl_module.named_parameters()):
                 if p.requires_grad:
                     p.copy_(0.05 * torch.randn(p.shape, generator=g).to(p.dtype))
+        self.start = {k: v.detach().float().clone() for k, v in lp.adapter_state_dict(pl_module).items()}
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if self.adalora is not None:
@@ -86,7 +87,8 @@ if __name__ == "__main__":
 
         assert is_quantized(module.model.model.layers[0].self_attn.q_proj.weight)
     trained = {k: v.detach().float().clone() for k, v in lp.adapter_state_dict(module).items()}
-    torch.save({"adapter": trained, "masks": probe.masks, "final_ranks": getattr(cb, "final_ranks", None)}, out / f"{devices}_rank{trainer.global_rank}.pt")
+    torch.save({"adapter": trained, "start": probe.start, "masks": probe.masks, "final_ranks": getattr(cb, "final_ranks", None)},
+               out / f"{devices}_rank{trainer.global_rank}.pt")
     if devices > 1:
         trainer.strategy.barrier()
         if torch.distributed.is_initialized():
