@@ -341,7 +341,7 @@ def _save_one(module, prefix, base, layers, name, directory: Path) -> None:
         "format": "pt", _FINGERPRINT_KEY: json.dumps(fingerprint), _LIBRARY_KEY: f"lightning-peft {_version()}",
         _DIGEST_KEY: tensor_digest(tensors), _CONFIG_DIGEST_KEY: hashlib.sha256(config_text.encode()).hexdigest(),
     }
-    _warn_if_replacing_another_adapter(directory, config, fingerprint)
+    _warn_if_replacing_another_adapter(directory, config)
     # each file via a temporary file and an atomic rename, the config last: an interrupted save leaves the old pair,
     # or new weights whose recorded config digest does not match the old config (refused on load), never a mix
     # that loads silently
@@ -358,7 +358,7 @@ def _atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def _warn_if_replacing_another_adapter(directory: Path, config: dict[str, Any], fingerprint: dict[str, Any]) -> None:
+def _warn_if_replacing_another_adapter(directory: Path, config: dict[str, Any]) -> None:
     path = directory / CONFIG_NAME
     if not path.is_file():
         return
@@ -415,11 +415,13 @@ def _modules_to_save(base: nn.Module, trained: list[str], heads: tuple[str, ...]
             f"Trained parameters {top} belong to no submodule of {type(base).__name__}: PEFT's modules_to_save names modules. "
             "Save a Lightning checkpoint instead."
         )
+    def adapted(saved: list[str]) -> list[str]:
+        return [n for n in saved if any(isinstance(m, AdapterLayer) for m in modules[n].modules())]
+
     entries = [h for h in heads if any(n.endswith(h) for n in names)]
     saved = _peft_matches(names, entries)
-    adapted = [n for n in saved if any(isinstance(m, AdapterLayer) for m in modules[n].modules())]
-    if adapted:
-        raise _AdaptedHead(f"classification head {adapted} carries adapter layers")
+    if adapted(saved):
+        raise _AdaptedHead(f"classification head {adapted(saved)} carries adapter layers")
     owners = sorted({p.rsplit(".", 1)[0] for p in trained}, key=lambda n: (n.count("."), n))
     missing = [o for o in owners if o not in modules]
     if missing:
@@ -431,10 +433,9 @@ def _modules_to_save(base: nn.Module, trained: list[str], heads: tuple[str, ...]
         if not any(owner == s or owner.startswith(s + ".") for s in saved):
             entries.append(owner)
             saved = _peft_matches(names, entries)
-    adapted = [n for n in saved if any(isinstance(m, AdapterLayer) for m in modules[n].modules())]
-    if adapted:
+    if adapted(saved):
         raise NotImplementedError(
-            f"Modules {adapted} are trained in full (trainable_modules) and also carry adapter layers; PEFT's modules_to_save "
+            f"Modules {adapted(saved)} are trained in full (trainable_modules) and also carry adapter layers; PEFT's modules_to_save "
             "cannot hold both. Leave them out of trainable_modules or out of the adapter's target_modules."
         )
     return entries, saved
@@ -507,7 +508,8 @@ def load_adapter(
     entries = [m for m in dict.fromkeys(saved_modules + heads) if m]
     fmt = _FORMATS[config["peft_type"]]
     full, rest = _split_modules_to_save(base, tensors, entries, directory, fmt.key_prefix, adapter_name)
-    listed = _peft_matches([n for n, _ in base.named_modules() if n], [m for m in saved_modules if m])
+    module_names = [n for n, _ in base.named_modules() if n]
+    listed = _peft_matches(module_names, [m for m in saved_modules if m])
     lacking = [f"{m}.{k}" for m in listed for k in base.get_submodule(m).state_dict() if f"{m}.{k}" not in full]
     if lacking:
         raise AdapterFileError(
@@ -548,7 +550,6 @@ def load_adapter(
     params = dict(base.named_parameters())
     if is_trainable and full:
         state["trainable"] = sorted(set(state["trainable"]) | {prefix + n for n in full if n in params})
-    module_names = [n for n, _ in base.named_modules() if n]
     record = _method_record(config, adapter_name, [m for m in _peft_matches(module_names, entries) if any(p.startswith(m + ".") for p in full)])
     if record is not None:
         state["methods"].append(record)

@@ -99,6 +99,13 @@ def match_name(name: str, spec: TargetSpec) -> bool:
     return any(name == t or name.endswith("." + t) for t in spec)
 
 
+def _candidates(modules: dict[str, nn.Module], supported: tuple[type[nn.Module], ...]) -> str:
+    """The short names of the modules a method could wrap (else of every module), for error messages."""
+    names = sorted({n.split(".")[-1] for n, m in modules.items() if n and isinstance(m, supported)})
+    names = names or sorted({n.split(".")[-1] for n in modules if n})
+    return ", ".join(names[:20]) + (", ..." if len(names) > 20 else "")
+
+
 def _under(name: str, prefixes: set[str]) -> bool:
     return any(name == p or name.startswith(p + ".") for p in prefixes if p) or "" in prefixes
 
@@ -159,10 +166,7 @@ def find_targets(
     selected = [n for n in selected if not any(n.startswith(w + ".") for w in wrapped if w)]
 
     if not selected:
-        candidates = sorted({n.split(".")[-1] for n, m in modules.items() if n and isinstance(m, supported)})
-        if not candidates:
-            candidates = sorted({n.split(".")[-1] for n in modules if n})
-        shown = ", ".join(candidates[:20]) + (", ..." if len(candidates) > 20 else "")
+        shown = _candidates(modules, supported)
         raise ValueError(
             f"target_modules={target_modules!r} (exclude_modules={exclude_modules!r}) matched no module of "
             f"{type(model).__name__}. Candidate module names: [{shown}]. Use names from that list, dotted suffixes, "
@@ -174,10 +178,7 @@ def find_targets(
                 continue
             unmatched = [t for t in spec if not any(n and match_name(n, [t]) for n in modules)]
             if unmatched:
-                candidates = sorted({n.split(".")[-1] for n, m in modules.items() if n and isinstance(m, supported)}) or sorted(
-                    {n.split(".")[-1] for n in modules if n}
-                )
-                shown = ", ".join(candidates[:20]) + (", ..." if len(candidates) > 20 else "")
+                shown = _candidates(modules, supported)
                 raise ValueError(
                     f"{arg} entries {unmatched} match no module of {type(model).__name__} (a typo?). Every entry must name "
                     f"a module (its name or a dotted suffix). Candidate module names: [{shown}]."

@@ -115,6 +115,15 @@ def test_lora_classifier_saved_here_loads_in_peft(tmp_path, arch, trained_head):
     torch.testing.assert_close(_logits(theirs, _batch()), _logits(ours, _batch()), atol=1e-5, rtol=0)
 
 
+def _perturb(peft_model, parts: tuple[str, ...], seed: int = 5) -> None:
+    """Move the peft model's parameters whose names contain one of ``parts`` away from their init (seeded)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if any(part in n for part in parts):
+                p.add_(torch.randn(p.shape, generator=g) * 0.2)
+
+
 @pytest.mark.parametrize("peft_config", ["task", "modules_to_save"], ids=["task_type=SEQ_CLS", "modules_to_save=classifier"])
 @pytest.mark.parametrize("arch", ARCHS)
 def test_lora_classifier_saved_by_peft_loads_here(tmp_path, arch, peft_config):
@@ -122,11 +131,7 @@ def test_lora_classifier_saved_by_peft_loads_here(tmp_path, arch, peft_config):
     every head parameter restored and the same logits; trainable when asked, as in PEFT."""
     kw = dict(task_type="SEQ_CLS") if peft_config == "task" else dict(modules_to_save=["classifier"])
     theirs = peft.get_peft_model(_classifier(arch), peft.LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS[arch], **kw)).eval()
-    g = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for n, p in theirs.named_parameters():
-            if "lora_B" in n or "modules_to_save" in n:
-                p.add_(torch.randn(p.shape, generator=g) * 0.2)
+    _perturb(theirs, ("lora_B", "modules_to_save"))
     theirs.save_pretrained(tmp_path / "p")
     assert {k for k in _keys(tmp_path / "p") if "lora_" not in k} == {f"base_model.model.{k}" for k in HEAD_KEYS[arch]}
     ours = load_adapter(_classifier(arch, head_seed=11), tmp_path / "p")
@@ -237,11 +242,7 @@ def test_prefix_adapter_on_a_classifier_carries_its_head(tmp_path):
 @pytest.mark.parametrize("arch", ["bert", "roberta"])
 def test_prompt_adapter_saved_by_peft_loads_here_with_its_head(tmp_path, arch):
     theirs = peft.get_peft_model(_classifier(arch), peft.PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=4)).eval()
-    g = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for n, p in theirs.named_parameters():
-            if "prompt_encoder" in n or "modules_to_save" in n:
-                p.add_(torch.randn(p.shape, generator=g) * 0.2)
+    _perturb(theirs, ("prompt_encoder", "modules_to_save"))
     theirs.save_pretrained(tmp_path / "p")
     ours = load_adapter(_classifier(arch, head_seed=11), tmp_path / "p", is_trainable=True)
     batch = _batch()

@@ -209,36 +209,34 @@ def _checkpoint(**lora):
     return ckpt
 
 
-def test_a_checkpoint_that_does_not_fit_leaves_the_module_as_it_was():
+def _wrong_shapes(ckpt):  # another base, or a tampered file
+    ckpt["state_dict"] = {k: v[:1] for k, v in ckpt["state_dict"].items()}
+    return "does not match this model's adapters"
+
+
+def _infinite_value(ckpt):
+    key = next(k for k in ckpt["state_dict"] if "lora_b" in k)
+    ckpt["state_dict"][key][0, 0] = float("inf")
+    return rf"{key}: holds NaN or infinite values"
+
+
+def _unknown_method(ckpt):
+    ckpt["lightning_peft"]["methods"][0]["method"] = "dora"
+    return r"records an adapter of method 'dora', which this lightning-peft does not have \(known: \["
+
+
+@pytest.mark.parametrize("tamper", [_wrong_shapes, _infinite_value, _unknown_method])
+def test_a_bad_checkpoint_is_refused_and_leaves_the_module_as_it_was(tamper):
+    """A checkpoint that does not fit (shapes), holds non-finite adapter values, or records an unknown method is
+    refused with a message naming it, and the module keeps no adapter injected for it."""
     ckpt = _checkpoint()
-    ckpt["state_dict"] = {k: v[:1] for k, v in ckpt["state_dict"].items()}  # wrong shapes (another base / tampered)
+    match = tamper(ckpt)
     module = TinyLM()
     before = _state(module)
-    with pytest.raises(ValueError, match="does not match this model's adapters"):
+    with pytest.raises(ValueError, match=match):
         load_adapter_checkpoint(module, ckpt)
     _same(before, _state(module))
     assert not any("lora" in n for n, _ in module.named_modules())
-
-
-def test_a_checkpoint_with_non_finite_adapter_values_is_refused():
-    ckpt = _checkpoint()
-    key = next(k for k in ckpt["state_dict"] if "lora_b" in k)
-    ckpt["state_dict"][key][0, 0] = float("inf")
-    module = TinyLM()
-    before = _state(module)
-    with pytest.raises(ValueError, match=rf"{key}: holds NaN or infinite values"):
-        load_adapter_checkpoint(module, ckpt)
-    _same(before, _state(module))
-
-
-def test_an_unknown_method_in_the_record_is_a_clear_error():
-    ckpt = _checkpoint()
-    ckpt["lightning_peft"]["methods"][0]["method"] = "dora"
-    module = TinyLM()
-    before = _state(module)
-    with pytest.raises(ValueError, match=r"records an adapter of method 'dora', which this lightning-peft does not have \(known: \["):
-        load_adapter_checkpoint(module, ckpt)
-    _same(before, _state(module))
 
 
 def test_a_good_checkpoint_still_loads_exactly():

@@ -29,7 +29,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 from typing_extensions import override
 
-from lightning_peft.core import adapter_param_names, count_parameters, mark_trainable, structure_snapshot
+from lightning_peft.core import adapter_modules, adapter_param_names, count_parameters, mark_trainable, structure_snapshot
 from lightning_peft.targeting import match_name
 from lightning_peft.validation import strict_init
 
@@ -295,8 +295,6 @@ class PEFTCallback(Callback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        from lightning_peft.core import adapter_modules
-
         def merged_and_trained(m) -> bool:
             if not m.merged:
                 return False

@@ -375,8 +375,12 @@ class LoRALinear(AdapterLayer):
         return out
 
     # -- merge --------------------------------------------------------------------------------------
+    def _unmerged(self, names: Optional[list[str]]) -> list[str]:
+        """The adapters ``merge(names)`` would fold in (default: the active ones), not yet merged."""
+        return [n for n in (self.active if names is None else names) if n in self.specs and n not in self.merged_adapters]
+
     def merge_problem(self) -> Optional[str]:
-        gated = [n for n in self.active if n in self.specs and n not in self.merged_adapters and n in self.lora_gate]
+        gated = [n for n in self._unmerged(None) if n in self.lora_gate]
         if gated:
             return f"LoRA adapter(s) {gated} are gated (UniPELT): the gate depends on the input, so the update cannot be folded into the weight"
         return None
@@ -384,7 +388,7 @@ class LoRALinear(AdapterLayer):
     @torch.no_grad()
     def merge(self, names: Optional[list[str]] = None) -> None:
         """Fold adapters (default: the active ones) into the base weight. Merging twice is a no-op."""
-        names = [n for n in (self.active if names is None else names) if n in self.specs and n not in self.merged_adapters]
+        names = self._unmerged(names)
         gated = [n for n in names if n in self.lora_gate]
         if gated:
             raise ValueError(
@@ -440,9 +444,15 @@ def pattern_value(name: str, pattern: Optional[dict], default):
     """The value of the first key of ``pattern`` that matches ``name`` as Hugging Face PEFT matches its
     ``rank_pattern``/``alpha_pattern`` keys (a regular expression matching the end of the name at a dot), else ``default``."""
     for key, value in (pattern or {}).items():
-        if re.match(rf"(.*\.)?({key})$", name):
+        if re.match(_pattern_regex(key), name):
             return value
     return default
+
+
+def _pattern_regex(key: str) -> str:
+    """PEFT's rule for a ``rank_pattern``/``alpha_pattern`` key: a regular expression matching the end of a module
+    name at a dot."""
+    return rf"(.*\.)?({key})$"
 
 
 def check_patterns(names: list[str], patterns: dict[str, Optional[dict]], require_match: bool = True) -> None:
@@ -451,10 +461,10 @@ def check_patterns(names: list[str], patterns: dict[str, Optional[dict]], requir
     for arg, pattern in patterns.items():
         for key in pattern or {}:
             try:
-                re.compile(rf"(.*\.)?({key})$")
+                regex = re.compile(_pattern_regex(key))
             except re.error as err:
                 raise ValueError(f"{arg} key {key!r} is not a valid regular expression: {err}.") from None
-            if require_match and not any(re.match(rf"(.*\.)?({key})$", n) for n in names):
+            if require_match and not any(regex.match(n) for n in names):
                 shown = ", ".join(names[:10]) + (", ..." if len(names) > 10 else "")
                 raise ValueError(
                     f"{arg} key {key!r} matches none of the adapted modules (a typo?): [{shown}]. Keys are regular "
