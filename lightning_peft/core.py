@@ -354,11 +354,53 @@ def unload(model: nn.Module, merge: bool = False) -> nn.Module:
     return model
 
 
+_HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
+               "_state_dict_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")
+_INSTANCE_ATTRS = ("strict_loading", "_strict_loading", "on_save_checkpoint", "on_load_checkpoint", "configure_model")
+
+
+class StructureSnapshot:
+    """What injection can change in ``model``, recorded so that :meth:`restore` undoes it exactly: the module tree
+    (the same module objects), parameters and buffers (the same tensor objects; values are not copied), forward and
+    state-dict hooks, ``requires_grad`` flags, the lightning-peft record, and the instance attributes the Lightning
+    glue sets (``strict_loading``, wrapped checkpoint hooks, a wrapped ``configure_model``)."""
+
+    _MISSING = object()
+
+    def __init__(self, model: nn.Module) -> None:
+        import copy
+
+        self.model = model
+        self.saved = [
+            (m, dict(m._modules), dict(m._parameters), dict(m._buffers), [dict(getattr(m, h, {})) for h in _HOOK_DICTS])
+            for m in model.modules()
+        ]
+        self.flags = [(p, p.requires_grad) for p in model.parameters()]
+        record = model.__dict__.get("_lightning_peft", self._MISSING)
+        self.record = record if record is self._MISSING else copy.deepcopy(record)
+        self.attrs = {a: model.__dict__.get(a, self._MISSING) for a in _INSTANCE_ATTRS}
+
+    def restore(self) -> None:
+        for m, modules, params, buffers, hooks in self.saved:
+            for attr, value in (("_modules", modules), ("_parameters", params), ("_buffers", buffers), *zip(_HOOK_DICTS, hooks)):
+                current = getattr(m, attr, None)
+                if current is not None:
+                    current.clear()
+                    current.update(value)
+        for p, flag in self.flags:
+            p.requires_grad_(flag)
+        for attr, value in (("_lightning_peft", self.record), *self.attrs.items()):
+            if value is self._MISSING:
+                self.model.__dict__.pop(attr, None)
+            else:
+                self.model.__dict__[attr] = value
+
+
 @contextlib.contextmanager
 def structure_snapshot(model: nn.Module) -> Iterator[nn.Module]:
-    """All or nothing: if the block raises, ``model`` gets back its module tree (the same module objects), its
-    parameters and buffers (the same tensor objects; values are not copied), its forward hooks, its
-    ``requires_grad`` flags and its lightning-peft record, then the error propagates.
+    """All or nothing: if the block raises, ``model`` gets back what injection can change (see
+    :class:`StructureSnapshot`: its module tree, the same parameter objects, hooks, ``requires_grad`` flags and its
+    lightning-peft record), then the error propagates.
 
     Injection only adds modules, hooks and flags and swaps submodules, so this undoes it exactly::
 
@@ -366,29 +408,9 @@ def structure_snapshot(model: nn.Module) -> Iterator[nn.Module]:
             inject(model)
             check(model)      # raises: model is as it was before inject
     """
-    import copy
-
-    saved = [
-        (m, dict(m._modules), dict(m._parameters), dict(m._buffers), dict(m._forward_pre_hooks),
-         dict(m._forward_pre_hooks_with_kwargs), dict(m._forward_hooks), dict(m._forward_hooks_with_kwargs))
-        for m in model.modules()
-    ]
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    record = copy.deepcopy(model.__dict__.get("_lightning_peft"))
-    had_record = "_lightning_peft" in model.__dict__
+    snapshot = StructureSnapshot(model)
     try:
         yield model
     except BaseException:
-        for m, modules, params, buffers, pre, pre_kw, post, post_kw in saved:
-            for attr, value in (("_modules", modules), ("_parameters", params), ("_buffers", buffers), ("_forward_pre_hooks", pre),
-                                ("_forward_pre_hooks_with_kwargs", pre_kw), ("_forward_hooks", post), ("_forward_hooks_with_kwargs", post_kw)):
-                current = getattr(m, attr)
-                current.clear()
-                current.update(value)
-        for p, flag in flags:
-            p.requires_grad_(flag)
-        if had_record:
-            model.__dict__["_lightning_peft"] = record
-        else:
-            model.__dict__.pop("_lightning_peft", None)
+        snapshot.restore()
         raise

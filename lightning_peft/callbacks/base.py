@@ -11,11 +11,13 @@ What it does, in Lightning's order (``Trainer.fit``):
 3. Resume: ``strict_loading`` is turned off for the base weights, and ``on_load_checkpoint`` checks,
    before anything is loaded, that the checkpoint's adapter keys, shapes and settings match this
    model's; a mismatch raises one error naming every bad key.
+4. All or nothing: if the Trainer call fails before training starts (another callback's setup, the
+   checkpoint restore, ``configure_optimizers``), every adapter the call injected is taken out again
+   (``on_exception``), so the user's model is as it was and the call can be retried.
 """
 
 from __future__ import annotations
 
-import functools
 import weakref
 from pathlib import Path
 from collections.abc import Sequence
@@ -29,7 +31,14 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 from typing_extensions import override
 
-from lightning_peft.core import adapter_modules, adapter_param_names, count_parameters, mark_trainable, structure_snapshot
+from lightning_peft.core import (
+    StructureSnapshot,
+    adapter_modules,
+    adapter_param_names,
+    count_parameters,
+    mark_trainable,
+    structure_snapshot,
+)
 from lightning_peft.targeting import match_name
 from lightning_peft.validation import strict_init
 
@@ -271,22 +280,11 @@ class PEFTCallback(Callback):
         if self._injected_into is not None and self._injected_into() is pl_module:
             return  # a second stage (validate after fit, ...) on the same module
         # (a callback already used on another module raises in inject(): one callback per model)
+        call = _TrainerCallInjection.of(pl_module)
         if is_overridden("configure_model", pl_module):
-            self._defer_to_configure_model(pl_module)
+            call.defer(self)  # the model exists only after configure_model: inject right after it
         else:
-            self._inject_lightning(pl_module)
-
-    def _defer_to_configure_model(self, pl_module: pl.LightningModule) -> None:
-        original = pl_module.configure_model
-
-        @functools.wraps(original)
-        def configure_model_then_inject() -> None:
-            del pl_module.configure_model  # back to the class's own method
-            original()
-            if not self.injected:
-                self._inject_lightning(pl_module)
-
-        pl_module.configure_model = configure_model_then_inject
+            call.inject(self)
 
     def _inject_lightning(self, pl_module: pl.LightningModule) -> None:
         self.inject(pl_module)
@@ -294,7 +292,23 @@ class PEFTCallback(Callback):
         rank_zero_info(f"{type(self).__name__}: adapted {len(self.injected)} modules. {count_parameters(pl_module)}")
 
     @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        # the Trainer call failed before training started (in another callback's setup, in configure_optimizers, in the
+        # checkpoint restore, ...): take out what this call injected, so the model is as it was and a retry works
+        _TrainerCallInjection.roll_back(pl_module)
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        _TrainerCallInjection.commit(pl_module)  # the call ended without an error: its adapters stay
+
+    @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._refuse_training_merged_adapters(pl_module)
+        # training starts: from here on the adapters hold trained values, which a later error must not take away
+        _TrainerCallInjection.commit(pl_module)
+
+    @staticmethod
+    def _refuse_training_merged_adapters(pl_module: pl.LightningModule) -> None:
         def merged_and_trained(m) -> bool:
             if not m.merged:
                 return False
@@ -334,6 +348,72 @@ class PEFTCallback(Callback):
 
 
 strict_init(PEFTCallback)
+
+
+class _TrainerCallInjection:
+    """The adapters that the PEFT callbacks of one Trainer call inject into one module, as one unit.
+
+    Several callbacks inject one after the other in ``setup`` (or right after ``configure_model``). If the call fails
+    before training starts (a later callback's targets match nothing, ``configure_optimizers`` raises, the checkpoint
+    does not fit, ...), :meth:`roll_back` puts the module back as it was before the first injection, so that the
+    user's model is unchanged and the same call can simply be retried. Once training starts (or the call ends
+    without an error) the injection is committed: an error during training keeps the trained adapters.
+    """
+
+    _open: ClassVar[weakref.WeakKeyDictionary] = weakref.WeakKeyDictionary()
+
+    def __init__(self, module: pl.LightningModule) -> None:
+        self.module = module
+        self.before: Optional[StructureSnapshot] = None  # taken just before the first injection
+        self.callbacks: list[PEFTCallback] = []
+        self.deferred: list[PEFTCallback] = []
+
+    @classmethod
+    def of(cls, module: pl.LightningModule) -> _TrainerCallInjection:
+        if module not in cls._open:
+            cls._open[module] = cls(module)
+        return cls._open[module]
+
+    def inject(self, callback: PEFTCallback) -> None:
+        if self.before is None:
+            self.before = StructureSnapshot(self.module)
+        self.callbacks.append(callback)
+        callback._inject_lightning(self.module)
+
+    def defer(self, callback: PEFTCallback) -> None:
+        self.deferred.append(callback)
+        if len(self.deferred) == 1:  # one wrapper, whatever the number of callbacks
+            self.module.configure_model = self._configure_model_then_inject
+
+    def _configure_model_then_inject(self) -> None:
+        del self.module.configure_model  # back to the class's own method
+        self.module.configure_model()
+        for callback in self.deferred:
+            if not callback.injected:
+                self.inject(callback)
+
+    @classmethod
+    def commit(cls, module: pl.LightningModule) -> None:
+        call = cls._open.pop(module, None)
+        if call is not None and module.__dict__.get("configure_model") == call._configure_model_then_inject:
+            del module.configure_model  # configure_model never ran (e.g. a stage that does not call it)
+
+    @classmethod
+    def roll_back(cls, module: pl.LightningModule) -> None:
+        call = cls._open.get(module)
+        if call is None:
+            return
+        cls.commit(module)
+        if call.before is not None:
+            call.before.restore()
+        for callback in call.callbacks:
+            callback.injected = []
+            callback._injected_into = None
+        if call.callbacks:
+            rank_zero_info(
+                f"lightning-peft: the Trainer call failed before training started; the adapters it injected "
+                f"({', '.join(type(c).__name__ for c in call.callbacks)}) were taken out, so the model is as it was."
+            )
 
 
 def check_writable_dir(directory: Union[str, Path], what: str) -> Path:

@@ -41,7 +41,7 @@ def test_fit_trains_adapters_and_leaves_base_frozen(tmp_path, module_cls, opt):
         torch.testing.assert_close(after[k], v, rtol=0, atol=0)  # base untouched
     assert all(p.requires_grad == ("lora_" in n) for n, p in module.named_parameters())
     assert full_loss(module) < loss0 - 0.3
-    assert trainer is not None and len(module.trainer.optimizers[0].param_groups[0]["params"]) == (
+    assert len(module.trainer.optimizers[0].param_groups[0]["params"]) == (
         len(list(module.parameters())) if opt == "all" else 8
     )
 

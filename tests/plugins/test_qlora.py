@@ -200,7 +200,7 @@ def test_rslora_and_lora_injected_after_quantization_work():
     ids = token_data(2, seq=8)
     loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
-    assert up.lora_a["default"].grad is None or torch.isfinite(up.lora_a["default"].grad).all()
+    assert up.lora_a["default"].grad is not None and torch.isfinite(up.lora_a["default"].grad).all()  # zero while B is 0, but it flows
     assert up.lora_b["default"].grad.abs().sum() > 0
 
 
