@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
+import torch
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
 from torch.optim import Optimizer
@@ -39,6 +40,36 @@ class PEFTCLI(LightningCLI):
         if len(optimizer.param_groups) == 1 and not optimizer.state:
             optimizer.param_groups[0]["params"] = [p for p in lightning_module.parameters() if p.requires_grad]
         return LightningCLI.configure_optimizers(lightning_module, optimizer, lr_scheduler)
+
+    def _check_the_checkpoint_has_its_adapter(self) -> None:
+        """An adapter-only checkpoint given to a model that neither has a PEFT callback nor ``PEFTMixin`` would meet
+        torch's list of every missing base weight: say what is missing instead, before Lightning loads it."""
+        from lightning_peft.callbacks.base import _CKPT_KEY, PEFTCallback
+        from lightning_peft.mixin import PEFTMixin
+
+        ckpt_path = self.config.get(str(self.subcommand), {}).get("ckpt_path")
+        if not ckpt_path or isinstance(self.model, PEFTMixin) or any(isinstance(c, PEFTCallback) for c in self.trainer.callbacks):
+            return
+        path = Path(str(ckpt_path)).expanduser()
+        if not path.is_file():
+            return  # "last", "best", a missing file: Lightning resolves or reports them
+        try:  # tensors memory-mapped, not read: only the record is looked at
+            record = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get(_CKPT_KEY)
+        except Exception:  # noqa: BLE001  (an unreadable file is Lightning's to report)
+            return
+        if isinstance(record, dict):
+            methods = [m.get("method") if isinstance(m, dict) else m for m in record.get("methods", [])]
+            raise ValueError(
+                f"{path} holds only a lightning-peft adapter ({', '.join(map(str, methods))}), and this run has no PEFT "
+                f"callback and {type(self.model).__name__} no PEFTMixin, so the base weights would be reported missing. "
+                "Add the callback the checkpoint was trained with (the same --config, or --trainer.callbacks+=...), or "
+                "load it in Python with lightning_peft.load_adapter_checkpoint(model, path)."
+            )
+
+    def before_fit(self) -> None:
+        self._check_the_checkpoint_has_its_adapter()
+
+    before_validate = before_test = before_predict = before_fit
 
 
 def main(args: Optional[list[str]] = None) -> None:

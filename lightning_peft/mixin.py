@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
-from lightning_peft.callbacks.base import PEFTCallback, adapter_checkpoint_state, check_adapter_checkpoint
-from lightning_peft.core import ParameterCounts, count_parameters
+from lightning_peft.callbacks.base import (
+    _CKPT_KEY,
+    PEFTCallback,
+    _kept_names,
+    adapter_checkpoint_state,
+    check_adapter_checkpoint,
+    inject_recorded_adapters,
+    peft_state,
+)
+from lightning_peft.core import ParameterCounts, count_parameters, structure_snapshot
 
 __all__ = ["PEFTMixin"]
 
@@ -16,6 +25,12 @@ class PEFTMixin:
     Call :meth:`apply_peft` once the model exists (at the end of ``__init__`` or of ``configure_model``):
     the same injection and freezing as the callbacks, and the same adapter-only checkpoints. If you
     override ``on_save_checkpoint`` / ``on_load_checkpoint``, call ``super()`` in them.
+
+    A module with the mixin also loads adapter-only checkpoints made with a PEFT *callback*:
+    ``Net.load_from_checkpoint(path)`` and ``trainer.validate(net, ckpt_path=path)`` inject the adapters
+    the checkpoint records (when the module carries none yet) and load them; the base weights come from
+    the module's own ``__init__``. Resuming ``fit`` needs the same PEFT callback on the Trainer (its
+    settings, e.g. ``save_dir``, are not in the checkpoint): without it the error says so.
 
     Example::
 
@@ -45,5 +60,35 @@ class PEFTMixin:
         adapter_checkpoint_state(self, checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        check_adapter_checkpoint(self, checkpoint)
+        record = checkpoint.get(_CKPT_KEY)
+        if isinstance(record, dict) and record.get("methods") and not peft_state(self)["methods"]:
+            trainer = getattr(self, "_trainer", None)
+            if trainer is not None and trainer.state.fn == "fit":
+                methods = [m.get("method") if isinstance(m, dict) else m for m in record["methods"]]
+                raise RuntimeError(
+                    f"This checkpoint holds only a lightning-peft adapter ({', '.join(map(str, methods))}), and this "
+                    f"{type(self).__name__} carries no adapter: resume with the same PEFT callback on the Trainer that "
+                    "wrote it (e.g. callbacks=[LoRA(...)] or the same --config). To evaluate or predict with it, "
+                    f"{type(self).__name__}.load_from_checkpoint(path) or load_adapter_checkpoint(model, path) load it."
+                )
+            with structure_snapshot(self):  # a checkpoint that does not fit leaves the module without these adapters
+                inject_recorded_adapters(self, record)
+                self.strict_loading = False
+                check_adapter_checkpoint(self, checkpoint)
+        else:
+            check_adapter_checkpoint(self, checkpoint)
         super().on_load_checkpoint(checkpoint)
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        """``nn.Module.load_state_dict``, except that a dict holding only this module's adapter (and trained base)
+        parameters, which is what its checkpoints hold, loads with ``strict=True``: the base weights it does not hold
+        are not reported missing (they come from the module's own source). A missing adapter parameter still is."""
+        kept = _kept_names(self)
+        if not (peft_state(self)["methods"] and state_dict and all(k in kept for k in state_dict)):
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        result = super().load_state_dict(state_dict, strict=False, assign=assign)
+        missing = [k for k in result.missing_keys if k in kept]
+        if strict and missing:
+            raise RuntimeError(f"Error(s) in loading the adapter of {type(self).__name__}: missing adapter parameter(s) {missing}.")
+        result.missing_keys[:] = missing
+        return result

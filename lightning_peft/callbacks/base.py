@@ -84,6 +84,8 @@ def adapter_checkpoint_state(module: nn.Module, checkpoint: dict[str, Any]) -> N
     state_dict = checkpoint.get("state_dict")
     if state_dict is None:  # e.g. DeepSpeed, which saves through its engine
         return
+    if not peft_state(module)["methods"] and not peft_state(module)["trainable"]:
+        return  # no adapter (a PEFTMixin module trained in full): the checkpoint keeps every weight
     keep = _kept_names(module)
     checkpoint["state_dict"] = type(state_dict)((k, v) for k, v in state_dict.items() if k in keep)
     checkpoint[_CKPT_KEY] = {
@@ -480,6 +482,20 @@ def read_checkpoint(path: Union[str, Path], allow_types: Sequence[Any] = ()) -> 
     return checkpoint
 
 
+def inject_recorded_adapters(module: nn.Module, record: dict[str, Any]) -> nn.Module:
+    """Inject into ``module`` the adapters a checkpoint's ``lightning_peft`` record describes, with their settings."""
+    for cfg in record["methods"]:
+        cfg = dict(cfg) if isinstance(cfg, dict) else {"method": cfg}
+        method = cfg.pop("method", None)
+        if method not in PEFTCallback._registry:
+            raise ValueError(
+                f"The checkpoint records an adapter of method {method!r}, which this lightning-peft does not have "
+                f"(known: {sorted(PEFTCallback._registry)}). Load it with the lightning-peft version that wrote it."
+            )
+        PEFTCallback._registry[method](**cfg).inject(module)
+    return module
+
+
 def load_adapter_checkpoint(module: nn.Module, checkpoint: Union[str, Path, dict[str, Any]], allow_types: Sequence[Any] = ()) -> nn.Module:
     """Load the adapter of a Lightning checkpoint made with lightning-peft into ``module``.
 
@@ -500,15 +516,7 @@ def load_adapter_checkpoint(module: nn.Module, checkpoint: Union[str, Path, dict
     # all or nothing: a checkpoint that does not fit leaves the module without the adapters injected for it
     with structure_snapshot(module):
         if not peft_state(module)["methods"]:
-            for cfg in record["methods"]:
-                cfg = dict(cfg) if isinstance(cfg, dict) else {"method": cfg}
-                method = cfg.pop("method", None)
-                if method not in PEFTCallback._registry:
-                    raise ValueError(
-                        f"The checkpoint records an adapter of method {method!r}, which this lightning-peft does not have "
-                        f"(known: {sorted(PEFTCallback._registry)}). Load it with the lightning-peft version that wrote it."
-                    )
-                PEFTCallback._registry[method](**cfg).inject(module)
+            inject_recorded_adapters(module, record)
         check_adapter_checkpoint(module, checkpoint)  # every adapter key present, with the right shape and finite values
     module.load_state_dict(checkpoint["state_dict"], strict=False)
     if isinstance(module, pl.LightningModule):

@@ -7,11 +7,12 @@ from typing import Any, Optional
 import lightning as L
 import torch
 
+from lightning_peft.mixin import PEFTMixin
 from lightning_peft.tasks._hf import check_vocab_fits, ensure_pad_token, load_tokenizer, resolve_model_path
 from lightning_peft.tasks._optim import adamw_with_linear_schedule, check_schedule_args
 
 
-class CausalLM(L.LightningModule):
+class CausalLM(PEFTMixin, L.LightningModule):
     """A Hugging Face ``AutoModelForCausalLM`` trained on next-token prediction.
 
     Batches are dicts with ``input_ids``, ``attention_mask`` and ``labels``, where ``labels`` is

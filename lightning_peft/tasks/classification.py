@@ -8,13 +8,14 @@ import lightning as L
 import torch
 from torchmetrics.classification import Accuracy, F1Score, MatthewsCorrCoef
 
+from lightning_peft.mixin import PEFTMixin
 from lightning_peft.tasks._hf import check_vocab_fits, load_tokenizer, resolve_model_path
 from lightning_peft.tasks._optim import adamw_with_linear_schedule, check_schedule_args
 
 _MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
-class SequenceClassifier(L.LightningModule):
+class SequenceClassifier(PEFTMixin, L.LightningModule):
     """A Hugging Face ``AutoModelForSequenceClassification`` trained with cross-entropy.
 
     Batches are dicts with ``input_ids``, ``attention_mask``, optionally ``token_type_ids``, and

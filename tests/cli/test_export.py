@@ -38,6 +38,9 @@ def test_train_export_load_with_peft_and_merge(tmp_path, minilm_path, capsys):
     torch.manual_seed(1)  # the head's init must not matter: its trained weights are in the adapter
     theirs = peft.PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(minilm_path, num_labels=2), tmp_path / "adapter").eval()
     torch.testing.assert_close(theirs(**batch).logits, expected, atol=1e-5, rtol=0)
+    # the task modules are PEFTMixin modules: Lightning's own loader injects the recorded adapter and loads it
+    loaded = SequenceClassifier.load_from_checkpoint(ckpt).eval()
+    torch.testing.assert_close(loaded.model(**batch).logits, expected, atol=0, rtol=0)
 
     main(["export", "--ckpt_path", str(ckpt), "--out", str(tmp_path / "merged"), "--merged=true"])
     plain = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged", local_files_only=True).eval()

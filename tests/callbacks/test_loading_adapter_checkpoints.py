@@ -1,0 +1,129 @@
+"""Lightning's own ways to load a checkpoint, given an adapter-only one (issue 22, points 7 and 8).
+
+``trainer.validate(ckpt_path=...)`` with the PEFT callback, ``load_from_checkpoint`` of a ``PEFTMixin`` module (the
+task modules are ones) and ``validate`` without the callback load the adapter; resuming ``fit`` without the callback
+says what is missing instead of torch's list of every missing base weight.
+"""
+
+import warnings
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from lightning_peft import LoRA, PEFTMixin
+from lightning_peft.cli import main
+from lightning_peft.methods.lora import LoRALinear
+from tests.callbacks.helpers import TinyLM, token_data
+
+
+class MixinLM(PEFTMixin, TinyLM):
+    """Declares no adapter itself: a PEFT callback adds it (as with the task modules)."""
+
+
+class MixinLMWithLoRA(PEFTMixin, TinyLM):
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.apply_peft(LoRA(r=4, alpha=8, target_modules=["q_proj", "v_proj"]))
+
+
+def _trainer(tmp_path, callbacks, **kw):
+    return L.Trainer(
+        accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+        default_root_dir=tmp_path, callbacks=callbacks, **kw,
+    )
+
+
+def _train(tmp_path, module, callbacks=()):
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    _trainer(tmp_path, [*callbacks, ckpt], max_steps=4).fit(module)
+    return tmp_path / "ckpt" / "last.ckpt"
+
+
+def _logits(module):
+    with torch.no_grad():
+        return module.eval()(token_data(4))
+
+
+def _no_key_warnings(record):
+    return [str(w.message)[:120] for w in record if "keys" in str(w.message)]
+
+
+def test_validate_with_the_callback_loads_an_adapter_only_checkpoint(tmp_path):
+    trained = TinyLM()
+    ckpt = _train(tmp_path, trained, [LoRA(r=4, alpha=8, target_modules=["q_proj", "v_proj"])])
+    fresh = TinyLM()
+    (result,) = _trainer(tmp_path, [LoRA(r=4, alpha=8, target_modules=["q_proj", "v_proj"])]).validate(fresh, ckpt_path=ckpt)
+    (expected,) = _trainer(tmp_path, []).validate(trained)
+    assert result["val_loss"] == pytest.approx(expected["val_loss"], abs=1e-6)
+    torch.testing.assert_close(_logits(fresh), _logits(trained), rtol=0, atol=0)
+
+
+def test_load_from_checkpoint_of_a_mixin_module_injects_the_recorded_adapter_and_loads_it(tmp_path):
+    trained = MixinLM()
+    ckpt = _train(tmp_path, trained, [LoRA(r=4, alpha=8, target_modules=["q_proj", "v_proj"])])
+    assert trained.model.model.layers[0].self_attn.q_proj.lora_b["default"].abs().sum() > 0
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        loaded = MixinLM.load_from_checkpoint(ckpt)
+    assert isinstance(loaded.model.model.layers[0].self_attn.v_proj, LoRALinear)
+    torch.testing.assert_close(_logits(loaded), _logits(trained), rtol=0, atol=0)
+    assert not _no_key_warnings(record)  # no list of "missing" base weights
+
+
+def test_load_from_checkpoint_of_a_module_that_applies_peft_itself_lists_no_missing_base_weights(tmp_path):
+    trained = MixinLMWithLoRA()
+    ckpt = _train(tmp_path, trained)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        loaded = MixinLMWithLoRA.load_from_checkpoint(ckpt)
+    torch.testing.assert_close(_logits(loaded), _logits(trained), rtol=0, atol=0)
+    assert not _no_key_warnings(record)
+
+
+def test_a_mixin_module_still_reports_a_missing_adapter_parameter(tmp_path):
+    module = MixinLMWithLoRA()
+    adapter = {k: v for k, v in module.state_dict().items() if "lora_" in k}
+    adapter.pop(next(iter(adapter)))
+    with pytest.raises(RuntimeError, match=r"missing adapter parameter\(s\) \['model\.model\.layers\.0"):
+        module.load_state_dict(adapter)
+    full = module.state_dict()
+    full.pop("model.model.norm.weight")  # a base weight missing from a dict that holds base weights: reported as ever
+    with pytest.raises(RuntimeError, match=r"Missing key\(s\) in state_dict: \"model\.model\.norm\.weight\""):
+        module.load_state_dict(full)
+
+
+def test_validate_without_the_callback_on_a_mixin_module_uses_the_recorded_adapter(tmp_path):
+    trained = MixinLM()
+    ckpt = _train(tmp_path, trained, [LoRA(r=4, alpha=8, target_modules=["q_proj", "v_proj"])])
+    fresh = MixinLM()
+    _trainer(tmp_path, []).validate(fresh, ckpt_path=ckpt)
+    torch.testing.assert_close(_logits(fresh), _logits(trained), rtol=0, atol=0)
+
+
+def test_resuming_fit_without_the_callback_names_what_is_missing_and_leaves_the_model_alone(tmp_path):
+    ckpt = _train(tmp_path, MixinLM(), [LoRA(r=4, alpha=8, target_modules=["q_proj", "v_proj"])])
+    fresh = MixinLM()
+    before = [(n, type(m)) for n, m in fresh.named_modules()]
+    with pytest.raises(RuntimeError, match=r"holds only a lightning-peft adapter \(lora\).*resume with the same PEFT callback"):
+        _trainer(tmp_path, [], max_steps=6).fit(fresh, ckpt_path=ckpt)
+    assert [(n, type(m)) for n, m in fresh.named_modules()] == before
+
+
+def test_the_cli_names_the_missing_callback_for_a_plain_module(tmp_path):
+    ckpt = _train(tmp_path, TinyLM(), [LoRA(r=4, alpha=8, target_modules=["q_proj", "v_proj"])])
+    with pytest.raises(ValueError, match=r"holds only a lightning-peft adapter \(lora\), and this run has no PEFT callback"):
+        main([
+            "fit", "--model=tests.callbacks.helpers.TinyLM", "--data=lightning.pytorch.demos.boring_classes.BoringDataModule",
+            f"--ckpt_path={ckpt}", "--trainer.max_steps=6",
+            "--trainer.logger=false", "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={tmp_path}",
+        ])
+
+
+def test_a_full_checkpoint_of_a_mixin_module_without_adapters_keeps_every_weight(tmp_path):
+    trained = MixinLM()  # trained in full: no PEFT callback
+    ckpt = _train(tmp_path, trained)
+    state = torch.load(ckpt, weights_only=True)["state_dict"]
+    assert state.keys() == trained.state_dict().keys()
+    torch.testing.assert_close(_logits(MixinLM.load_from_checkpoint(ckpt)), _logits(trained), rtol=0, atol=0)
