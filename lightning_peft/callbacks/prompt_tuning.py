@@ -23,7 +23,8 @@ class PromptTuning(PEFTCallback):
         init: ``"vocab"`` (embeddings of sampled vocabulary tokens), ``"random"`` (normal at the scale of the
             word embeddings) or ``"text"`` (the embeddings of ``init_text``'s tokens).
         init_text: the text for ``init="text"``, e.g. ``"Classify the sentiment:"``.
-        tokenizer: tokenizer directory for ``init="text"``; None takes the LightningModule's ``tokenizer``.
+        tokenizer: tokenizer directory for ``init="text"`` (refused with another ``init``, which tokenizes nothing);
+            None takes the LightningModule's ``tokenizer``.
         trainable_modules: base modules trained in full and saved with the adapter, e.g. ``["classifier"]``.
         save_dir: write the adapter there in Hugging Face PEFT's format at the end of ``fit``.
 
@@ -43,7 +44,7 @@ class PromptTuning(PEFTCallback):
         trainable_modules: Optional[list[str]] = None,
         save_dir: Optional[str] = None,
     ) -> None:
-        check_prompt_tuning_args(num_virtual_tokens, init, init_text)
+        check_prompt_tuning_args(num_virtual_tokens, init, init_text, tokenizer)
         super().__init__([], None, trainable_modules, save_dir)
         self.num_virtual_tokens, self.init, self.init_text, self.tokenizer = num_virtual_tokens, init, init_text, tokenizer
 

@@ -33,7 +33,8 @@ class Selective(PEFTCallback):
         train: patterns of the parameters to train from the start; None: ``["top:2", "head"]`` (``"head"`` only
             if the model has one).
         unfreeze_schedule: ``{epoch: patterns}``: parameters to unfreeze at the start of that epoch (from 0).
-        unfreeze_lr_factor: learning rate of an unfrozen group relative to the first group's, > 0.
+        unfreeze_lr_factor: learning rate of an unfrozen group relative to the first group's, > 0 (a value other than
+            the default needs ``unfreeze_schedule``).
 
     Example::
 
@@ -61,6 +62,12 @@ class Selective(PEFTCallback):
             schedule[epoch] = list(patterns)
         if not isinstance(unfreeze_lr_factor, (int, float)) or isinstance(unfreeze_lr_factor, bool) or not unfreeze_lr_factor > 0:
             raise ValueError(f"Selective: unfreeze_lr_factor must be > 0, got {unfreeze_lr_factor!r}. Lightning's BackboneFinetuning uses 0.1.")
+        if not schedule and unfreeze_lr_factor != 0.1:  # it would be ignored: it only sets the groups the schedule adds
+            raise ValueError(
+                f"Selective: unfreeze_lr_factor={unfreeze_lr_factor!r} sets the learning rate of the parameter groups that "
+                "unfreeze_schedule adds, but there is no unfreeze_schedule, so it would have no effect. Give unfreeze_schedule "
+                "(e.g. {1: ['blocks:3']}) or drop unfreeze_lr_factor."
+            )
         super().__init__([])
         self.train = list(train) if train is not None else None
         self.unfreeze_schedule = dict(sorted(schedule.items()))

@@ -33,7 +33,7 @@ Init = Literal["random", "vocab", "text"]
 _PEFT_INIT = {"random": "RANDOM", "vocab": "SAMPLE_VOCAB", "text": "TEXT"}
 
 
-def check_prompt_tuning_args(num_virtual_tokens: Any, init: Any, init_text: Any) -> None:
+def check_prompt_tuning_args(num_virtual_tokens: Any, init: Any, init_text: Any, tokenizer: Any = None) -> None:
     check_num_virtual_tokens(num_virtual_tokens)
     if init not in _PEFT_INIT:
         raise ValueError(f"init must be one of {list(_PEFT_INIT)}, got {init!r}.")
@@ -41,6 +41,8 @@ def check_prompt_tuning_args(num_virtual_tokens: Any, init: Any, init_text: Any)
         raise ValueError(f"init='text' needs a non-empty init_text (e.g. 'Classify the sentiment:'), got {init_text!r}.")
     if init != "text" and init_text is not None:
         raise ValueError(f"init_text={init_text!r} is only used with init='text', but init={init!r}. Set init='text' or drop init_text.")
+    if init != "text" and tokenizer is not None:  # it would be ignored: only init_text is tokenized
+        raise ValueError(f"tokenizer={tokenizer!r} is only used with init='text' (to tokenize init_text), but init={init!r}. Set init='text' or drop tokenizer.")
 
 
 def _load_tokenizer(tokenizer: Any) -> Any:
@@ -74,7 +76,7 @@ class PromptEmbedding(SoftPromptLayer):
     attr_name = "prompt_tuning"
 
     def __init__(self, model: nn.Module, num_virtual_tokens: int = 20, init: Init = "vocab", init_text: Optional[str] = None, tokenizer: Any = None) -> None:
-        check_prompt_tuning_args(num_virtual_tokens, init, init_text)
+        check_prompt_tuning_args(num_virtual_tokens, init, init_text, tokenizer)
         super().__init__(model, num_virtual_tokens)
         table = model.get_input_embeddings().weight.detach()
         n = num_virtual_tokens
