@@ -127,3 +127,18 @@ def test_a_full_checkpoint_of_a_mixin_module_without_adapters_keeps_every_weight
     state = torch.load(ckpt, weights_only=True)["state_dict"]
     assert state.keys() == trained.state_dict().keys()
     torch.testing.assert_close(_logits(MixinLM.load_from_checkpoint(ckpt)), _logits(trained), rtol=0, atol=0)
+
+
+def test_load_from_checkpoint_refuses_a_tampered_adapter_and_leaves_no_adapter_in(tmp_path):
+    ckpt = _train(tmp_path, MixinLM(), [LoRA(r=4, alpha=8, target_modules=["q_proj", "v_proj"])])
+    checkpoint = torch.load(ckpt, weights_only=True)
+    key = next(k for k in checkpoint["state_dict"] if "lora_b" in k)
+    checkpoint["state_dict"][key] = torch.full_like(checkpoint["state_dict"][key], float("nan"))
+    torch.save(checkpoint, tmp_path / "tampered.ckpt")
+    with pytest.raises(ValueError, match=rf"{key}: holds NaN or infinite values"):
+        MixinLM.load_from_checkpoint(tmp_path / "tampered.ckpt")
+    module = MixinLM()  # on_load_checkpoint itself: all or nothing
+    with pytest.raises(ValueError, match="holds NaN"):
+        module.on_load_checkpoint(checkpoint)
+    assert not any(isinstance(m, LoRALinear) for m in module.modules()) and not (module.__dict__.get("_lightning_peft") or {}).get("methods")
+    assert all(p.requires_grad for p in module.parameters())  # nothing frozen either
