@@ -117,6 +117,81 @@ def test_parameter_budget_caps_the_adapter_at_uniform_rank_parameters(tmp_path):
     assert all(b1 >= b2 for b1, b2 in zip(probe.budgets, probe.budgets[1:]))
 
 
+class PeftMirror(Callback):
+    """Runs after AdaLoRA's hooks: at every optimizer step it hands peft's AdaLoraModel.update_and_allocate the weights
+    and gradients AdaLoRA's allocator just read (orthogonal regularizer included), then compares the EMAs, and after the
+    step (once AdaLoRA applied its masks) the allocated triplets and the zeroed E entries."""
+
+    def __init__(self, ada, theirs):
+        self.ada, self.theirs, self.problems, self.patterns, self.scale = ada, theirs, [], [], 0.0
+        self.stepped = False
+
+    def _pairs(self, name, layer):
+        peft_layer = self.theirs.base_model.model.get_submodule(name[len("model."):])  # TinyLM.model is peft's model
+        return ((layer.adalora_a, peft_layer.lora_A["default"]), (layer.adalora_e, peft_layer.lora_E["default"]), (layer.adalora_b, peft_layer.lora_B["default"]))
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        step, alloc, ref = trainer.global_step, self.ada.allocator, self.theirs.base_model.rankallocator
+        with torch.no_grad():
+            for n, m in self.ada.layers.items():
+                for src, dst in self._pairs(n, m):
+                    dst.copy_(src)
+                    dst.grad = src.grad.clone()
+        self.theirs.base_model.update_and_allocate(step)
+        if bool(alloc.ema_ipt) != bool(ref.exp_avg_ipt):
+            self.problems.append(f"step {step}: EMAs kept {bool(alloc.ema_ipt)}, peft {bool(ref.exp_avg_ipt)}")
+        for n in alloc.ema_ipt if ref.exp_avg_ipt else []:
+            for key, pname in (("a", "lora_A"), ("e", "lora_E"), ("b", "lora_B")):
+                for ours, theirs, what in ((alloc.ema_ipt, ref.exp_avg_ipt, "S"), (alloc.ema_unc, ref.exp_avg_unc, "U")):
+                    expected = theirs[f"{n[len('model.'):]}.{pname}.default"]  # tiny numbers: tolerance on their own scale
+                    if not torch.allclose(ours[n][key], expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max())):
+                        self.problems.append(f"step {step}: {what}_{key} of {n} differs from peft")
+                    self.scale = max(self.scale, float(expected.abs().max()))
+        self.stepped = True
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if not self.stepped:
+            return
+        self.stepped = False
+        step, rank_pattern = trainer.global_step - 1, self.theirs.peft_config["default"].rank_pattern
+        pattern = {n: rank_pattern[f"{n[len('model.'):]}.lora_E.default"] if rank_pattern else [True] * self.ada.init_r for n in self.ada.layers}
+        self.patterns.append(pattern)
+        for n, m in self.ada.layers.items():
+            if m.rank_pattern() != pattern[n]:
+                self.problems.append(f"step {step}: {n} keeps {m.rank_pattern()}, peft {pattern[n]}")
+            if torch.count_nonzero(m.adalora_e[~torch.tensor(pattern[n])]):
+                self.problems.append(f"step {step}: {n} has non-zero E in triplets peft masks")
+
+
+@pytest.mark.parametrize(("beta1", "beta2"), [(0.85, 0.95), (0.95, 0.85)])
+def test_allocation_equals_peft_at_every_step_through_the_trainer(tmp_path, beta1, beta2):
+    """The callback in a real fit, against peft fed the same weights and gradients at every optimizer step: unequal
+    betas (both ways), tinit a multiple of delta_t, the final allocation (total - tfinal = 11) off the delta_t grid;
+    same EMAs, same triplets allocated after every step, masked E zero after every step, final allocation fixed."""
+    peft = pytest.importorskip("peft")
+    total, tinit, tfinal, delta_t = 14, 4, 3, 2
+    targets = ["q_proj", "v_proj", "down_proj"]
+    cfg = peft.AdaLoraConfig(
+        init_r=4, target_r=2, lora_alpha=8, target_modules=targets, total_step=total, tinit=tinit, tfinal=tfinal, deltaT=delta_t,
+        beta1=beta1, beta2=beta2, orth_reg_weight=0.5,
+    )
+    theirs = peft.get_peft_model(tiny_llama(), cfg).train()
+    L.seed_everything(0)
+    module = TinyLM(n=16, batch_size=4)
+    ada = AdaLoRA(
+        init_r=4, target_r=2, tinit=tinit, tfinal=tfinal, delta_t=delta_t, beta1=beta1, beta2=beta2, alpha=8,
+        target_modules=targets, heatmap=False,
+    )
+    mirror = PeftMirror(ada, theirs)
+    trainer(tmp_path, [ada, mirror], max_steps=total).fit(module)
+    assert (ada.allocator.beta1, ada.allocator.beta2) == (beta1, beta2)
+    assert len(mirror.patterns) == total and mirror.problems == [] and mirror.scale > 0
+    final = total - tfinal
+    assert all(p == mirror.patterns[final] for p in mirror.patterns[final:])  # fixed after the final allocation
+    assert mirror.patterns[tinit] == {n: [True] * 4 for n in ada.layers} != mirror.patterns[tinit + delta_t]  # first cut after tinit
+    assert ada.rank_pattern == mirror.patterns[-1] and sum(ada.final_ranks.values()) == 2 * len(targets) * 2
+
+
 def test_rank_grid_layers_by_module_types():
     rows, cols, grid = rank_grid({"m.layers.0.attn.q": 3, "m.layers.0.mlp.up": 5, "m.layers.10.attn.q": 1, "m.layers.2.attn.q": 2, "pooler.dense": 4})
     assert rows == ["0", "2", "10", "-"] and cols == ["attn.q", "mlp.up", "pooler.dense"]

@@ -186,12 +186,27 @@ def test_orthogonal_regularization_equals_peft():
 
 
 # -- schedule and allocator -----------------------------------------------------------------------
-def test_budget_schedule_equals_peft_at_every_step():
-    model = peft_adalora(tiny_bert(), ["query", "value"], init_r=6, target_r=3, total_step=40, tinit=5, tfinal=10, deltaT=3)
+# (total_steps, tinit, tfinal, delta_t): tinit a multiple of delta_t or not (a `step < tinit` bug only shows when it is:
+# step tinit then falls in the cubic branch, whose mask flag is `tinit % delta_t == 0`), total - tfinal a multiple of
+# delta_t or not (same for `step >= total - tfinal`), tinit = 0, tfinal = 0 and 1, a single budgeting step.
+SCHEDULES = [
+    (40, 5, 10, 3), (40, 6, 10, 3), (40, 6, 11, 3), (40, 9, 13, 3), (20, 0, 0, 1), (20, 4, 0, 2), (22, 0, 5, 4), (15, 3, 1, 3),
+    (12, 10, 1, 5), (12, 10, 1, 1),
+]
+
+
+@pytest.mark.parametrize(("total", "tinit", "tfinal", "delta_t"), SCHEDULES)
+def test_budget_schedule_equals_peft_at_every_step(total, tinit, tfinal, delta_t):
+    model = peft_adalora(tiny_bert(), ["query", "value"], init_r=6, target_r=3, total_step=total, tinit=tinit, tfinal=tfinal, deltaT=delta_t)
     alloc = model.base_model.rankallocator
     assert alloc.init_bgt == 24 and alloc.target_bgt == 12
-    for step in range(0, 45):
-        assert budget_schedule(step, 24, 12, tinit=5, tfinal=10, total_steps=40, delta_t=3) == alloc.budget_schedule(step), step
+    layers = {f"l{i}": AdaLoRALinear(nn.Linear(4, 4), r=6) for i in range(4)}
+    mine = RankAllocator(layers, target_r=3, tinit=tinit, tfinal=tfinal, delta_t=delta_t, total_steps=total)
+    assert (mine.init_budget, mine.target_budget) == (24, 12)
+    for step in range(0, total + 5):
+        ref = alloc.budget_schedule(step)
+        assert budget_schedule(step, 24, 12, tinit=tinit, tfinal=tfinal, total_steps=total, delta_t=delta_t) == ref, step
+        assert mine.budget_schedule(step) == ref, step
 
 
 def _grads_for(model, ids, seed):
@@ -200,10 +215,22 @@ def _grads_for(model, ids, seed):
     model(input_ids=ids, labels=labels).loss.backward()
 
 
-def test_importance_scores_and_masks_equal_peft():
+# unequal EMA factors, both ways round, so that beta1 used where beta2 belongs (or the reverse) changes the numbers
+BETAS = [(0.85, 0.85), (0.85, 0.95), (0.95, 0.85), (0.6, 0.99)]
+
+
+def assert_ema_close(mine, ref, msg=None):
+    """Importance EMAs are ~1e-7 to 1e-10 here: compare them on their own scale (assert_close's default atol=1e-5 would
+    accept any two of them, e.g. beta1 and beta2 swapped)."""
+    assert mine.shape == ref.shape, msg
+    torch.testing.assert_close(mine, ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()), msg=msg)
+
+
+@pytest.mark.parametrize(("beta1", "beta2"), BETAS)
+def test_importance_scores_and_masks_equal_peft(beta1, beta2):
     """Given the same weights and gradients, peft's RankAllocator and ours make the same EMAs and masks."""
     model = tiny_bert()
-    theirs = peft_adalora(copy.deepcopy(model), ["query", "value", "intermediate.dense"], orth_reg_weight=0.0).train()
+    theirs = peft_adalora(copy.deepcopy(model), ["query", "value", "intermediate.dense"], orth_reg_weight=0.0, beta1=beta1, beta2=beta2).train()
     with torch.no_grad():
         for n, p in theirs.named_parameters():
             if "lora_E" in n:
@@ -212,8 +239,9 @@ def test_importance_scores_and_masks_equal_peft():
     names = inject_adalora(ours, ["query", "value", "intermediate.dense"], r=6, alpha=8)
     copy_from_peft(ours, theirs, names)
     layers = {n: ours.get_submodule(n) for n in names}
-    mine = RankAllocator(layers, target_r=3, tinit=2, tfinal=4, delta_t=1, total_steps=20)
+    mine = RankAllocator(layers, target_r=3, tinit=2, tfinal=4, delta_t=1, total_steps=20, beta1=beta1, beta2=beta2)
     ref = theirs.base_model.rankallocator
+    assert (ref.beta1, ref.beta2) == (beta1, beta2)
     for step in range(4):
         ids = torch.randint(0, 100, (4, 9), generator=torch.Generator().manual_seed(10 + step))
         _grads_for(theirs, ids, step)
@@ -222,8 +250,8 @@ def test_importance_scores_and_masks_equal_peft():
         mine.update_importance()
     for n in names:
         for key, pname in (("a", "lora_A"), ("e", "lora_E"), ("b", "lora_B")):
-            torch.testing.assert_close(mine.ema_ipt[n][key], ref.exp_avg_ipt[f"{n}.{pname}.default"])
-            torch.testing.assert_close(mine.ema_unc[n][key], ref.exp_avg_unc[f"{n}.{pname}.default"])
+            assert_ema_close(mine.ema_ipt[n][key], ref.exp_avg_ipt[f"{n}.{pname}.default"], f"{n} S_{key}")
+            assert_ema_close(mine.ema_unc[n][key], ref.exp_avg_unc[f"{n}.{pname}.default"], f"{n} U_{key}")
     for budget in (30, 20, 9):
         pattern = ref.mask_to_budget(theirs.base_model.model, budget)
         masks = mine.mask_to_budget(budget)
@@ -232,6 +260,100 @@ def test_importance_scores_and_masks_equal_peft():
         for n in names:
             assert masks[n].tolist() == pattern[f"{n}.lora_E.default"], n
             torch.testing.assert_close(layers[n].adalora_e, theirs.base_model.model.get_submodule(n).lora_E["default"])
+
+
+def _spy_reallocations(alloc, events, clock):
+    """Record ``(step, budget)`` each time ``alloc.mask_to_budget`` runs (peft's or ours; both call it through self)."""
+    original = alloc.mask_to_budget
+
+    def spy(*args):
+        events.append((clock[0], args[-1]))
+        return original(*args)
+
+    alloc.mask_to_budget = spy
+
+
+# (total_steps, tinit, tfinal, delta_t), run step by step against peft: tinit a multiple of delta_t with the final
+# allocation (total - tfinal) off the delta_t grid, both on it, both off it, tinit = tfinal = 0 (no final phase in the
+# run), tfinal = 1
+ALLOCATION_SCHEDULES = [(18, 4, 5, 2), (18, 6, 6, 3), (18, 5, 4, 3), (14, 0, 0, 1), (15, 3, 1, 3)]
+
+
+@pytest.mark.parametrize(("beta1", "beta2"), [(0.85, 0.95), (0.95, 0.85)])
+@pytest.mark.parametrize(("total", "tinit", "tfinal", "delta_t"), ALLOCATION_SCHEDULES)
+def test_allocation_equals_peft_at_every_step(total, tinit, tfinal, delta_t, beta1, beta2):
+    """A whole schedule, step by step: our model trains (our order: scores from the weights and gradients before the
+    step, SGD step, masks applied), and at every step peft's AdaLoraModel.update_and_allocate gets the same weights and
+    gradients. Same EMAs, same reallocation steps and budgets, same allocated triplets at every step, the final allocation
+    at total - tfinal, fixed afterwards (and reapplied after every step) in both."""
+    targets = ["query", "value", "intermediate.dense"]
+    model = tiny_bert()
+    theirs = peft_adalora(
+        copy.deepcopy(model), targets, orth_reg_weight=0.0, total_step=total, tinit=tinit, tfinal=tfinal, deltaT=delta_t,
+        beta1=beta1, beta2=beta2,
+    ).train()
+    ours = copy.deepcopy(model).train()
+    names = inject_adalora(ours, targets, r=6, alpha=8)
+    for p in ours.parameters():
+        p.requires_grad_(False)
+    layers = {n: ours.get_submodule(n) for n in names}
+    params = [p for m in layers.values() for p in (m.adalora_a, m.adalora_e, m.adalora_b)]
+    for p in params:
+        p.requires_grad_(True)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for m in layers.values():  # non-zero E, so that every triplet gets a distinct score
+            m.adalora_e.copy_(torch.randn(m.adalora_e.shape, generator=g))
+    mine = RankAllocator(layers, target_r=3, tinit=tinit, tfinal=tfinal, delta_t=delta_t, total_steps=total, beta1=beta1, beta2=beta2)
+    ref, cfg, inner = theirs.base_model.rankallocator, theirs.peft_config["default"], theirs.base_model.model
+    clock, ref_events, my_events = [None], [], []
+    _spy_reallocations(ref, ref_events, clock)
+    _spy_reallocations(mine, my_events, clock)
+    final, final_pattern, reapplied = total - tfinal, None, False
+    for step in range(total):
+        clock[0] = step
+        ids = torch.randint(0, 100, (4, 9), generator=torch.Generator().manual_seed(100 + step))
+        _grads_for(ours, ids, step)
+        e_before = {}
+        with torch.no_grad():  # peft sees exactly our weights and gradients
+            for n, m in layers.items():
+                peft_layer = inner.get_submodule(n)
+                for src, dst in ((m.adalora_a, peft_layer.lora_A["default"]), (m.adalora_e, peft_layer.lora_E["default"]), (m.adalora_b, peft_layer.lora_B["default"])):
+                    dst.copy_(src)
+                    dst.grad = src.grad.clone()
+                e_before[n] = m.adalora_e.detach().clone()
+        theirs.base_model.update_and_allocate(step)
+        mine.update_and_allocate(step)
+        # the EMAs (peft drops them at the final allocation, and so do we)
+        assert bool(mine.ema_ipt) == bool(ref.exp_avg_ipt) == (step < final), step
+        for n in names if step < final else []:
+            for key, pname in (("a", "lora_A"), ("e", "lora_E"), ("b", "lora_B")):
+                assert_ema_close(mine.ema_ipt[n][key], ref.exp_avg_ipt[f"{n}.{pname}.default"], f"step {step} {n} S_{key}")
+                assert_ema_close(mine.ema_unc[n][key], ref.exp_avg_unc[f"{n}.{pname}.default"], f"step {step} {n} U_{key}")
+        assert my_events == ref_events, step  # reallocated at the same steps, to the same budgets
+        with torch.no_grad():  # our optimizer step, then the masks (the callback's order)
+            for p in params:
+                p.sub_(0.5 * p.grad)
+        if step > final:
+            reapplied |= any(bool(m.adalora_e[~m.rank_mask].abs().sum() > 0) for m in layers.values())
+        mine.apply_masks()
+        # the allocation in force after this step: peft's latest rank_pattern (all kept before its first reallocation)
+        pattern = {n: cfg.rank_pattern[f"{n}.lora_E.default"] if cfg.rank_pattern else [True] * 6 for n in names}
+        assert sum(sum(v) for v in pattern.values()) == mine.budget(), step
+        for n, m in layers.items():
+            assert m.rank_pattern() == pattern[n], (step, n)
+            assert torch.count_nonzero(m.adalora_e[~m.rank_mask]) == 0, (step, n)  # masked E zero after every step
+            keep = torch.tensor(pattern[n]).view(-1, 1)  # peft zeroed the same entries of the same E
+            torch.testing.assert_close(inner.get_submodule(n).lora_E["default"], e_before[n] * keep, rtol=0, atol=0)
+        if step == final:
+            final_pattern = pattern
+            assert ref_events[-1] == (final, mine.target_budget) and mine.finalized
+        elif step > final:  # no reallocation after the final one: the same triplets in both
+            assert pattern == final_pattern and ref_events[-1][0] == final, step
+    assert [s for s, _ in ref_events] == [s for s in range(tinit + 1, min(final, total)) if s % delta_t == 0] + ([final] if final < total else [])
+    if final < total - 1:
+        assert reapplied  # the masked E moved in the optimizer step and was zeroed again in the final phase
+    assert len(set(mine.ranks().values())) > 1  # the budget moved between layers
 
 
 def _random_grads_and_e(layers, seed):
