@@ -109,8 +109,12 @@ def mark_trainable(model: nn.Module, extra: list[str] | tuple[str, ...] = ()) ->
     as a side effect of adding or loading another one.
     """
     trainable = set(adapter_param_names(model, trainable_only=True)) | set(extra)
-    for name, param in model.named_parameters():
-        param.requires_grad_(name in trainable)
+    # a parameter shared under several names (a tied output head) trains if any of its names is listed
+    flags: dict[int, tuple[nn.Parameter, bool]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        flags[id(param)] = (param, flags.get(id(param), (param, False))[1] or name in trainable)
+    for param, flag in flags.values():
+        param.requires_grad_(flag)
 
 
 def adapter_state_dict(model: nn.Module, extra: list[str] | tuple[str, ...] = ()) -> dict[str, torch.Tensor]:

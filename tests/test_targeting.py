@@ -1,3 +1,5 @@
+import functools
+
 import pytest
 import torch
 from torch import nn
@@ -188,3 +190,104 @@ def test_quantized_linears_are_wrapped():
     layer4, layer8 = bnb.nn.Linear4bit(64, 4, compute_dtype=torch.float32), bnb.nn.Linear8bitLt(64, 4, has_fp16_weights=False)
     layer4.weight, layer8.weight = quantize_weight(torch.randn(4, 64), "nf4"), quantize_weight(torch.randn(4, 64), "int8")
     assert find_targets(nn.ModuleDict({"a": layer4, "b": layer8}), "all-linear") == ["a", "b"]
+
+
+# -- regular expressions match whole names, as in Hugging Face PEFT (re.fullmatch) -----------------------
+#: specs on tiny_llama's names (model.layers.<i>.self_attn.q_proj, ...): whole-name regexes, and regexes that match
+#: only a prefix, a suffix or the inside of names (PEFT selects nothing with those), then lists of names / suffixes
+_SPECS = [
+    r".*\.(q|v)_proj",
+    r"model\.layers\.\d+\.mlp\.down_proj|.*o_proj",
+    r"model\.layers\.0\.self_attn\.(q|k)",  # a prefix of layer 0's q_proj and k_proj
+    r"model\.layers\.1\.mlp\.",  # a prefix of layer 1's MLP projections
+    r"(q|v)_proj",  # a suffix only
+    r"layers\.1\..*_proj",  # inside only
+    ["q_proj", "mlp.up_proj"],
+    ["proj"],  # not a dotted suffix
+    ["layers.0.self_attn.v_proj", "o"],
+]
+
+
+def _peft_targets(model, spec) -> list[str]:
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    config = LoraConfig(target_modules=spec)
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and check_target_module_exists(config, n)]
+
+
+@pytest.mark.parametrize("spec", _SPECS, ids=str)
+def test_target_modules_select_what_peft_selects(spec):
+    pytest.importorskip("peft")
+    model = tiny_llama()
+    try:
+        ours = find_targets(model, spec, each_entry=False)
+    except ValueError as err:
+        assert "matched no module" in str(err)
+        ours = []
+    assert ours == _peft_targets(model, spec)
+
+
+def test_regex_matching_only_part_of_names_selects_nothing():
+    model = tiny_llama()
+    for regex in (r"model\.layers\.0\.self_attn\.(q|k)", r"(q|v)_proj", r"layers\.1\..*_proj", r"model\.layers\.1\.mlp\."):
+        with pytest.raises(ValueError, match="matched no module"):
+            find_targets(model, regex)
+    assert find_targets(model, r"model\.layers\.0\.self_attn\.(q|k)_proj") == ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj"]
+
+
+@pytest.mark.parametrize("exclude", [*_SPECS, r"model\.layers\.0\.self_attn"], ids=str)
+def test_exclude_modules_remove_what_peft_removes(exclude):
+    peft = pytest.importorskip("peft")
+    ours = find_targets(tiny_llama(), "all-linear", exclude_modules=exclude, each_entry=False)
+    theirs = peft.get_peft_model(tiny_llama(), peft.LoraConfig(target_modules="all-linear", exclude_modules=exclude))
+    wrapped = [n.removeprefix("base_model.model.") for n, m in theirs.named_modules() if isinstance(m, peft.tuners.lora.LoraLayer)]
+    assert ours == wrapped
+
+
+def test_exclude_regex_matching_only_part_of_names_excludes_nothing():
+    model = tiny_llama()
+    everything = find_targets(model, "all-linear")
+    for regex in (r"model\.layers\.0\.self_attn", r"(q|k)_proj", r"layers\.1\..*"):
+        assert find_targets(model, "all-linear", exclude_modules=regex) == everything
+    assert find_targets(model, "all-linear", exclude_modules=r"model\.layers\.0\.self_attn\..*") == [n for n in everything if ".0.self_attn." not in n]
+
+
+@pytest.mark.parametrize("method", ["lora", "ia3", "adalora", "houlsby", "bitfit"])
+def test_each_method_matches_a_regex_whole(method):
+    """A method's regex argument selects whole names: a regex matching only a prefix of names selects nothing."""
+    from transformers import BertConfig, BertModel
+
+    from lightning_peft.methods.bitfit import find_biases
+    from lightning_peft.methods.houlsby import inject_houlsby
+
+    def bert():
+        torch.manual_seed(0)
+        return BertModel(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=50))
+
+    whole, prefix = r"encoder\.layer\.0\.attention\.self\.(query|value)", r"encoder\.layer\.0\.attention\.self\.(q|v)"
+    names = [f"encoder.layer.0.attention.self.{n}" for n in ("query", "value")]
+    if method == "bitfit":
+        select = find_biases
+        names = [f"{n}.bias" for n in names]
+    elif method == "houlsby":
+        select = inject_houlsby
+    else:
+        select = functools.partial(_inject, method)
+    assert select(bert(), whole) == names
+    with pytest.raises(ValueError, match="matched no module"):
+        select(bert(), prefix)
+
+
+@pytest.mark.parametrize("feedforward", [r".*\.mlp\.down_proj", r"model\.layers\.0\.mlp\.down_proj", r".*\.mlp\.down", r"down_proj"], ids=str)
+def test_ia3_feedforward_regex_matches_whole_names_as_peft(feedforward):
+    peft = pytest.importorskip("peft")
+    from lightning_peft.methods.ia3 import IA3Linear, inject_ia3
+
+    targets = r".*\.(k_proj|down_proj)"
+    ours = tiny_llama()
+    inject_ia3(ours, targets, feedforward)
+    theirs = peft.get_peft_model(tiny_llama(), peft.IA3Config(target_modules=targets, feedforward_modules=feedforward))
+    got = {n: m.feedforward for n, m in ours.named_modules() if isinstance(m, IA3Linear)}
+    want = {n.removeprefix("base_model.model."): m.is_feedforward for n, m in theirs.named_modules() if isinstance(m, peft.tuners.ia3.IA3Layer)}
+    assert got == want and len(got) == 4

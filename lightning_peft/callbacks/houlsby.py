@@ -22,7 +22,7 @@ class Houlsby(PEFTCallback):
     Args:
         bottleneck_size: bottleneck width; give this or ``reduction_factor``.
         reduction_factor: bottleneck = hidden size / factor (default 16 when neither is given).
-        activation: nonlinearity inside the bottleneck.
+        activation: nonlinearity inside the bottleneck (default ``"relu"``, as in Houlsby et al.'s reference code).
         sites: with default targets, where adapters go: ``"attention"`` and/or ``"ffn"``.
         target_modules: modules whose output gets an adapter (names / dotted suffixes, or a regular
             expression); None: the default sites above.

@@ -17,7 +17,8 @@ class LoRA(PEFTCallback):
 
     Args:
         r: rank of each update ``B A``.
-        alpha: scale numerator, ``s = alpha / r`` (``alpha / sqrt(r)`` with ``use_rslora``).
+        alpha: scale numerator, ``s = alpha / r`` (``alpha / sqrt(r)`` with ``use_rslora``). Default 16, so ``s = 2`` at
+            the default ``r=8`` (peft's ``lora_alpha`` defaults to 8: pass ``alpha=8`` for its ``s = 1``).
         dropout: dropout on the adapter's input, in [0, 1).
         target_modules: ``"all-linear"``, a regular expression matching whole module names, or a list of
             names / dotted suffixes (``["q_proj", "v_proj"]``, ``["query", "value"]`` for BERT).

@@ -24,7 +24,7 @@ class ParallelAdapter(PEFTCallback):
         bottleneck_size: bottleneck width; give this or ``reduction_factor``.
         reduction_factor: bottleneck = hidden size / factor (default 16 when neither is given).
         scaling: ``s``, the factor on the adapter's output.
-        activation: nonlinearity inside the bottleneck.
+        activation: nonlinearity inside the bottleneck (default ``"relu"``, as in He et al.'s parallel adapter).
         sites: with default targets, ``"ffn"`` and/or ``"attention"``.
         target_modules: sublayer modules to adapt (names / dotted suffixes, or a regular expression);
             None: the default sites above.
