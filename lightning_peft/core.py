@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -35,6 +36,8 @@ __all__ = [
     "count_parameters",
     "disable_adapters",
     "mark_trainable",
+    "peft_state",
+    "PEFT_PREFIX",
     "merge_adapters",
     "structure_snapshot",
     "unmerge_adapters",
@@ -68,7 +71,9 @@ class AdapterLayer(nn.Module):
 
     def merge_problem(self) -> str | None:
         """Why :meth:`merge` would fail now (None: it can merge). Checked for every layer before any is merged."""
-        return None if self.mergeable else f"{type(self).__name__} cannot be merged into the base weights"
+        if not self.mergeable:
+            return f"{type(self).__name__} cannot be merged into the base weights"
+        return _non_finite_problem(self, self.adapter_params())
 
     def merge(self) -> None:
         """Fold the adapter into the base weights. Safe to call twice."""
@@ -81,6 +86,14 @@ class AdapterLayer(nn.Module):
     def base_layer(self) -> nn.Module:
         """A plain module equivalent to the base (used by ``unload``); the adapter is dropped."""
         raise NotImplementedError
+
+
+def _non_finite_problem(layer: nn.Module, names: list[str]) -> str | None:
+    bad = [n for n in names if not bool(torch.isfinite(layer.get_parameter(n)).all())]
+    if bad:
+        return (f"adapter parameter(s) {bad[:3]} hold NaN/inf: merging would write them into the base weight (check the "
+                "training run, or reload the adapter)")
+    return None
 
 
 def adapter_modules(model: nn.Module) -> Iterator[tuple[str, AdapterLayer]]:
@@ -100,6 +113,24 @@ def adapter_param_names(model: nn.Module, trainable_only: bool = False) -> list[
         prefix = f"{mod_name}." if mod_name else ""
         names.extend(prefix + p for p in module.adapter_params(trainable_only=trainable_only))
     return names
+
+
+PEFT_PREFIX = "base_model.model."
+"""How Hugging Face PEFT's adapter files spell a module path: its ``PeftModel`` wraps the model twice."""
+
+STATE_ATTR = "_lightning_peft"
+"""The attribute of a model's ``__dict__`` that holds its lightning-peft record (see :func:`peft_state`)."""
+
+
+def peft_state(module: nn.Module) -> dict[str, Any]:
+    """The record of what was injected into ``module``: ``{"methods": [each method's settings], "trainable": [qualified
+    names of base parameters trained in full]}``. Created empty on first use; it lives in the module's ``__dict__``
+    (not a submodule or buffer), so it is never part of a ``state_dict``."""
+    state = module.__dict__.get(STATE_ATTR)
+    if state is None:
+        state = {"methods": [], "trainable": []}
+        module.__dict__[STATE_ATTR] = state
+    return state
 
 
 def mark_trainable(model: nn.Module, extra: list[str] | tuple[str, ...] = ()) -> None:
@@ -212,7 +243,8 @@ def merge_adapters(model: nn.Module) -> nn.Module:
     problems = [f"{name or type(m).__name__}: {problem}" for name, m in layers if (problem := m.merge_problem())]
     if problems:
         listed = "\n  ".join(sorted(set(problems))[:10])
-        raise NotImplementedError(
+        kind = NotImplementedError if any(not m.mergeable for _, m in layers) else ValueError  # a method vs its values
+        raise kind(
             f"merge_adapters: nothing was merged, {len(problems)} adapter layer(s) cannot be:\n  {listed}\n"
             "Run the model unmerged, or unload(model) the adapters that cannot merge before merging the others."
         )
@@ -341,17 +373,23 @@ def unload(model: nn.Module, merge: bool = False) -> nn.Module:
     """
     layers = list(adapter_modules(model))
     if merge:
-        cannot = sorted({type(m).__name__ for _, m in layers if not m.mergeable})
-        if cannot:
-            raise ValueError(f"unload(merge=True): {cannot} cannot be merged into the base weights; use unload(merge=False).")
+        # one source of truth, checked for every layer before any changes (a gated LoRA layer is of a mergeable type,
+        # but cannot merge)
+        problems = {name or type(m).__name__: (type(m).__name__, p) for name, m in layers if (p := m.merge_problem())}
+        if problems:
+            cannot = sorted({t for t, _ in problems.values()})
+            first = next(iter(problems.items()))
+            raise ValueError(
+                f"unload(merge=True): {cannot} cannot be merged into the base weights ({len(problems)} layer(s), e.g. "
+                f"{first[0]}: {first[1][1]}); nothing was changed. Use unload(merge=False)."
+            )
+        merge_adapters(model)  # all or nothing: a merge that fails (non-finite values) leaves every layer as it was
     for name, m in layers:
-        if merge:
-            m.merge()
-        elif m.merged:
+        if not merge and m.merged:
             m.unmerge()
         if name:
             model.set_submodule(name, m.base_layer())
-    model.__dict__.pop("_lightning_peft", None)
+    model.__dict__.pop(STATE_ATTR, None)
     for p in model.parameters():
         if p.is_floating_point():  # a quantized base weight (int8/uint8 codes) cannot require grad
             p.requires_grad_(True)
@@ -380,7 +418,7 @@ class StructureSnapshot:
             for m in model.modules()
         ]
         self.flags = [(p, p.requires_grad) for p in model.parameters()]
-        record = model.__dict__.get("_lightning_peft", self._MISSING)
+        record = model.__dict__.get(STATE_ATTR, self._MISSING)
         self.record = record if record is self._MISSING else copy.deepcopy(record)
         self.attrs = {a: model.__dict__.get(a, self._MISSING) for a in _INSTANCE_ATTRS}
 
@@ -393,7 +431,7 @@ class StructureSnapshot:
                     current.update(value)
         for p, flag in self.flags:
             p.requires_grad_(flag)
-        for attr, value in (("_lightning_peft", self.record), *self.attrs.items()):
+        for attr, value in ((STATE_ATTR, self.record), *self.attrs.items()):
             if value is self._MISSING:
                 self.model.__dict__.pop(attr, None)
             else:

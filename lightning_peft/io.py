@@ -43,15 +43,13 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from lightning_peft.callbacks.base import peft_state
-from lightning_peft.core import AdapterLayer, adapter_modules, adapter_param_names, mark_trainable
+from lightning_peft.core import PEFT_PREFIX, AdapterLayer, adapter_modules, adapter_param_names, mark_trainable, peft_state
 from lightning_peft.methods.lora import LoRALinear, inject_lora, pattern_value
 from lightning_peft.quant import weight_shape
 from lightning_peft.targeting import find_targets, linear_types
 
 __all__ = ["AdapterFileError", "base_fingerprint", "find_base_model", "load_adapter", "register_peft_format", "save_adapter"]
 
-PEFT_PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"

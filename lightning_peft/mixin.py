@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 from lightning_peft.callbacks.base import (
     _CKPT_KEY,
@@ -40,6 +40,8 @@ class PEFTMixin:
                 self.model = AutoModelForCausalLM.from_pretrained(path)
                 self.apply_peft(LoRA(r=8, target_modules=["q_proj", "v_proj"]))
     """
+
+    _implements_peft_checkpoint_hooks: ClassVar[bool] = True  # the callbacks' glue leaves this class's hooks alone
 
     def apply_peft(self, *methods: PEFTCallback) -> None:
         """Inject each method's adapters into this module and freeze the rest."""

@@ -247,3 +247,46 @@ def test_non_mergeable_methods_say_so():
         unload(model, merge=True)
     with pytest.raises(NotImplementedError, match=r"Named adapters are implemented for LoRA layers; this model also carries \['_Scale'\]"):
         set_active_adapters(model, "default")
+
+
+def _model_state(model):
+    return [(n, type(m)) for n, m in model.named_modules()], {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _same_state(a, b):
+    return a[0] == b[0] and a[1].keys() == b[1].keys() and all(torch.equal(a[1][k], b[1][k]) for k in a[1])
+
+
+@pytest.mark.parametrize("fault", ["nan", "overflow"])
+def test_unload_merge_that_fails_on_a_later_layer_changes_nothing(fault):
+    from lightning_peft import LoRA
+
+    model = LoRA(r=4, alpha=8, target_modules=["q_proj", "v_proj"]).inject(tiny_llama(seed=0))
+    for n, p in model.named_parameters():
+        if "lora_b" in n:
+            torch.nn.init.normal_(p, std=0.1)
+    last = model.model.layers[1].self_attn.v_proj
+    with torch.no_grad():
+        if fault == "nan":  # found up front: nothing is touched
+            last.lora_b["default"][0, 0] = float("nan")
+        else:  # finite values whose update overflows: found while merging, after the other layers merged
+            last.lora_a["default"].fill_(3e38)
+            last.lora_b["default"].fill_(3e38)
+    before = _model_state(model)
+    with pytest.raises(ValueError, match="hold NaN/inf" if fault == "nan" else "would write NaN/inf into the base weight"):
+        unload(model, merge=True)
+    after = _model_state(model)
+    assert after[0] == before[0]  # every LoRA layer still in place
+    for k, v in before[1].items():  # values back (an unmerge rounds in float32)
+        torch.testing.assert_close(after[1][k], v, atol=0 if fault == "nan" else 1e-6, rtol=0, equal_nan=True)
+    assert not any(m.merged for m in model.modules() if isinstance(m, LoRALinear))
+
+
+def test_unload_merge_refuses_a_gated_lora_up_front():
+    from lightning_peft import LoRA
+
+    model = LoRA(r=4, alpha=8, target_modules=["q_proj"], gate=True).inject(tiny_llama(seed=0))
+    before = _model_state(model)
+    with pytest.raises(ValueError, match=r"unload\(merge=True\): \['LoRALinear'\] cannot be merged .*gated.*nothing was changed"):
+        unload(model, merge=True)
+    assert _same_state(_model_state(model), before)

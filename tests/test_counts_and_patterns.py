@@ -1,7 +1,6 @@
 """Parameter counts on models whose parameters are shared (tied word embeddings), and the regular-expression
 keys of LoRA's ``rank_pattern`` / ``alpha_pattern``, each against an independent count or Hugging Face PEFT."""
 
-import copy
 import re
 
 import pytest

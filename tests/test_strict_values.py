@@ -368,7 +368,8 @@ def test_a_merge_that_fails_midway_is_rolled_back():
             if "lora_b" in n:
                 p.normal_()
         last = [m for n, m in model.named_modules() if n.endswith("v_proj")][-1]
-        last.lora_b["default"][0, 0] = float("inf")  # the last layer's merge refuses: earlier ones were merged
+        last.lora_b["default"].fill_(3e38)  # finite values whose update overflows: the last layer's merge refuses,
+        last.lora_a["default"].fill_(3e38)  # after the earlier ones were merged
     before = _state(model)
     with pytest.raises(ValueError, match="would write NaN/inf into the base weight"):
         merge_adapters(model)
@@ -427,3 +428,23 @@ def test_malformed_fingerprint_metadata_is_a_clear_error(tmp_path):
     _rewrite_tensors(d, mangle)
     with pytest.raises(AdapterFileError, match=r"the base fingerprint in its header is malformed"):
         load_adapter(tiny_llama(), d)
+
+
+def test_a_non_finite_adapter_is_refused_before_anything_merges():
+    """NaN/inf adapter values are found up front (merge_problem): no layer is merged, so nothing needs rounding back."""
+    from lightning_peft import merge_adapters
+
+    model = tiny_llama()
+    LoRA(r=2, alpha=4, target_modules=["q_proj", "v_proj"]).inject(model)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_b" in n:
+                p.normal_()
+        last = [m for n, m in model.named_modules() if n.endswith("v_proj")][-1]
+        last.lora_b["default"][0, 0] = float("nan")
+    before = _state(model)
+    with pytest.raises(ValueError, match=r"(?s)nothing was merged, 1 adapter layer.*v_proj: adapter parameter\(s\) \['lora_b.default'\] hold NaN/inf"):
+        merge_adapters(model)
+    after = _state(model)
+    assert all(torch.equal(after[0][k], before[0][k]) for k in before[0] if "lora_b" not in k)  # bitwise: nothing merged
+    assert not any(getattr(m, "merged", False) for m in model.modules())

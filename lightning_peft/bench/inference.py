@@ -87,7 +87,7 @@ def run_one(
         net = _methods()[method].apply(net)
     net.eval()
     layers = list(adapter_modules(net))
-    mergeable = method != "base" and bool(layers) and all(m.mergeable for _, m in layers)
+    mergeable = method != "base" and bool(layers) and all(m.merge_problem() is None for _, m in layers)
     row: dict[str, Any] = {
         "model": model, "method": method, "device": device_name(dev), "seq_len": seq_len, "base_params": base_params,
         "added_params": sum(p.numel() for p in {id(p): p for p in net.parameters()}.values()) - base_params,

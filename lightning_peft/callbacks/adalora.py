@@ -77,28 +77,17 @@ class AdaLoRA(PEFTCallback):
         beta1: EMA factor of the sensitivity, in (0, 1).
         beta2: EMA factor of the uncertainty, in (0, 1).
         orth_reg_weight: weight of the orthogonal regularizer (0 switches it off). 0.5 is Hugging Face PEFT's
-            default; the AdaLoRA authors' GLUE scripts use 0.1. ``A`` and ``B`` start far from orthonormal
-            (N(0, 0.02)) and ``E`` at zero, so early in training their gradients come from the regularizer
-            alone; with short runs 0.1 leaves more of the steps to the task: on all-MiniLM-L6-v2 / SST-2 (125
-            steps, alpha 2048, 3 seeds, 1,000 rows held out of the training set) 0.1 gave 83.6% and 0.5 gave
-            83.2%, LoRA r=8 83.6%.
+            default; the AdaLoRA authors' GLUE scripts use 0.1, which suits short runs (measurements:
+            ``docs/adalora.md``).
         total_steps: optimizer steps of the whole run; None uses ``trainer.estimated_stepping_batches``.
         budget: what the budget counts. ``"rank"`` (the paper's and Hugging Face PEFT's): triplets, so ranks moved
             to wide layers (feed-forward matrices) end with more parameters than LoRA ``r=target_r``. ``"params"``:
             parameters (a triplet of an ``in x out`` layer costs ``in + out + 1``), so the final adapter holds at
             most the parameters of rank ``target_r`` everywhere: LoRA ``r=target_r``'s count plus one ``E`` entry
             per triplet.
-        alpha: scale numerator, ``s = alpha / init_r``. ``E`` starts at zero and Adam moves it by about the
-            learning rate per step, while ``A`` and ``B`` start at N(0, 0.02) (rows of norm ~0.02 sqrt(dim)), so a
-            triplet's singular value after ``k`` steps is about ``s * k * lr * |a| |b|``: orders of magnitude below
-            LoRA's after the same steps. Runs of a few hundred steps need a much larger ``alpha`` than LoRA's; on
-            all-MiniLM-L6-v2 / SST-2 with 125 steps at lr 1e-3, ``alpha=2048`` came closest to LoRA r=8 (256: 76.7%,
-            1024: 80.3%, 2048: 81.5%, 4096: 80.6%, LoRA: 82.5%, seed 0, orth_reg_weight 0.5; see
-            ``lightning_peft.bench.quality``). The update grows with ``alpha`` and with the run's length: mean over
-            the layers of ``|dW| / |W|`` (Frobenius) after 234 steps (RTE, lr 1e-3, seed 0): alpha 256 0.053,
-            512 0.089, 2048 0.215, against LoRA r=8 alpha 16's 0.045 (after SST-2's 125 steps: alpha 2048 0.129,
-            LoRA 0.033). So ``alpha`` about 16 times LoRA's gives LoRA-sized updates at the same learning rate;
-            the better SST-2 setting updated about 4 times more than LoRA.
+        alpha: scale numerator, ``s = alpha / init_r``. ``E`` starts at zero, so runs of a few hundred steps need
+            a much larger ``alpha`` than LoRA's (about 16 times LoRA's gives LoRA-sized updates at the same
+            learning rate); why, and the measured sweep, in ``docs/adalora.md``.
         dropout: dropout on the adapter's input, in [0, 1).
         target_modules: ``"all-linear"``, a regular expression matching whole module names, or a list of names /
             dotted suffixes.

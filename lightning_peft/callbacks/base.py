@@ -37,8 +37,10 @@ from lightning_peft.core import (
     adapter_param_names,
     count_parameters,
     mark_trainable,
+    peft_state,
     structure_snapshot,
 )
+from lightning_peft.io import save_adapter
 from lightning_peft.targeting import match_name
 from lightning_peft.validation import strict_init
 
@@ -51,17 +53,7 @@ __all__ = [
     "read_checkpoint",
 ]
 
-_STATE_ATTR = "_lightning_peft"
 _CKPT_KEY = "lightning_peft"
-
-
-def peft_state(module: nn.Module) -> dict[str, Any]:
-    """The record of what was injected into ``module`` (methods' settings, trained base parameters)."""
-    state = module.__dict__.get(_STATE_ATTR)
-    if state is None:
-        state = {"methods": [], "trainable": []}
-        module.__dict__[_STATE_ATTR] = state
-    return state
 
 
 def _kept_names(module: nn.Module) -> set[str]:
@@ -152,10 +144,8 @@ class _CheckpointHook:
 
 
 def _install_checkpoint_hooks(module: pl.LightningModule) -> None:
-    from lightning_peft.mixin import PEFTMixin
-
     module.strict_loading = False  # base weights are not in an adapter checkpoint
-    if isinstance(module, PEFTMixin):  # the mixin implements both hooks itself
+    if getattr(type(module), "_implements_peft_checkpoint_hooks", False):  # PEFTMixin implements both hooks itself
         return
     for kind, hook in (("save", "on_save_checkpoint"), ("load", "on_load_checkpoint")):
         if not isinstance(getattr(module, hook), _CheckpointHook):
@@ -332,8 +322,6 @@ class PEFTCallback(Callback):
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.save_dir and trainer.is_global_zero:
-            from lightning_peft.io import save_adapter
-
             path = save_adapter(pl_module, self.save_dir)
             rank_zero_info(f"{type(self).__name__}: adapter written to {path}")
 

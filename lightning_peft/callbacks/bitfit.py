@@ -6,7 +6,8 @@ from typing import Any, Optional, Union
 
 from torch import nn
 
-from lightning_peft.callbacks.base import PEFTCallback, peft_state
+from lightning_peft.callbacks.base import PEFTCallback
+from lightning_peft.core import peft_state
 from lightning_peft.methods.bitfit import find_biases
 
 __all__ = ["BitFit"]

@@ -9,7 +9,8 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
-from lightning_peft.callbacks.base import PEFTCallback, peft_state
+from lightning_peft.callbacks.base import PEFTCallback
+from lightning_peft.core import peft_state
 from lightning_peft.methods.selective import check_patterns, head_names, select_parameters
 
 __all__ = ["Selective"]

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_peft.core import AdapterLayer
+from lightning_peft.core import PEFT_PREFIX, AdapterLayer
 from lightning_peft.targeting import TargetSpec, find_targets, linear_types
 
 __all__ = [
@@ -55,7 +55,6 @@ __all__ = [
     "to_peft",
 ]
 
-_PEFT_PREFIX = "base_model.model."
 BUDGET_UNITS = ("rank", "params")
 
 
@@ -463,9 +462,9 @@ def to_peft(model: nn.Module, layers: list[tuple[str, AdaLoRALinear]], adapter_n
         idx = m.rank_mask.nonzero().view(-1)
         e = m.adalora_e.detach()[idx].clone()
         e[e == 0] = 0.0  # -0.0 -> 0.0
-        tensors[f"{_PEFT_PREFIX}{path}.lora_A"] = m.adalora_a.detach()[idx]
-        tensors[f"{_PEFT_PREFIX}{path}.lora_E"] = e
-        tensors[f"{_PEFT_PREFIX}{path}.lora_B"] = m.adalora_b.detach()[:, idx]
+        tensors[f"{PEFT_PREFIX}{path}.lora_A"] = m.adalora_a.detach()[idx]
+        tensors[f"{PEFT_PREFIX}{path}.lora_E"] = e
+        tensors[f"{PEFT_PREFIX}{path}.lora_B"] = m.adalora_b.detach()[:, idx]
         rank_pattern[f"{path}.lora_E"] = m.rank_pattern()
     schedule = {"target_r": first.init_r, "tinit": 0, "tfinal": 0, "deltaT": 1, "beta1": 0.85, "beta2": 0.85, "orth_reg_weight": 0.5, "total_step": 1}
     schedule.update(getattr(first, "schedule", None) or {})
@@ -515,7 +514,7 @@ def from_peft(model: nn.Module, config: dict[str, Any], tensors: dict[str, torch
             raise ValueError(f"rank_pattern[{n + '.lora_E'!r}] has {len(keep)} entries, expected init_r={init_r}.")
         patterns[n] = keep
         r = sum(bool(k) for k in keep)
-        expected.update({f"{_PEFT_PREFIX}{n}.lora_A": (r, in_f), f"{_PEFT_PREFIX}{n}.lora_E": (r, 1), f"{_PEFT_PREFIX}{n}.lora_B": (out_f, r)})
+        expected.update({f"{PEFT_PREFIX}{n}.lora_A": (r, in_f), f"{PEFT_PREFIX}{n}.lora_E": (r, 1), f"{PEFT_PREFIX}{n}.lora_B": (out_f, r)})
     problems = [f"missing {k} (expected shape {list(s)})" for k, s in expected.items() if k not in given]
     problems += [f"{k}: expected shape {list(s)}, found {list(given[k].shape)}" for k, s in expected.items() if k in given and tuple(given[k].shape) != s]
     problems += [f"unexpected tensor {k}: no such adapted module in this model" for k in sorted(set(given) - set(expected))]
@@ -527,7 +526,7 @@ def from_peft(model: nn.Module, config: dict[str, Any], tensors: dict[str, torch
             layer = model.get_submodule(n)
             layer.rank_mask.copy_(torch.tensor([bool(k) for k in patterns[n]]))
             layer.prune()
-            layer.adalora_a.copy_(given[f"{_PEFT_PREFIX}{n}.lora_A"])
-            layer.adalora_e.copy_(given[f"{_PEFT_PREFIX}{n}.lora_E"])
-            layer.adalora_b.copy_(given[f"{_PEFT_PREFIX}{n}.lora_B"])
+            layer.adalora_a.copy_(given[f"{PEFT_PREFIX}{n}.lora_A"])
+            layer.adalora_e.copy_(given[f"{PEFT_PREFIX}{n}.lora_E"])
+            layer.adalora_b.copy_(given[f"{PEFT_PREFIX}{n}.lora_B"])
     return injected

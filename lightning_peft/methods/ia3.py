@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_peft.core import AdapterLayer, adapter_modules
+from lightning_peft.core import PEFT_PREFIX, AdapterLayer, adapter_modules
 from lightning_peft.targeting import TargetSpec, find_targets, linear_types, match_name
 
 __all__ = ["IA3Linear", "default_ia3_targets", "from_peft", "inject_ia3", "to_peft"]
@@ -294,7 +294,6 @@ def inject_ia3(
 
 
 # -- Hugging Face PEFT format -----------------------------------------------------------------------
-_PEFT_PREFIX = "base_model.model."
 
 
 def to_peft(model: nn.Module, adapter_layers: Optional[list[tuple[str, IA3Linear]]] = None) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -312,7 +311,7 @@ def to_peft(model: nn.Module, adapter_layers: Optional[list[tuple[str, IA3Linear
     tensors = {}
     for name, m in layers:
         l = m.ia3_l.detach()
-        tensors[f"{_PEFT_PREFIX}{name}.ia3_l"] = l.view(1, -1) if m.feedforward else l.view(-1, 1)
+        tensors[f"{PEFT_PREFIX}{name}.ia3_l"] = l.view(1, -1) if m.feedforward else l.view(-1, 1)
     fan = {m.fan_in_fan_out for _, m in layers}
     if len(fan) > 1:
         raise NotImplementedError("PEFT's IA3 format has one fan_in_fan_out flag: this model mixes nn.Linear and Conv1D targets.")
@@ -349,7 +348,7 @@ def from_peft(model: nn.Module, config: dict[str, Any], tensors: dict[str, torch
     if isinstance(ff, (set, tuple)):
         ff = sorted(ff)
     # check every key before touching the model
-    plain = {k[len(_PEFT_PREFIX):] if k.startswith(_PEFT_PREFIX) else k: v for k, v in tensors.items()}
+    plain = {k[len(PEFT_PREFIX):] if k.startswith(PEFT_PREFIX) else k: v for k, v in tensors.items()}
     if targets is None:
         targets, ff = default_ia3_targets(model)
     names = find_targets(model, targets, config.get("exclude_modules"), supported=linear_types(), method="(IA)³", each_entry=False)

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_peft.core import AdapterLayer, adapter_modules
+from lightning_peft.core import PEFT_PREFIX, AdapterLayer, adapter_modules
 
 __all__ = ["LlamaAdapterAttention", "check_llama_adapter_args", "find_llama_attention", "from_peft", "inject_llama_adapter", "to_peft"]
 
@@ -236,7 +236,6 @@ def inject_llama_adapter(model: nn.Module, adapter_len: int = 10, adapter_layers
 
 
 # -- Hugging Face PEFT format (peft_type "ADAPTION_PROMPT") ------------------------------------------------
-_PEFT_PREFIX = "base_model.model."
 _TENSORS = ("adaption_prompt", "adaption_gate")
 
 
@@ -262,8 +261,8 @@ def to_peft(model: nn.Module, layers: Optional[list[tuple[str, LlamaAdapterAtten
         )
     tensors = {}
     for name, m in layers:
-        tensors[f"{_PEFT_PREFIX}{name}.adaption_prompt"] = m.adaption_prompt.detach()
-        tensors[f"{_PEFT_PREFIX}{name}.adaption_gate"] = m.adaption_gate.detach()
+        tensors[f"{PEFT_PREFIX}{name}.adaption_prompt"] = m.adaption_prompt.detach()
+        tensors[f"{PEFT_PREFIX}{name}.adaption_gate"] = m.adaption_gate.detach()
     config = {"task_type": "CAUSAL_LM", "target_modules": target, "adapter_len": lens.pop(), "adapter_layers": len(layers)}
     return config, tensors
 
@@ -287,7 +286,7 @@ def from_peft(model: nn.Module, config: dict[str, Any], tensors: dict[str, torch
         problem = _attention_problem(model.get_submodule(n))
         if problem:
             raise ValueError(f"LLaMA-Adapter does not support {type(model).__name__}: {n} ({type(model.get_submodule(n)).__name__}) has {problem}.")
-    plain = {k[len(_PEFT_PREFIX):] if k.startswith(_PEFT_PREFIX) else k: v for k, v in tensors.items()}
+    plain = {k[len(PEFT_PREFIX):] if k.startswith(PEFT_PREFIX) else k: v for k, v in tensors.items()}
     problems = []
     for n in names:
         attn = model.get_submodule(n)

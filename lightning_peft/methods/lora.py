@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_peft.core import AdapterLayer
+from lightning_peft.core import AdapterLayer, _non_finite_problem
 from lightning_peft.methods._gate import Gate
 from lightning_peft.quant import QuantLinear, dequantize, frozen_linear, is_quantized, requantize, weight_shape  # QLoRA: quantized base weights
 from lightning_peft.targeting import TargetSpec, find_targets, linear_types
@@ -383,7 +383,7 @@ class LoRALinear(AdapterLayer):
         gated = [n for n in self._unmerged(None) if n in self.lora_gate]
         if gated:
             return f"LoRA adapter(s) {gated} are gated (UniPELT): the gate depends on the input, so the update cannot be folded into the weight"
-        return None
+        return _non_finite_problem(self, [f"{part}.{n}" for n in self._unmerged(None) for part in ("lora_a", "lora_b")])
 
     @torch.no_grad()
     def merge(self, names: Optional[list[str]] = None) -> None:
