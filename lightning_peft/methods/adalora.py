@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_peft.core import PEFT_PREFIX, AdapterLayer
+from lightning_peft.methods._linear import LinearAdapter
 from lightning_peft.targeting import TargetSpec, find_targets, linear_types
 
 __all__ = [
@@ -116,7 +117,7 @@ def budget_schedule(step: int, init_budget: int, target_budget: int, tinit: int,
     return int((init_budget - target_budget) * mul**3 + target_budget), step % delta_t == 0
 
 
-class AdaLoRALinear(AdapterLayer):
+class AdaLoRALinear(LinearAdapter):
     """A linear layer (``nn.Linear`` or HF ``Conv1D``) with an SVD-form update ``s * B (A * E)``.
 
     Adds ``adalora_a`` (r x in, N(0, 0.02)), ``adalora_e`` (r x 1, zero) and ``adalora_b`` (out x r, N(0, 0.02)),
@@ -135,16 +136,11 @@ class AdaLoRALinear(AdapterLayer):
     mergeable = True
 
     def __init__(self, base: nn.Module, r: int = 12, alpha: float = 16.0, dropout: float = 0.0) -> None:
-        if not isinstance(base, linear_types()):
-            raise TypeError(f"AdaLoRALinear wraps nn.Linear or transformers Conv1D, got {type(base).__name__}.")
-        check_adalora_args(r, 1, alpha, dropout)
-        super().__init__()
-        self.fan_in_fan_out = not isinstance(base, nn.Linear)
-        w = base.weight
-        self.in_features, self.out_features = (w.shape[0], w.shape[1]) if self.fan_in_fan_out else (w.shape[1], w.shape[0])
-        self._base_type = type(base)
-        self.weight, self.bias = w, base.bias
-        dtype = w.dtype if w.dtype.is_floating_point else torch.float32
+        if isinstance(base, linear_types()):
+            check_adalora_args(r, 1, alpha, dropout)
+        super().__init__(base)
+        w = self.weight
+        dtype = self.adapter_dtype
         self.adalora_a = nn.Parameter(torch.empty(r, self.in_features, dtype=dtype, device=w.device))
         self.adalora_e = nn.Parameter(torch.zeros(r, 1, dtype=dtype, device=w.device))
         self.adalora_b = nn.Parameter(torch.empty(self.out_features, r, dtype=dtype, device=w.device))
@@ -204,8 +200,7 @@ class AdaLoRALinear(AdapterLayer):
         return delta.t() if self.fan_in_fan_out else delta
 
     def _base(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight.t() if self.fan_in_fan_out else self.weight
-        return F.linear(x, w, self.bias)
+        return self.base_forward(x)
 
     def _delta(self, x: torch.Tensor) -> torch.Tensor:
         x = F.dropout(x, self.dropout, self.training) if self.dropout > 0 else x
@@ -225,27 +220,17 @@ class AdaLoRALinear(AdapterLayer):
     def merge(self) -> None:
         if self.merged:
             return
-        merged = self.weight.float() + self.delta_weight()
-        if not torch.isfinite(merged).all():
-            raise ValueError(
-                f"Merging this AdaLoRA adapter ({self.out_features}x{self.in_features}, rank {self.rank}) would write NaN/inf "
-                "into the base weight; the weight was left unchanged. Check the training run (learning rate, loss scaling)."
-            )
-        self.weight.copy_(merged.to(self.weight.dtype))
+        merged = self.dense_weight() + self.delta_weight()
+        self._check_finite(merged, f"this AdaLoRA adapter (rank {self.rank})")
+        self._write_weight(merged, "the AdaLoRA merge")
         self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
         if not self.merged:
             return
-        self.weight.copy_((self.weight.float() - self.delta_weight()).to(self.weight.dtype))
+        self._write_weight(self.dense_weight() - self.delta_weight(), "the AdaLoRA unmerge")
         self.merged = False
-
-    def base_layer(self) -> nn.Module:
-        with torch.device("meta"):
-            layer = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None) if not self.fan_in_fan_out else self._base_type(self.out_features, self.in_features)
-        layer.weight, layer.bias = self.weight, self.bias
-        return layer
 
     def extra_repr(self) -> str:
         return (

@@ -32,7 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_peft.core import PEFT_PREFIX, AdapterLayer, adapter_modules
+from lightning_peft.core import PEFT_PREFIX, adapter_modules
+from lightning_peft.methods._linear import LinearAdapter, base_linear
+from lightning_peft.quant import is_quantized
 from lightning_peft.targeting import TargetSpec, find_targets, linear_types, match_name
 
 __all__ = ["IA3Linear", "default_ia3_targets", "from_peft", "inject_ia3", "to_peft"]
@@ -148,7 +150,7 @@ def check_ia3_args(target_modules: Any, feedforward_modules: Any) -> None:
             )
 
 
-class IA3Linear(AdapterLayer):
+class IA3Linear(LinearAdapter):
     """A linear layer (``nn.Linear`` or HF ``Conv1D``) whose output or input is rescaled by ``ia3_l``.
 
     The base parameters stay under their names (``weight``, ``bias``); ``ia3_l`` is a 1-D vector of
@@ -163,21 +165,15 @@ class IA3Linear(AdapterLayer):
     mergeable = True
 
     def __init__(self, base: nn.Module, feedforward: bool = False) -> None:
-        if not isinstance(base, linear_types()):
-            raise TypeError(f"IA3Linear wraps nn.Linear or transformers Conv1D, got {type(base).__name__}.")
-        super().__init__()
-        self.fan_in_fan_out = not isinstance(base, nn.Linear)
-        w = base.weight
-        self.in_features, self.out_features = (w.shape[0], w.shape[1]) if self.fan_in_fan_out else (w.shape[1], w.shape[0])
-        self._base_type = type(base)
-        self.weight = w
-        self.bias = base.bias
+        super().__init__(base)
         self.feedforward = feedforward
-        dtype = w.dtype if w.dtype.is_floating_point else torch.float32
-        self.ia3_l = nn.Parameter(torch.ones(self.in_features if feedforward else self.out_features, dtype=dtype, device=w.device))
+        size = self.in_features if feedforward else self.out_features
+        self.ia3_l = nn.Parameter(torch.ones(size, dtype=self.adapter_dtype, device=self.weight.device))
 
     def _linear(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-        return F.linear(x, weight.t() if self.fan_in_fan_out else weight, bias)
+        if weight is self.weight:  # the frozen base, plain or quantized
+            return self.base_forward(x) if bias is self.bias else base_linear(x, weight, bias, self.fan_in_fan_out)
+        return F.linear(x, weight.to(x.dtype).t() if self.fan_in_fan_out else weight.to(x.dtype), bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged and not self.disabled:
@@ -200,7 +196,8 @@ class IA3Linear(AdapterLayer):
 
     def _unmerged_weights(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         s = self._weight_scale()
-        weight = (self.weight.float() / s).to(self.weight.dtype)
+        weight = self.dense_weight() / s
+        weight = weight if is_quantized(self.weight) else weight.to(self.weight.dtype)
         bias = self.bias
         if bias is not None and not self.feedforward:
             bias = (bias.float() / self.ia3_l.detach().float()).to(bias.dtype)
@@ -216,7 +213,7 @@ class IA3Linear(AdapterLayer):
                 f"Merging this (IA)³ vector ({l.numel()} entries) would write NaN/inf into the base weight or could not be "
                 "undone (a scale is 0); the weight was left unchanged. Check the training run or reload the adapter."
             )
-        self.weight.copy_((self.weight.float() * self._weight_scale()).to(self.weight.dtype))
+        self._write_weight(self.dense_weight() * self._weight_scale(), "the (IA)³ merge")
         if self.bias is not None and not self.feedforward:
             self.bias.copy_((self.bias.float() * l.float()).to(self.bias.dtype))
         self.merged = True
@@ -226,17 +223,10 @@ class IA3Linear(AdapterLayer):
         if not self.merged:
             return
         weight, bias = self._unmerged_weights()
-        self.weight.copy_(weight)
+        self._write_weight(weight.float(), "the (IA)³ unmerge")
         if bias is not None and bias is not self.bias:
             self.bias.copy_(bias)
         self.merged = False
-
-    def base_layer(self) -> nn.Module:
-        with torch.device("meta"):
-            layer = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None) if not self.fan_in_fan_out else self._base_type(self.out_features, self.in_features)
-        layer.weight = self.weight
-        layer.bias = self.bias
-        return layer
 
     def extra_repr(self) -> str:
         kind = "input (feed-forward)" if self.feedforward else "output"

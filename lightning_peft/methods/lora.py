@@ -33,9 +33,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_peft.core import AdapterLayer, _non_finite_problem
+from lightning_peft.core import _non_finite_problem
 from lightning_peft.methods._gate import Gate
-from lightning_peft.quant import QuantLinear, dequantize, frozen_linear, is_quantized, requantize, weight_shape  # QLoRA: quantized base weights
+from lightning_peft.methods._linear import LinearAdapter, base_linear
+from lightning_peft.quant import dequantize, is_quantized  # QLoRA: quantized base weights
 from lightning_peft.targeting import TargetSpec, find_targets, linear_types
 
 __all__ = ["LoRALinear", "LoRASpec", "add_weighted_adapter", "check_lora_args", "inject_lora", "lora_linear", "pattern_value"]
@@ -62,12 +63,6 @@ def _dropout_mask(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
     return torch.empty_like(x).bernoulli_(1.0 - p, generator=gen).mul_(1.0 / (1.0 - p))
 
 
-def _base_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], fan_in_fan_out: bool) -> torch.Tensor:
-    if fan_in_fan_out:  # HF Conv1D stores the weight as (in, out)
-        return F.linear(x, dequantize(weight, x.dtype).t(), bias)
-    return frozen_linear(x, weight, bias)  # a quantized base: 4-bit dequantized for this call, or LLM.int8
-
-
 class _LoRAFunction(torch.autograd.Function):
     """``y = x W^T + b + s * drop(x) A^T B^T`` with a hand-written backward.
 
@@ -78,7 +73,7 @@ class _LoRAFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, lora_a, lora_b, scaling: float, dropout: float, seed: int, fan_in_fan_out: bool):
         xd = x * _dropout_mask(x, dropout, seed) if dropout > 0 else x
         xa = (xd @ lora_a.t()).mul_(scaling)  # (..., r), scaled here: cheaper than an alpha on the big addmm
-        out = _base_linear(x, weight, bias, fan_in_fan_out)  # (..., out)
+        out = base_linear(x, weight, bias, fan_in_fan_out)  # (..., out)
         # in place through a 2-D view, but return ``out`` itself: a custom Function's output that is a view cannot be
         # modified in place by the model afterwards (Falcon's ``mlp_output += attention_output``)
         out.view(-1, out.shape[-1]).addmm_(xa.view(-1, xa.shape[-1]), lora_b.t())
@@ -147,7 +142,7 @@ class LoRASpec:
         return self.alpha / math.sqrt(self.r) if self.use_rslora else self.alpha / self.r
 
 
-class LoRALinear(AdapterLayer):
+class LoRALinear(LinearAdapter):
     """A linear layer (``nn.Linear`` or HF ``Conv1D``) with one or several named LoRA updates.
 
     The base parameters stay under their own names (``weight``, ``bias``); each adapter ``name`` adds
@@ -176,16 +171,7 @@ class LoRALinear(AdapterLayer):
         self, base: nn.Module, r: int = 8, alpha: float = 16.0, dropout: float = 0.0, use_rslora: bool = False,
         init: LoRAInit = "kaiming", adapter_name: str = "default",
     ) -> None:
-        if not isinstance(base, linear_types()):
-            raise TypeError(f"LoRALinear wraps nn.Linear or transformers Conv1D, got {type(base).__name__}.")
-        super().__init__()
-        self.fan_in_fan_out = not isinstance(base, nn.Linear)
-        w = base.weight
-        shape = weight_shape(w)  # the logical shape, also of a quantized weight
-        self.in_features, self.out_features = (shape[0], shape[1]) if self.fan_in_fan_out else (shape[1], shape[0])
-        self._base_type = type(base)
-        self.weight = w
-        self.bias = base.bias
+        super().__init__(base)
         self.lora_a = nn.ParameterDict()
         self.lora_b = nn.ParameterDict()
         self.lora_gate = nn.ModuleDict()  # optional gates, per adapter name (none by default)
@@ -208,10 +194,9 @@ class LoRALinear(AdapterLayer):
         _check_adapter_name(name)
         if name in self.specs:
             raise ValueError(f"This layer already has an adapter named {name!r} (adapters: {sorted(self.specs)}).")
-        w = self.weight
-        dtype = w.dtype if w.dtype.is_floating_point else torch.float32
-        self.lora_a[name] = nn.Parameter(torch.empty(r, self.in_features, dtype=dtype, device=w.device))
-        self.lora_b[name] = nn.Parameter(torch.zeros(self.out_features, r, dtype=dtype, device=w.device))
+        dtype, device = self.adapter_dtype, self.weight.device
+        self.lora_a[name] = nn.Parameter(torch.empty(r, self.in_features, dtype=dtype, device=device))
+        self.lora_b[name] = nn.Parameter(torch.zeros(self.out_features, r, dtype=dtype, device=device))
         self.specs[name] = LoRASpec(r, float(alpha), float(dropout), bool(use_rslora), init)
         self.reset_lora_parameters(name)
         if active:
@@ -333,7 +318,7 @@ class LoRALinear(AdapterLayer):
             out = self._apply_fn(x, weight, bias, plain[0])
             add.remove(plain[0])
         else:
-            out = _base_linear(x, weight, bias, self.fan_in_fan_out)
+            out = base_linear(x, weight, bias, self.fan_in_fan_out)
         for name in add:
             out = out + self._update(x, name)
         for name in remove:  # merged into the weight but not wanted now
@@ -353,7 +338,7 @@ class LoRALinear(AdapterLayer):
         if p > 0 and torch.compiler.is_compiling():
             # under torch.compile: plain ops (the compiler fuses them; a host-side seed would break the graph)
             xa = F.dropout(x, p, training=True) @ lora_a.t()
-            return _base_linear(x, weight, bias, self.fan_in_fan_out) + (xa @ lora_b.t()) * spec.scaling
+            return base_linear(x, weight, bias, self.fan_in_fan_out) + (xa @ lora_b.t()) * spec.scaling
         seed = int(torch.randint(0, 2**62, (1,)).item()) if p > 0 else 0
         return _LoRAFunction.apply(x, weight, bias, lora_a, lora_b, spec.scaling, p, seed, self.fan_in_fan_out)
 
@@ -366,7 +351,7 @@ class LoRALinear(AdapterLayer):
                 f"adapter_names has {len(names)} entries but the batch has {x.shape[0]} rows: give one adapter "
                 "name (or None for the base model) per sample."
             )
-        out = _base_linear(x, weight, bias, self.fan_in_fan_out)
+        out = base_linear(x, weight, bias, self.fan_in_fan_out)
         for name in dict.fromkeys(n for n in names if n is not None and n in self.specs):
             rows = torch.tensor([i for i, n in enumerate(names) if n == name], device=x.device)
             xs = x.index_select(0, rows)
@@ -396,7 +381,7 @@ class LoRALinear(AdapterLayer):
                 "folded into the base weight. Run the model unmerged."
             )
         for name in names:
-            merged = dequantize(self.weight, torch.float32).float() + self.delta_weight(name)
+            merged = self.dense_weight() + self.delta_weight(name)
             if not torch.isfinite(merged).all():
                 spec = self.specs[name]
                 raise ValueError(
@@ -412,22 +397,7 @@ class LoRALinear(AdapterLayer):
         """Take every merged adapter back out of the base weight (no-op when none is merged)."""
         while self.merged_adapters:
             name = self.merged_adapters.pop()
-            self._write_weight(dequantize(self.weight, torch.float32).float() - self.delta_weight(name), f"the unmerge of {name!r}")
-
-    def _write_weight(self, value: torch.Tensor, what: str) -> None:
-        if is_quantized(self.weight):  # QLoRA: dequantized, updated, re-quantized (rounds; requantize warns)
-            self.weight = requantize(self.weight, value, what)
-        else:
-            self.weight.copy_(value.to(self.weight.dtype))
-
-    def base_layer(self) -> nn.Module:
-        with torch.device("meta"):
-            layer = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None) if not self.fan_in_fan_out else self._base_type(self.out_features, self.in_features)
-        if is_quantized(self.weight) and not self.fan_in_fan_out:  # QLoRA: a frozen quantized linear
-            return QuantLinear(self.weight, self.bias)
-        layer.weight = self.weight
-        layer.bias = self.bias
-        return layer
+            self._write_weight(self.dense_weight() - self.delta_weight(name), f"the unmerge of {name!r}")
 
     def extra_repr(self) -> str:
         adapters = ", ".join(

@@ -15,15 +15,15 @@ columns (any value >= ``int8_threshold``) multiplied in 16 bits, and ``grad_x = 
 :class:`QLoRAPrecision` does the storage part when Lightning converts the module (``strategy.setup``, after
 the PEFT callbacks injected their adapters, before the model moves to its device):
 
-* the frozen weight of every ``LoRALinear`` is replaced in place by a bitsandbytes ``Params4bit`` (or
-  ``Int8Params``); LoRA's own autograd function reads it through :func:`lightning_peft.quant.frozen_linear`
-  (forward) and :func:`lightning_peft.quant.dequantize` (backward) and saves only the packed bytes: one LoRA
-  implementation for every base precision;
+* the frozen weight of every layer that wraps a linear (:class:`~lightning_peft.methods._linear.LinearAdapter`:
+  LoRA, AdaLoRA, (IA)³) is replaced in place by a bitsandbytes ``Params4bit`` (or ``Int8Params``); the layer
+  reads it through :func:`lightning_peft.quant.frozen_linear` (forward) and :func:`lightning_peft.quant.dequantize`
+  (LoRA's backward, which saves only the packed bytes): one implementation of each method for every base precision;
 * every other frozen ``nn.Linear`` becomes a :class:`~lightning_peft.quant.QuantLinear` (the same helper);
 * the output head (``lm_head``, ``classifier``, ``score``), ``ignore_modules``, trainable layers, layers
   sharing their weight with another module, and linear layers inside other adapter types stay as they are;
-* LoRA adapter parameters are kept in float32 (the optimizer's master weights; ``LoRALinear`` casts them to
-  the activation dtype inside its forward, a copy of r x in values, so no activation is ever upcast); every
+* the adapter parameters of those layers are kept in float32 (the optimizer's master weights; the layers cast
+  them to the activation dtype inside their forward, a copy of r x in values, so no activation is ever upcast); every
   other floating parameter (norms, embeddings, biases, the head, ``trainable_modules``) is cast to the
   compute dtype. Buffers (e.g. rotary frequencies) are left as they are.
 
@@ -45,7 +45,7 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_peft.core import AdapterLayer
-from lightning_peft.methods.lora import LoRALinear
+from lightning_peft.methods._linear import LinearAdapter
 from lightning_peft.quant import QUANT_MODES, QuantLinear, import_bitsandbytes, is_quantized, quantize_weight, quantized_bytes
 from lightning_peft.targeting import match_name, output_head_names
 
@@ -157,7 +157,7 @@ class QLoRAPrecision(Precision):
         for name in plan:
             layer = module.get_submodule(name)
             weight = quantize_weight(layer.weight, self.mode, self.compute_dtype, device, self.blocksize, self.int8_threshold)
-            if isinstance(layer, LoRALinear):
+            if isinstance(layer, LinearAdapter):
                 layer.weight = weight
             else:
                 module.set_submodule(name, QuantLinear(weight, layer.bias))
@@ -177,11 +177,11 @@ class QLoRAPrecision(Precision):
         counts: dict[int, int] = {}
         for _, p in module.named_parameters(remove_duplicate=False):
             counts[id(p)] = counts.get(id(p), 0) + 1
-        others = [n for n, m in module.named_modules() if isinstance(m, AdapterLayer) and not isinstance(m, LoRALinear)]
+        others = [n for n, m in module.named_modules() if isinstance(m, AdapterLayer) and not isinstance(m, LinearAdapter)]
         plan, skipped, done = [], {"trainable": 0, "head or ignored": 0, "shared weight": 0, "other adapter": 0}, 0
         for name, layer in module.named_modules():
-            lora = isinstance(layer, LoRALinear)
-            if not (lora and not layer.fan_in_fan_out) and not (type(layer) is nn.Linear or isinstance(layer, QuantLinear)):
+            wraps_linear = isinstance(layer, LinearAdapter)
+            if not (wraps_linear and not layer.fan_in_fan_out) and not (type(layer) is nn.Linear or isinstance(layer, QuantLinear)):
                 continue
             weight = layer.weight
             if is_quantized(weight):
@@ -218,11 +218,11 @@ class QLoRAPrecision(Precision):
             raise ValueError(f"QLoRAPrecision: ignore_modules entries {unmatched} match no module. Candidate names: {candidates}.")
 
     def _cast(self, module: nn.Module) -> None:
-        lora_params = {id(p) for m in module.modules() if isinstance(m, LoRALinear) for p in (*m.lora_a.values(), *m.lora_b.values())}
+        adapter_params = {id(m.get_parameter(n)) for m in module.modules() if isinstance(m, LinearAdapter) for n in m.adapter_params()}
         for param in module.parameters():
             if is_quantized(param) or not param.is_floating_point():
                 continue
-            dtype = torch.float32 if id(param) in lora_params else self.compute_dtype
+            dtype = torch.float32 if id(param) in adapter_params else self.compute_dtype
             if param.dtype != dtype:
                 param.data = param.data.to(dtype)
 

@@ -13,7 +13,7 @@ from torch import nn
 pytest.importorskip("bitsandbytes")
 
 from lightning_peft.callbacks.lora import LoRA  # noqa: E402
-from lightning_peft.core import merge_adapters, unload  # noqa: E402
+from lightning_peft.core import adapter_param_names, merge_adapters, unload  # noqa: E402
 from lightning_peft.methods import lora as lora_mod  # noqa: E402
 from lightning_peft.methods.lora import LoRALinear, inject_lora  # noqa: E402
 from lightning_peft.plugins.qlora import QLoRAPrecision  # noqa: E402
@@ -424,3 +424,39 @@ def test_adapter_saved_from_a_qlora_model_loads_onto_the_plain_base(tmp_path):
     for n, p in plain.named_parameters():
         if "lora_" in n:
             torch.testing.assert_close(p.float(), a[n].float())
+
+
+# -- every layer that wraps a linear takes a 4-bit base (issue 23): AdaLoRA and (IA)³ as LoRA ------------------
+def _adapter_layers(module, cls):
+    return [m for m in module.modules() if isinstance(m, cls)]
+
+
+@pytest.mark.parametrize("method", ["adalora", "ia3"])
+def test_adalora_and_ia3_train_on_an_nf4_base_and_merge_with_the_requantize_warning(tmp_path, method):
+    from lightning_peft import IA3, AdaLoRA
+    from lightning_peft.methods.adalora import AdaLoRALinear
+    from lightning_peft.methods.ia3 import IA3Linear
+
+    L.seed_everything(0)
+    module = TinyLM64(n=16, lr=1e-2)
+    if method == "adalora":
+        cls, callback = AdaLoRALinear, AdaLoRA(init_r=6, target_r=4, tinit=2, tfinal=2, delta_t=2, alpha=64, target_modules=["q_proj", "v_proj"])
+    else:
+        cls, callback = IA3Linear, IA3(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])
+    before = _loss(module)
+    trainer = _trainer(tmp_path, [callback], plugin=QLoRAPrecision("nf4"), max_steps=16)
+    trainer.fit(module)
+    layers = _adapter_layers(module, cls)
+    assert layers and all(is_quantized(m.weight) for m in layers)  # the base under the adapter is 4-bit
+    adapter = [module.get_parameter(n) for n in adapter_param_names(module)]
+    assert adapter and all(p.dtype == torch.float32 and p.requires_grad for p in adapter)  # fp32 master weights
+    assert _loss(module) < before - 0.3  # it trained through the quantized base
+    layer = layers[-1]
+    dense = dequantize(layer.weight, torch.float32)
+    expected = dense + layer.delta_weight() if method == "adalora" else dense * layer._weight_scale()
+    with pytest.warns(UserWarning, match="re-quantized to 4 bits"):
+        merge_adapters(module)
+    assert all(m.merged and is_quantized(m.weight) for m in layers)
+    after = dequantize(layer.weight, torch.float32)
+    assert _rel(after, expected) < 0.15  # rounded to 4 bits again, as LoRA's merge is
+    assert _rel(after - dense, expected - dense) < 1.0  # but the update is in it
