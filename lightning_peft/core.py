@@ -27,6 +27,8 @@ __all__ = [
     "delete_adapter",
     "set_active_adapters",
     "set_adapter_trainable",
+    "NamedAdapters",
+    "layer_adapter_names",
     "per_sample_adapters",
     "unload",
     "ParameterCounts",
@@ -86,6 +88,51 @@ class AdapterLayer(nn.Module):
     def base_layer(self) -> nn.Module:
         """A plain module equivalent to the base (used by ``unload``); the adapter is dropped."""
         raise NotImplementedError
+
+
+class NamedAdapters:
+    """The multi-adapter protocol: a layer that holds several named adapters of one method (LoRA's layers do).
+
+    The state it declares (read it freely; change it through the core functions, which keep every layer of a model
+    consistent: :func:`set_active_adapters`, :func:`set_adapter_trainable`, :func:`delete_adapter`,
+    :func:`merge_adapters`, :func:`per_sample_adapters`):
+
+    - ``active``: the adapters whose updates the forward applies, in order;
+    - ``frozen``: adapters whose parameters never train;
+    - ``merged_adapters``: adapters folded into the base weight, in the order merged;
+    - ``sample_adapters``: per-sample routing for inference (one name, or ``None`` for the base, per row), or ``None``.
+
+    A layer implements :meth:`adapter_names`, :meth:`delete_adapter` and ``merge(names=None)`` over them.
+    """
+
+    active: list[str]
+    frozen: set[str]
+    merged_adapters: list[str]
+    sample_adapters: list[str | None] | None
+
+    def _init_named_adapters(self) -> None:
+        self.active, self.frozen, self.merged_adapters, self.sample_adapters = [], set(), [], None
+
+    def adapter_names(self) -> list[str]:
+        raise NotImplementedError
+
+    def delete_adapter(self, name: str) -> None:
+        raise NotImplementedError
+
+    def set_adapter_active(self, name: str, active: bool) -> None:
+        """Apply adapter ``name`` (appended after the active ones) or stop applying it."""
+        if active and name not in self.active:
+            self.active.append(name)
+        elif not active:
+            self.active = [n for n in self.active if n != name]
+
+    def set_adapter_frozen(self, name: str, frozen: bool) -> None:
+        (self.frozen.add if frozen else self.frozen.discard)(name)
+
+
+def layer_adapter_names(layer: AdapterLayer) -> list[str]:
+    """The adapter names ``layer`` holds: its named adapters, or ``["default"]`` for a single-adapter layer."""
+    return layer.adapter_names() if isinstance(layer, NamedAdapters) else ["default"]
 
 
 def _non_finite_problem(layer: nn.Module, names: list[str]) -> str | None:
@@ -248,16 +295,19 @@ def merge_adapters(model: nn.Module) -> nn.Module:
             f"merge_adapters: nothing was merged, {len(problems)} adapter layer(s) cannot be:\n  {listed}\n"
             "Run the model unmerged, or unload(model) the adapters that cannot merge before merging the others."
         )
-    before = [(m, list(getattr(m, "merged_adapters", [])), m.merged) for _, m in layers]
+    def merged_names(m: AdapterLayer) -> list[str]:
+        return list(m.merged_adapters) if isinstance(m, NamedAdapters) else []
+
+    before = [(m, merged_names(m), m.merged) for _, m in layers]
     try:
         for _, m in layers:
             m.merge()
     except BaseException:
-        for m, merged_names, was_merged in before:  # back to what each layer held before this call
-            if m.merged and (list(getattr(m, "merged_adapters", [])) != merged_names or not was_merged):
+        for m, names, was_merged in before:  # back to what each layer held before this call
+            if m.merged and (merged_names(m) != names or not was_merged):
                 m.unmerge()
-                if merged_names:
-                    m.merge(merged_names)
+                if names:
+                    m.merge(names)
         raise
     return model
 
@@ -271,12 +321,12 @@ def unmerge_adapters(model: nn.Module) -> nn.Module:
 
 # -- several named adapters on one base ------------------------------------------------------------
 def _named_layers(model: nn.Module) -> list[tuple[str, AdapterLayer]]:
-    """Adapter layers that hold named adapters (they implement ``adapter_names()``)."""
+    """Adapter layers that hold named adapters (the :class:`NamedAdapters` protocol)."""
     layers = list(adapter_modules(model))
     if not layers:
         raise ValueError(f"{type(model).__name__} carries no adapter layers: inject or load an adapter first.")
-    named = [(n, m) for n, m in layers if hasattr(m, "adapter_names")]
-    other = sorted({type(m).__name__ for _, m in layers if not hasattr(m, "adapter_names")})
+    named = [(n, m) for n, m in layers if isinstance(m, NamedAdapters)]
+    other = sorted({type(m).__name__ for _, m in layers if not isinstance(m, NamedAdapters)})
     if other:
         raise NotImplementedError(
             f"Named adapters are implemented for LoRA layers; this model also carries {other}, which hold a single "
@@ -308,7 +358,11 @@ def set_active_adapters(model: nn.Module, names: str | list[str]) -> nn.Module:
     names = [names] if isinstance(names, str) else list(names)
     _check_names(model, names)
     for _, m in _named_layers(model):
-        m.active = [n for n in names if n in m.adapter_names()]
+        for n in m.adapter_names():
+            m.set_adapter_active(n, False)
+        for n in names:
+            if n in m.adapter_names():
+                m.set_adapter_active(n, True)
     return model
 
 
@@ -335,7 +389,7 @@ def set_adapter_trainable(model: nn.Module, name: str, trainable: bool = True, e
     _check_names(model, [name])
     for _, m in _named_layers(model):
         if name in m.adapter_names():
-            (m.frozen.discard if trainable else m.frozen.add)(name)
+            m.set_adapter_frozen(name, not trainable)
     mark_trainable(model, extra)
     return model
 

@@ -43,7 +43,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from lightning_peft.core import PEFT_PREFIX, AdapterLayer, adapter_modules, adapter_param_names, mark_trainable, peft_state
+from lightning_peft.core import PEFT_PREFIX, AdapterLayer, NamedAdapters, layer_adapter_names, adapter_modules, adapter_param_names, mark_trainable, peft_state
 from lightning_peft.methods.lora import LoRALinear, inject_lora, pattern_value
 from lightning_peft.quant import weight_shape
 from lightning_peft.targeting import find_targets, linear_types
@@ -297,12 +297,12 @@ def save_adapter(module: nn.Module, directory: Union[str, Path], adapter_name: O
 
 
 def _adapter_names(layers: list[tuple[str, AdapterLayer]]) -> list[str]:
-    names = [n for _, m in layers for n in (m.adapter_names() if hasattr(m, "adapter_names") else ["default"])]
+    names = [n for _, m in layers for n in layer_adapter_names(m)]
     return list(dict.fromkeys(names))
 
 
 def _save_one(module, prefix, base, layers, name, directory: Path) -> None:
-    mine = [(n, m) for n, m in layers if name in (m.adapter_names() if hasattr(m, "adapter_names") else ["default"])]
+    mine = [(n, m) for n, m in layers if name in layer_adapter_names(m)]
     fmt = _format_for(mine)
     config, tensors = fmt.to_peft(base, mine, name)
     trained = [n[len(prefix):] for n in peft_state(module)["trainable"] if n.startswith(prefix)]
@@ -535,15 +535,11 @@ def load_adapter(
         current = _tensors_of(base)
         for pname, value in full.items():
             current[pname].copy_(value.to(current[pname].dtype))
-    layers = [m for _, m in adapter_modules(base)]
-    for m in layers:
-        if hasattr(m, "adapter_names") and adapter_name in m.adapter_names():
+    for _, m in adapter_modules(base):  # through the multi-adapter protocol
+        if isinstance(m, NamedAdapters) and adapter_name in m.adapter_names():
             if not is_trainable:
-                m.frozen.add(adapter_name)
-            if activate is False or (activate is None and had_adapters):
-                m.active = [n for n in m.active if n != adapter_name]
-            elif adapter_name not in m.active:
-                m.active.append(adapter_name)
+                m.set_adapter_frozen(adapter_name, True)
+            m.set_adapter_active(adapter_name, not (activate is False or (activate is None and had_adapters)))
     state = peft_state(module)
     params = dict(base.named_parameters())
     if is_trainable and full:

@@ -99,3 +99,21 @@ def test_every_public_name_resolves_lazily():
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "ok"
     with pytest.raises(AttributeError, match="module 'lightning_peft' has no attribute 'LoRa'"):
         lightning_peft.LoRa  # noqa: B018
+
+
+def test_the_multi_adapter_state_changes_only_through_the_protocol():
+    """``active``/``frozen``/``merged_adapters``/``sample_adapters`` are declared by core.NamedAdapters and changed only
+    by the core functions and the layers themselves (issue 23, point 3): io once edited them directly."""
+    state = {"active", "frozen", "merged_adapters", "sample_adapters"}
+    allowed = {"lightning_peft.core", "lightning_peft.methods.lora"}
+    writes = []
+    for name, path in _modules().items():
+        if name in allowed:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, (ast.AugAssign, ast.AnnAssign)) else []
+            writes += [f"{name}: {ast.unparse(t)} = ..." for t in targets if isinstance(t, ast.Attribute) and t.attr in state]
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and isinstance(node.func.value, ast.Attribute) \
+                    and node.func.value.attr in state and node.func.attr in {"add", "discard", "append", "remove", "clear", "pop"}:
+                writes.append(f"{name}: {ast.unparse(node)}")
+    assert not writes, writes

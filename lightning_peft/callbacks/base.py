@@ -32,6 +32,7 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_peft.core import (
+    NamedAdapters,
     StructureSnapshot,
     adapter_modules,
     adapter_param_names,
@@ -305,7 +306,7 @@ class PEFTCallback(Callback):
             if not m.merged:
                 return False
             params = dict(m.named_parameters())
-            names = getattr(m, "merged_adapters", None)  # named adapters (LoRA): only those folded into the weights
+            names = m.merged_adapters if isinstance(m, NamedAdapters) else None  # named adapters: only those merged
             trained = [n for n in m.adapter_params() if params[n].requires_grad]
             return any(names is None or any(a in n.split(".") for a in names) for n in trained)
 

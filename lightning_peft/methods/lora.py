@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_peft.core import _non_finite_problem
+from lightning_peft.core import NamedAdapters, _non_finite_problem
 from lightning_peft.methods._gate import Gate
 from lightning_peft.methods._linear import LinearAdapter, base_linear
 from lightning_peft.quant import dequantize, is_quantized  # QLoRA: quantized base weights
@@ -142,17 +142,16 @@ class LoRASpec:
         return self.alpha / math.sqrt(self.r) if self.use_rslora else self.alpha / self.r
 
 
-class LoRALinear(LinearAdapter):
+class LoRALinear(LinearAdapter, NamedAdapters):
     """A linear layer (``nn.Linear`` or HF ``Conv1D``) with one or several named LoRA updates.
 
     The base parameters stay under their own names (``weight``, ``bias``); each adapter ``name`` adds
     ``lora_a.<name>`` (r x in) and ``lora_b.<name>`` (out x r), created in the base weight's dtype and
     device. The first adapter is called ``"default"`` unless named otherwise.
 
-    Several adapters: :meth:`add_adapter`, :meth:`delete_adapter`, ``active`` (the adapters whose
-    updates are applied, in order), ``frozen`` (adapters whose parameters never train), and
-    ``sample_adapters`` (per-sample routing for inference: one adapter name, or ``None`` for the base,
-    per row of the batch). The functions in :mod:`lightning_peft.adapters` set these model-wide.
+    Several adapters: :meth:`add_adapter`, :meth:`delete_adapter`, and the state of the multi-adapter
+    protocol (:class:`lightning_peft.core.NamedAdapters`: ``active``, ``frozen``, ``merged_adapters``,
+    ``sample_adapters``), which the core functions (``set_active_adapters``, ...) set model-wide.
 
     Args:
         base: the layer to adapt; its parameters are shared, not copied.
@@ -176,10 +175,7 @@ class LoRALinear(LinearAdapter):
         self.lora_b = nn.ParameterDict()
         self.lora_gate = nn.ModuleDict()  # optional gates, per adapter name (none by default)
         self.specs: dict[str, LoRASpec] = {}
-        self.active: list[str] = []
-        self.frozen: set[str] = set()
-        self.merged_adapters: list[str] = []
-        self.sample_adapters: Optional[list[Optional[str]]] = None
+        self._init_named_adapters()  # active, frozen, merged_adapters, sample_adapters (core.NamedAdapters)
         self.add_adapter(adapter_name, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, init=init)
 
     # -- named adapters -----------------------------------------------------------------------------
