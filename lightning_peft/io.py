@@ -296,6 +296,15 @@ def save_adapter(module: nn.Module, directory: Union[str, Path], adapter_name: O
     return out
 
 
+def check_savable(module: nn.Module) -> None:
+    """Raise ``NotImplementedError`` (naming the layer types) unless :func:`save_adapter` has a file format for every
+    adapter ``module`` carries. Writes nothing: the callbacks call it before training when ``save_dir`` is set."""
+    _, base = find_base_model(module)
+    layers = list(adapter_modules(base))
+    for name in _adapter_names(layers):
+        _format_for([(n, m) for n, m in layers if name in layer_adapter_names(m)])
+
+
 def _adapter_names(layers: list[tuple[str, AdapterLayer]]) -> list[str]:
     names = [n for _, m in layers for n in layer_adapter_names(m)]
     return list(dict.fromkeys(names))

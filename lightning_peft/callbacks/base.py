@@ -41,7 +41,7 @@ from lightning_peft.core import (
     peft_state,
     structure_snapshot,
 )
-from lightning_peft.io import save_adapter
+from lightning_peft.io import check_savable, save_adapter
 from lightning_peft.targeting import match_name
 from lightning_peft.validation import strict_init
 
@@ -281,6 +281,14 @@ class PEFTCallback(Callback):
 
     def _inject_lightning(self, pl_module: pl.LightningModule) -> None:
         self.inject(pl_module)
+        if self.save_dir:  # before training, not at its end: a method without a file format would lose the run
+            try:
+                check_savable(pl_module)
+            except NotImplementedError as err:
+                raise NotImplementedError(
+                    f"{type(self).__name__}(save_dir={self.save_dir!r}) cannot write this adapter: {err} Training was not "
+                    "started. Drop save_dir and keep the adapter in checkpoints (load_adapter_checkpoint reads them)."
+                ) from None
         _install_checkpoint_hooks(pl_module)
         rank_zero_info(f"{type(self).__name__}: adapted {len(self.injected)} modules. {count_parameters(pl_module)}")
 
