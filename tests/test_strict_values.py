@@ -141,12 +141,13 @@ def _rewrite_tensors(directory, change):
     save_file(tensors, str(path), metadata=meta)
 
 
-def test_non_finite_tensors_are_refused(tmp_path):
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_tensors_are_refused(tmp_path, value):
     _, d = _saved(tmp_path)
 
     def poison(tensors, meta):
         key = sorted(tensors)[0]
-        tensors[key][0, 0] = float("nan")
+        tensors[key][0, 0] = value
         meta.pop("lightning_peft_sha256")  # as a file from elsewhere: no digest to catch it first
 
     _rewrite_tensors(d, poison)
@@ -169,6 +170,19 @@ def test_a_flipped_byte_fails_the_integrity_digest(tmp_path):
     save_adapter(model, tmp_path / "b")
     ids = torch.tensor([[1, 2, 3]])
     torch.testing.assert_close(load_adapter(tiny_llama(), tmp_path / "b")(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_tensors_renamed_to_another_module_fail_the_integrity_digest(tmp_path):
+    """Same bytes, same shapes, same order, other names (q_proj's tensors relabelled k_proj): the digest covers the names."""
+    _, d = _saved(tmp_path)
+
+    def rename(tensors, meta):
+        for key in [k for k in tensors if ".layers.0.self_attn.q_proj." in k]:
+            tensors[key.replace("q_proj", "k_proj")] = tensors.pop(key)
+
+    _rewrite_tensors(d, rename)
+    with pytest.raises(AdapterFileError, match="do not match the integrity digest"):
+        load_adapter(tiny_llama(), d)
 
 
 def test_modules_to_save_without_its_tensors_is_an_error(tmp_path):
@@ -194,6 +208,21 @@ def test_a_tensor_spelled_twice_is_an_error(tmp_path):
     _rewrite_tensors(d, twice)
     with pytest.raises(AdapterFileError, match=r"two spellings of the same tensor"):
         load_adapter(tiny_llama(), d)
+
+
+def test_a_tensor_spelled_twice_is_an_error_whichever_spelling_comes_first(tmp_path):
+    """The file's keys are in name order: with adapter 'zz' the plain spelling (lora_A.weight) comes before the named
+    one (lora_A.zz.weight), the opposite of 'default'."""
+    _, d = _saved(tmp_path)
+
+    def twice(tensors, meta):
+        key = next(k for k in sorted(tensors) if k.endswith("lora_A.weight"))
+        tensors[key.replace("lora_A.weight", "lora_A.zz.weight")] = tensors[key] + 1
+        meta.pop("lightning_peft_sha256")
+
+    _rewrite_tensors(d, twice)
+    with pytest.raises(AdapterFileError, match=r"two spellings of the same tensor"):
+        load_adapter(tiny_llama(), d, adapter_name="zz")
 
 
 # -- checkpoints -----------------------------------------------------------------------------------------------
@@ -255,6 +284,8 @@ def test_a_good_checkpoint_still_loads_exactly():
         (dict(target_modules=["q_proj"], trainable_modules=["lm_head", "lm_haed"]), r"trainable_modules entries \['lm_haed'\] match no module of LlamaForCausalLM \(a typo\?\)"),
         (dict(target_modules=["q_proj", "v_proj"], rank_pattern={"v_prj": 4}), r"rank_pattern key 'v_prj' matches none of the adapted modules \(a typo\?\)"),
         (dict(target_modules=["q_proj"], alpha_pattern={"q_proj(": 4.0}), r"alpha_pattern key 'q_proj\(' is not a valid regular expression"),
+        # peft applies a key to names ending with it at a dot: "proj" selects neither q_proj nor v_proj
+        (dict(target_modules=["q_proj", "v_proj"], rank_pattern={"proj": 4}), r"rank_pattern key 'proj' matches none of the adapted modules"),
     ],
 )
 def test_every_entry_and_pattern_key_must_match(kwargs, match):
@@ -263,6 +294,23 @@ def test_every_entry_and_pattern_key_must_match(kwargs, match):
     before = _state(model)
     with pytest.raises(ValueError, match=match):
         LoRA(r=2, alpha=4, **kwargs).inject(model)
+    _same(before, _state(model))
+
+
+def test_trainable_modules_entries_may_each_match_different_modules():
+    model = tiny_llama()
+    LoRA(r=2, alpha=4, target_modules=["q_proj"], trainable_modules=["lm_head", "embed_tokens"]).inject(model)
+    trained = {n for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n}
+    assert trained == {"lm_head.weight", "model.embed_tokens.weight"}
+
+
+def test_every_target_entry_must_match_for_ia3_too():
+    from lightning_peft import IA3
+
+    model = tiny_llama()
+    before = _state(model)
+    with pytest.raises(ValueError, match=r"target_modules entries \['v_prj'\] match no module of LlamaForCausalLM \(a typo\?\)"):
+        IA3(target_modules=["q_proj", "v_prj"], feedforward_modules=[]).inject(model)
     _same(before, _state(model))
 
 
@@ -323,6 +371,22 @@ def test_training_a_merged_model_is_refused_with_the_fix(tmp_path):
     assert any(not torch.equal(before[k], v) for k, v in module.state_dict().items() if "lora_" in k)
 
 
+def test_training_a_merged_ia3_model_is_refused(tmp_path):
+    """(IA)3 layers hold one unnamed adapter: merged and trainable, it would learn nothing either."""
+    import lightning as L
+
+    from lightning_peft import IA3, merge_adapters
+
+    module = TinyLM()
+    ia3 = IA3(target_modules=["q_proj", "down_proj"], feedforward_modules=["down_proj"])
+    ia3.inject(module)
+    merge_adapters(module)
+    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[ia3], default_root_dir=tmp_path)
+    with pytest.raises(RuntimeError, match=r"merged into the base weights .* Call lightning_peft.unmerge_adapters\(model\) before fit"):
+        trainer.fit(module)
+
+
 def test_training_a_new_adapter_on_top_of_a_merged_frozen_one_is_allowed(tmp_path):
     import lightning as L
 
@@ -379,6 +443,50 @@ def test_a_merge_that_fails_midway_is_rolled_back():
     assert not any(getattr(m, "merged", False) for m in model.modules())
 
 
+def test_an_ia3_merge_that_fails_midway_is_rolled_back():
+    """(IA)3 layers have no named adapters: the rollback must unmerge them on their merged flag alone."""
+    from lightning_peft import IA3, merge_adapters
+
+    model = tiny_llama()
+    IA3(target_modules=["q_proj", "v_proj"], feedforward_modules=[]).inject(model)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "ia3_l" in n:
+                p.uniform_(0.5, 1.5)
+        last = [m for n, m in model.named_modules() if n.endswith("v_proj")][-1]
+        last.ia3_l[0] = 0.0  # the last layer's merge refuses (a scale of 0 could not be undone): earlier ones were merged
+    before = _state(model)
+    with pytest.raises(ValueError, match="could not be undone"):
+        merge_adapters(model)
+    after = _state(model)
+    for k in before[0]:
+        torch.testing.assert_close(after[0][k], before[0][k], atol=1e-6, rtol=0)
+    assert not any(getattr(m, "merged", False) for m in model.modules())
+
+
+def test_a_save_interrupted_while_writing_the_weights_leaves_the_previous_adapter_loadable(tmp_path, monkeypatch):
+    """The weights go to a temporary file renamed into place, before the config: a crash while they are written
+    leaves the previous pair intact (not a half-written weights file, nor a new config beside old weights)."""
+    import lightning_peft.io as io
+
+    model, d = _saved(tmp_path)
+    other = tiny_llama()
+    LoRA(r=4, alpha=8, target_modules=["q_proj", "v_proj"]).inject(other)
+
+    def crash(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"\x00" * 16)  # part of the file, then the disk fills up
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(io, "save_file", crash)
+    with pytest.raises(OSError, match="No space left on device"):
+        save_adapter(other, d)
+    monkeypatch.undo()
+    assert not list(d.glob(".*.tmp"))  # no temporary file left behind
+    ids = torch.tensor([[1, 2, 3]])
+    torch.testing.assert_close(load_adapter(tiny_llama(), d)(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
 def test_a_torn_save_is_refused_and_an_edited_config_needs_the_opt_in(tmp_path):
     """Weights and config are each written via a temporary file and a rename, the config last; the weights record
     the config's digest, so new weights beside an old config (a save interrupted between the two) do not load."""
@@ -410,6 +518,32 @@ def test_saving_over_another_adapter_warns_and_stale_sub_adapters_go(tmp_path):
     with pytest.warns(UserWarning, match=r"Removed .*two/b: a saved adapter 'b' that this model no longer carries"):
         save_adapter(two, tmp_path / "two")
     assert not (tmp_path / "two" / "b").exists()
+
+
+def test_saving_over_an_adapter_with_other_targets_warns_and_saving_the_same_again_does_not(tmp_path):
+    import warnings
+
+    model, d = _saved(tmp_path)  # LoRA on q_proj and v_proj
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        save_adapter(model, d)  # the same adapter again: nothing is replaced
+    other = tiny_llama()
+    LoRA(r=2, alpha=4, target_modules=["q_proj"]).inject(other)
+    with pytest.warns(UserWarning, match=r"held another adapter \(target_modules=\[.*v_proj.*\]\); it is replaced"):
+        save_adapter(other, d)
+
+
+def test_saving_one_named_adapter_keeps_the_other_adapters_folders(tmp_path):
+    import warnings
+
+    two = tiny_llama()
+    LoRA(r=2, alpha=4, target_modules=["q_proj"]).inject(two)
+    LoRA(r=2, alpha=4, target_modules=["q_proj"], adapter_name="b").inject(two)
+    save_adapter(two, tmp_path / "two")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        save_adapter(two, tmp_path / "two", adapter_name="default")  # only "default" is rewritten
+    assert (tmp_path / "two" / "b" / "adapter_config.json").is_file()
 
 
 # -- raw errors become clear ones ---------------------------------------------------------------------------------

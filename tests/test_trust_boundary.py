@@ -116,3 +116,34 @@ def test_export_neither_unpickles_the_checkpoint_nor_calls_the_configs_class_pat
         main(["export", "--ckpt_path", str(ckpt), "--out", str(tmp_path / "out")])
     assert f"model built from {run / 'config.yaml'}" in capsys.readouterr().out
     assert not marker.exists()
+
+
+def test_an_empty_checkpoint_is_named_as_empty(tmp_path):
+    """A 0-byte file (a write that never finished) says so, rather than a generic unreadable-file error."""
+    from lightning_peft.callbacks.base import read_checkpoint
+
+    path = tmp_path / "empty.ckpt"
+    path.write_bytes(b"")
+    with pytest.raises(ValueError, match=r"empty.ckpt is empty \(0 bytes\): the write that made it did not finish"):
+        read_checkpoint(path)
+
+
+@pytest.mark.parametrize("content", [[1, 2], torch.zeros(2)], ids=["list", "tensor"])
+def test_a_file_that_is_not_a_checkpoint_dict_is_refused(tmp_path, content):
+    path = tmp_path / "other.ckpt"
+    torch.save(content, path)
+    with pytest.raises(ValueError, match=rf"other.ckpt holds a {type(content).__name__}, not a Lightning checkpoint \(a dict\)"):
+        load_adapter_checkpoint(TinyLM(), path)
+
+
+def test_export_does_not_instantiate_a_class_that_is_not_a_lightning_module(tmp_path):
+    """A class is callable too: config.yaml naming ``subprocess.Popen`` must not get to run a command."""
+    marker = tmp_path / "marker"
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    ckpt = run / "checkpoints" / "plain.ckpt"
+    torch.save({"state_dict": {}, "lightning_peft": {"methods": [], "trainable": []}}, ckpt)
+    (run / "config.yaml").write_text(f"model:\n  class_path: subprocess.Popen\n  init_args:\n    args: [touch, {marker}]\n")
+    with pytest.raises(TypeError, match=r"model.class_path subprocess.Popen is not a LightningModule subclass \(type\); nothing was called"):
+        main(["export", "--ckpt_path", str(ckpt), "--out", str(tmp_path / "out")])
+    assert not marker.exists()

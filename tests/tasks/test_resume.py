@@ -95,3 +95,34 @@ def test_the_task_data_trains_under_ddp(tmp_path, minilm_path_module):
     done = _fit(config, "--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.max_steps=2")
     assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_the_resumable_loader_resumes_mid_epoch_and_after_a_complete_epoch():
+    """Fast, in-process: the loader's order is DataLoader(shuffle=True, generator=seed)'s, and a state saved after
+    ``consumed`` batches resumes with the next batch, or (the epoch complete) with the next epoch's first batch, not
+    with an empty replay of the finished epoch."""
+    from torch.utils.data import DataLoader
+
+    from lightning_peft.tasks.data import ResumableLoader
+
+    data, seed, done = list(range(10)), 3, [0]  # 3 batches of 4, 4, 2
+
+    def loader():
+        return ResumableLoader(data, 4, seed, progress=lambda: done[0], collate_fn=list)
+
+    reference = DataLoader(data, batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(seed), collate_fn=list)
+    epochs = [list(reference) for _ in range(3)]
+    uninterrupted = loader()
+    assert [list(uninterrupted) for _ in range(3)] == epochs
+
+    for consumed, rest in [(1, epochs[0][1:]), (2, epochs[0][2:]), (3, epochs[1])]:
+        saved = loader()
+        batches = iter(saved)
+        for _ in range(consumed):
+            next(batches)
+        done[0] = consumed
+        state = saved.state_dict()  # as Lightning saves it, after `consumed` batches were trained on
+        resumed = loader()
+        resumed.load_state_dict(state)
+        assert list(resumed) == rest, consumed
+        assert list(resumed) == (epochs[1] if consumed < 3 else epochs[2]), consumed  # and on into the next epoch
