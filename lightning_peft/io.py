@@ -43,6 +43,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from lightning_peft._version import __version__
 from lightning_peft.core import PEFT_PREFIX, AdapterLayer, NamedAdapters, layer_adapter_names, adapter_modules, adapter_param_names, mark_trainable, peft_state
 from lightning_peft.methods.lora import LoRALinear, inject_lora, pattern_value
 from lightning_peft.quant import weight_shape
@@ -383,8 +384,6 @@ def _warn_if_replacing_another_adapter(directory: Path, config: dict[str, Any]) 
 
 
 def _version() -> str:
-    from lightning_peft import __version__
-
     return __version__
 
 

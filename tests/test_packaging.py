@@ -40,3 +40,9 @@ def test_every_declared_floor_is_pinned_in_the_floor_job():
     differ = {n: (floors[n], pins[n]) for n in floors if not _same(floors[n], pins[n])}
     assert not differ, f"pyproject floor vs .ci/floors.txt pin (must be equal): {differ}"
 
+
+
+def test_the_package_version_is_the_one_pyproject_declares():
+    import lightning_peft
+
+    assert lightning_peft.__version__ == tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
