@@ -86,9 +86,6 @@ class RowScale(PEFTCallback):
             module.set_submodule(name, layer)
         return names
 
-    def config(self) -> dict:
-        return {**super().config(), "init": self.init}
-
 
 class TinyData(L.LightningDataModule):
     """TinyLM's data as a DataModule, for the CLI."""

@@ -104,6 +104,7 @@ class AdaLoRA(PEFTCallback):
     """
 
     method_name = "adalora"
+    not_recorded = ("log_ranks", "heatmap")
 
     def __init__(
         self,
@@ -147,13 +148,6 @@ class AdaLoRA(PEFTCallback):
         self._last_reg: Optional[torch.Tensor] = None
         self.final_ranks: dict[str, int] = {}
         self.rank_pattern: dict[str, list[bool]] = {}
-
-    def config(self) -> dict[str, Any]:
-        return {
-            **super().config(), "init_r": self.init_r, "target_r": self.target_r, "tinit": self.tinit, "tfinal": self.tfinal,
-            "delta_t": self.delta_t, "beta1": self.beta1, "beta2": self.beta2, "orth_reg_weight": self.orth_reg_weight,
-            "total_steps": self.total_steps, "budget": self.budget, "alpha": self.alpha, "dropout": self.dropout,
-        }
 
     def _inject(self, module: nn.Module) -> list[str]:
         names = inject_adalora(module, self.target_modules, self.exclude_modules, r=self.init_r, alpha=self.alpha, dropout=self.dropout)

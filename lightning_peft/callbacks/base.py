@@ -18,6 +18,7 @@ What it does, in Lightning's order (``Trainer.fit``):
 
 from __future__ import annotations
 
+import inspect
 import weakref
 from pathlib import Path
 from collections.abc import Sequence
@@ -156,8 +157,10 @@ def _install_checkpoint_hooks(module: pl.LightningModule) -> None:
 class PEFTCallback(Callback):
     """Base class of the method callbacks: inject, freeze, and keep checkpoints adapter-only.
 
-    Subclasses set ``method_name`` and implement :meth:`_inject` (the pure-PyTorch injection rule of
-    their ``methods/`` file) and :meth:`config`.
+    Subclasses set ``method_name``, take their settings as typed ``__init__`` arguments stored under the same
+    names, and implement :meth:`_inject` (the pure-PyTorch injection rule of their ``methods/`` file).
+    :meth:`config` (what checkpoints record and ``load_adapter_checkpoint`` rebuilds the callback from) is derived
+    from the signature; defining the class registers it under ``method_name``.
 
     Args:
         target_modules: modules to adapt: ``"all-linear"``, a regular expression matching whole
@@ -169,6 +172,10 @@ class PEFTCallback(Callback):
     """
 
     method_name: ClassVar[str] = "adapter"
+    #: ``__init__`` arguments that do not define the adapter (logging, output files): left out of :meth:`config`
+    not_recorded: ClassVar[tuple[str, ...]] = ()
+    #: arguments recorded only when set, so that checkpoints made before they existed still match
+    recorded_when_set: ClassVar[tuple[str, ...]] = ()
     _registry: ClassVar[dict[str, type[PEFTCallback]]] = {}
 
     def __init__(
@@ -207,13 +214,19 @@ class PEFTCallback(Callback):
         raise NotImplementedError
 
     def config(self) -> dict[str, Any]:
-        """The settings that define the adapter (saved in checkpoints, checked on resume)."""
-        return {
-            "method": self.method_name,
-            "target_modules": self.target_modules,
-            "exclude_modules": self.exclude_modules,
-            "trainable_modules": self.trainable_modules,
-        }
+        """The settings that define the adapter (saved in checkpoints, checked on resume): every argument of the
+        class's ``__init__``, read back from the attribute of the same name, except ``save_dir`` and
+        :attr:`not_recorded`; the :attr:`recorded_when_set` ones only when set. Derived from the signature, so that
+        ``type(self)(**config-without-method)`` rebuilds this callback (``load_adapter_checkpoint`` does that)."""
+        cfg: dict[str, Any] = {"method": self.method_name}
+        for name, param in inspect.signature(type(self).__init__).parameters.items():
+            if name in ("self", "save_dir") or name in self.not_recorded or param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+                continue
+            value = getattr(self, name)
+            if name in self.recorded_when_set and (not value or value == param.default):
+                continue
+            cfg[name] = value
+        return cfg
 
     # -- usable without a Trainer -----------------------------------------------------------------
     def inject(self, module: nn.Module) -> nn.Module:

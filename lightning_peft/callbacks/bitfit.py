@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional, Union
+from typing import Optional, Union
 
 from torch import nn
 
@@ -45,12 +45,6 @@ class BitFit(PEFTCallback):
             raise ValueError("biases=[] selects nothing to train. Use None to train every bias, or name modules, e.g. ['query'].")
         super().__init__([], exclude_modules, trainable_modules)
         self.biases = biases if biases is None or isinstance(biases, str) else list(biases)
-
-    def config(self) -> dict[str, Any]:
-        return {
-            "method": self.method_name, "biases": self.biases, "exclude_modules": self.exclude_modules,
-            "trainable_modules": self.trainable_modules,
-        }
 
     @property
     def state_key(self) -> str:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional, Union
+from typing import Literal, Optional, Union
 
 from torch import nn
 
@@ -36,6 +36,7 @@ class Houlsby(PEFTCallback):
     """
 
     method_name = "houlsby"
+    recorded_when_set = ("gate",)
 
     def __init__(
         self,
@@ -53,15 +54,6 @@ class Houlsby(PEFTCallback):
         self.target_modules = target_modules if target_modules is None or isinstance(target_modules, str) else list(target_modules)
         self.bottleneck_size, self.reduction_factor, self.activation, self.sites = bottleneck_size, reduction_factor, activation, list(sites)
         self.gate = bool(gate)
-
-    def config(self) -> dict[str, Any]:
-        cfg = {
-            **super().config(), "bottleneck_size": self.bottleneck_size, "reduction_factor": self.reduction_factor,
-            "activation": self.activation, "sites": self.sites,
-        }
-        if self.gate:  # only when set: checkpoints of ungated adapters keep their settings unchanged
-            cfg["gate"] = True
-        return cfg
 
     def _inject(self, module: nn.Module) -> list[str]:
         return inject_houlsby(

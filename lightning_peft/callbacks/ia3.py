@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional, Union
+from typing import Optional, Union
 
 from torch import nn
 
@@ -49,9 +49,6 @@ class IA3(PEFTCallback):
         super().__init__(target_modules if target_modules is not None else [], exclude_modules, trainable_modules, save_dir)
         self.target_modules = target_modules if target_modules is None or isinstance(target_modules, str) else list(target_modules)
         self.feedforward_modules = feedforward_modules if feedforward_modules is None or isinstance(feedforward_modules, str) else list(feedforward_modules)
-
-    def config(self) -> dict[str, Any]:
-        return {**super().config(), "feedforward_modules": self.feedforward_modules}
 
     def _inject(self, module: nn.Module) -> list[str]:
         return inject_ia3(module, self.target_modules, self.feedforward_modules, self.exclude_modules)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Optional
 
 from torch import nn
 
@@ -46,14 +46,6 @@ class LlamaAdapter(PEFTCallback):
         super().__init__("self_attn", None, trainable_modules, save_dir)
         self.adapter_len = adapter_len
         self.adapter_layers = adapter_layers
-
-    def config(self) -> dict[str, Any]:
-        return {
-            "method": self.method_name,
-            "adapter_len": self.adapter_len,
-            "adapter_layers": self.adapter_layers,
-            "trainable_modules": self.trainable_modules,
-        }
 
     def _inject(self, module: nn.Module) -> list[str]:
         return inject_llama_adapter(module, self.adapter_len, self.adapter_layers)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional, Union
+from typing import Literal, Optional, Union
 
 from torch import nn
 
@@ -41,6 +41,7 @@ class LoRA(PEFTCallback):
     """
 
     method_name = "lora"
+    recorded_when_set = ("adapter_name", "rank_pattern", "alpha_pattern", "gate")
 
     def __init__(
         self,
@@ -69,19 +70,6 @@ class LoRA(PEFTCallback):
         self.rank_pattern = dict(rank_pattern or {})
         self.alpha_pattern = {k: float(v) for k, v in (alpha_pattern or {}).items()}
         self.gate = bool(gate)
-
-    def config(self) -> dict[str, Any]:
-        cfg = {**super().config(), "r": self.r, "alpha": self.alpha, "dropout": self.dropout, "use_rslora": self.use_rslora, "init": self.init}
-        # only when set, so checkpoints of single default adapters keep their settings unchanged
-        if self.adapter_name != "default":
-            cfg["adapter_name"] = self.adapter_name
-        if self.rank_pattern:
-            cfg["rank_pattern"] = dict(self.rank_pattern)
-        if self.alpha_pattern:
-            cfg["alpha_pattern"] = dict(self.alpha_pattern)
-        if self.gate:
-            cfg["gate"] = True
-        return cfg
 
     @property
     def state_key(self) -> str:

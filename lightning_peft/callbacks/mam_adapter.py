@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional, Union
+from typing import Literal, Optional, Union
 
 from torch import nn
 
@@ -54,13 +54,6 @@ class MAMAdapter(PEFTCallback):
         self.num_virtual_tokens, self.prefix_hidden_size = num_virtual_tokens, prefix_hidden_size
         self.bottleneck_size, self.reduction_factor, self.scaling, self.activation = bottleneck_size, reduction_factor, float(scaling), activation
         self.ffn_target_modules = ffn_target_modules if ffn_target_modules is None or isinstance(ffn_target_modules, str) else list(ffn_target_modules)
-
-    def config(self) -> dict[str, Any]:
-        return {
-            "method": self.method_name, "num_virtual_tokens": self.num_virtual_tokens, "prefix_hidden_size": self.prefix_hidden_size,
-            "bottleneck_size": self.bottleneck_size, "reduction_factor": self.reduction_factor, "scaling": self.scaling,
-            "activation": self.activation, "ffn_target_modules": self.ffn_target_modules, "trainable_modules": self.trainable_modules,
-        }
 
     def _inject(self, module: nn.Module) -> list[str]:
         return inject_mam_adapter(

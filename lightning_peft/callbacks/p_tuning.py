@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional
+from typing import Literal, Optional
 
 from torch import nn
 
@@ -45,12 +45,6 @@ class PTuning(PEFTCallback):
         check_p_tuning_args(num_virtual_tokens, encoder, encoder_hidden_size)
         super().__init__([], None, trainable_modules, save_dir)
         self.num_virtual_tokens, self.encoder, self.encoder_hidden_size = num_virtual_tokens, encoder, encoder_hidden_size
-
-    def config(self) -> dict[str, Any]:
-        return {
-            "method": self.method_name, "num_virtual_tokens": self.num_virtual_tokens, "encoder": self.encoder,
-            "encoder_hidden_size": self.encoder_hidden_size, "trainable_modules": self.trainable_modules,
-        }
 
     def _inject(self, module: nn.Module) -> list[str]:
         return inject_p_tuning(module, self.num_virtual_tokens, self.encoder, self.encoder_hidden_size)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Optional
 
 from torch import nn
 
@@ -35,9 +35,6 @@ class PTuningV2(PEFTCallback):
         check_num_virtual_tokens(num_virtual_tokens)
         super().__init__([], None, trainable_modules, save_dir)
         self.num_virtual_tokens = num_virtual_tokens
-
-    def config(self) -> dict[str, Any]:
-        return {"method": self.method_name, "num_virtual_tokens": self.num_virtual_tokens, "trainable_modules": self.trainable_modules}
 
     def _inject(self, module: nn.Module) -> list[str]:
         return inject_p_tuning_v2(module, self.num_virtual_tokens)

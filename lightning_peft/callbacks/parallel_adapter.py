@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional, Union
+from typing import Literal, Optional, Union
 
 from torch import nn
 
@@ -55,12 +55,6 @@ class ParallelAdapter(PEFTCallback):
         self.target_modules = target_modules if target_modules is None or isinstance(target_modules, str) else list(target_modules)
         self.bottleneck_size, self.reduction_factor, self.scaling = bottleneck_size, reduction_factor, float(scaling)
         self.activation, self.sites = activation, list(sites)
-
-    def config(self) -> dict[str, Any]:
-        return {
-            **super().config(), "bottleneck_size": self.bottleneck_size, "reduction_factor": self.reduction_factor,
-            "scaling": self.scaling, "activation": self.activation, "sites": self.sites,
-        }
 
     def _inject(self, module: nn.Module) -> list[str]:
         return inject_parallel_adapter(

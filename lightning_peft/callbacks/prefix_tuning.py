@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Optional
 
 from torch import nn
 
@@ -34,6 +34,7 @@ class PrefixTuning(PEFTCallback):
     """
 
     method_name = "prefix_tuning"
+    recorded_when_set = ("gate",)
 
     def __init__(
         self,
@@ -47,15 +48,6 @@ class PrefixTuning(PEFTCallback):
         super().__init__([], None, trainable_modules, save_dir)
         self.num_virtual_tokens, self.encoder_hidden_size = num_virtual_tokens, encoder_hidden_size
         self.gate = bool(gate)
-
-    def config(self) -> dict[str, Any]:
-        cfg = {
-            "method": self.method_name, "num_virtual_tokens": self.num_virtual_tokens,
-            "encoder_hidden_size": self.encoder_hidden_size, "trainable_modules": self.trainable_modules,
-        }
-        if self.gate:  # only when set: checkpoints of ungated prefixes keep their settings unchanged
-            cfg["gate"] = True
-        return cfg
 
     def _inject(self, module: nn.Module) -> list[str]:
         return inject_prefix_tuning(module, self.num_virtual_tokens, projection=True, encoder_hidden_size=self.encoder_hidden_size, gate=self.gate)

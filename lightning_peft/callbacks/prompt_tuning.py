@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional
+from typing import Literal, Optional
 
 from torch import nn
 
@@ -47,12 +47,6 @@ class PromptTuning(PEFTCallback):
         check_prompt_tuning_args(num_virtual_tokens, init, init_text, tokenizer)
         super().__init__([], None, trainable_modules, save_dir)
         self.num_virtual_tokens, self.init, self.init_text, self.tokenizer = num_virtual_tokens, init, init_text, tokenizer
-
-    def config(self) -> dict[str, Any]:
-        return {
-            "method": self.method_name, "num_virtual_tokens": self.num_virtual_tokens, "init": self.init,
-            "init_text": self.init_text, "tokenizer": self.tokenizer, "trainable_modules": self.trainable_modules,
-        }
 
     def _inject(self, module: nn.Module) -> list[str]:
         tokenizer = prompt_tuning_tokenizer(module, self.tokenizer) if self.init == "text" else None

@@ -76,12 +76,6 @@ class Selective(PEFTCallback):
         self.applied_epochs: list[int] = []
         self._restore_epochs: list[int] = []
 
-    def config(self) -> dict[str, Any]:
-        return {
-            "method": self.method_name, "train": self.train, "unfreeze_schedule": self.unfreeze_schedule,
-            "unfreeze_lr_factor": self.unfreeze_lr_factor,
-        }
-
     @property
     @override
     def state_key(self) -> str:

@@ -47,6 +47,7 @@ class UniPELT(PEFTCallback):
     """
 
     method_name = "unipelt"
+    not_recorded = ("log_gates",)
 
     def __init__(
         self,
@@ -77,15 +78,6 @@ class UniPELT(PEFTCallback):
             adapter_target_modules if adapter_target_modules is None or isinstance(adapter_target_modules, str) else list(adapter_target_modules)
         )
         self.log_gates = log_gates
-
-    def config(self) -> dict[str, Any]:
-        return {
-            "method": self.method_name, "r": self.r, "alpha": self.alpha, "lora_dropout": self.lora_dropout,
-            "lora_target_modules": self.lora_target_modules, "num_virtual_tokens": self.num_virtual_tokens,
-            "prefix_hidden_size": self.prefix_hidden_size, "bottleneck_size": self.bottleneck_size,
-            "reduction_factor": self.reduction_factor, "activation": self.activation, "adapter_sites": self.adapter_sites,
-            "adapter_target_modules": self.adapter_target_modules, "trainable_modules": self.trainable_modules,
-        }
 
     def _inject(self, module: nn.Module) -> list[str]:
         return inject_unipelt(
