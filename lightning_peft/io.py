@@ -79,6 +79,9 @@ class PeftFormat:
     ``key_prefix``: how trained base parameters (``modules_to_save``) are keyed; PEFT's prompt-learning methods
     (prompt tuning, P-tuning, prefix tuning) use ``base_model.`` and store their one tensor as ``prompt_embeddings``.
     ``modules_to_save``: whether the method's PEFT config has that field (PEFT's adaption prompt has not).
+    ``record(base, config, adapter_name, injected, saved_modules) -> dict``: the settings of the method's callback
+    that re-create the loaded adapter (recorded on the model, so that its checkpoints can be loaded back with
+    ``load_adapter_checkpoint``); None for a method whose callback cannot re-create a loaded adapter.
     """
 
     peft_type: str
@@ -88,6 +91,7 @@ class PeftFormat:
     fields: dict[str, tuple[type, ...]]
     key_prefix: str = PEFT_PREFIX
     modules_to_save: bool = True
+    record: Optional[Callable[..., dict[str, Any]]] = None
 
 
 _FORMATS: dict[str, PeftFormat] = {}
@@ -534,7 +538,7 @@ def load_adapter(
             )
         full = {}  # the same values: nothing to load, and the shared modules stay as the other adapters have them
     try:
-        fmt.from_peft(base, config, rest, adapter_name)
+        injected = fmt.from_peft(base, config, rest, adapter_name)
     except AdapterFileError:
         raise
     except (ValueError, TypeError, KeyError) as err:
@@ -552,9 +556,9 @@ def load_adapter(
     params = dict(base.named_parameters())
     if is_trainable and full:
         state["trainable"] = sorted(set(state["trainable"]) | {prefix + n for n in full if n in params})
-    record = _method_record(config, adapter_name, [m for m in _peft_matches(module_names, entries) if any(p.startswith(m + ".") for p in full)])
-    if record is not None:
-        state["methods"].append(record)
+    if fmt.record is not None:
+        saved = [m for m in _peft_matches(module_names, entries) if any(p.startswith(m + ".") for p in full)]
+        state["methods"].append(fmt.record(base, config, adapter_name, list(injected or []), saved))
     mark_trainable(module, extra=state["trainable"])
     return module
 
@@ -607,10 +611,8 @@ def _unwrapped(path: str, adapter_name: str, known) -> str:
     return candidate if candidate in known else path.replace(".modules_to_save.", ".")
 
 
-def _method_record(config: dict[str, Any], adapter_name: str, saved_modules: list[str]) -> Optional[dict[str, Any]]:
-    """The callback config recorded on the module for a loaded adapter (checkpoints and resume use it)."""
-    if config["peft_type"] != "LORA":
-        return None
+def _lora_record(base: nn.Module, config: dict[str, Any], adapter_name: str, injected: list[str], saved_modules: list[str]) -> dict[str, Any]:
+    """The ``LoRA`` callback settings recorded on the module for a loaded LoRA adapter (checkpoints and resume use it)."""
     record = {
         "method": "lora",
         "target_modules": config["target_modules"],
@@ -747,6 +749,7 @@ register_peft_format(
         to_peft=_lora_to_peft,
         from_peft=_lora_from_peft,
         fields={"r": (int,), "lora_alpha": (int, float), "target_modules": (str, list)},
+        record=_lora_record,
     )
 )
 
@@ -769,6 +772,17 @@ def _default_only(from_peft, holds: str):
 
 
 # -- (IA)3 -----------------------------------------------------------------------------------------------
+def _ia3_record(base: nn.Module, config: dict[str, Any], adapter_name: str, injected: list[str], saved_modules: list[str]) -> dict[str, Any]:
+    """The ``IA3`` callback settings that re-create exactly the layers loaded (their names, and which scale the input)."""
+    return {
+        "method": "ia3",
+        "target_modules": list(injected),
+        "feedforward_modules": [n for n in injected if base.get_submodule(n).feedforward],
+        "exclude_modules": None,
+        "trainable_modules": list(saved_modules),
+    }
+
+
 def _register_ia3() -> None:
     from lightning_peft.methods import ia3
 
@@ -776,6 +790,7 @@ def _register_ia3() -> None:
         PeftFormat(
             peft_type="IA3", layer_type=ia3.IA3Linear, to_peft=_unnamed(ia3.to_peft),
             from_peft=_default_only(ia3.from_peft, "(IA)3 layers hold one adapter each"), fields={"target_modules": (str, list)},
+            record=_ia3_record,
         )
     )
 

@@ -78,9 +78,9 @@ def adapter_checkpoint_state(module: nn.Module, checkpoint: dict[str, Any]) -> N
     state_dict = checkpoint.get("state_dict")
     if state_dict is None:  # e.g. DeepSpeed, which saves through its engine
         return
-    if not peft_state(module)["methods"] and not peft_state(module)["trainable"]:
-        return  # no adapter (a PEFTMixin module trained in full): the checkpoint keeps every weight
     keep = _kept_names(module)
+    if not keep:
+        return  # no adapter (a PEFTMixin module trained in full): the checkpoint keeps every weight
     checkpoint["state_dict"] = type(state_dict)((k, v) for k, v in state_dict.items() if k in keep)
     checkpoint[_CKPT_KEY] = {
         "format_version": 1,

@@ -142,3 +142,22 @@ def test_load_from_checkpoint_refuses_a_tampered_adapter_and_leaves_no_adapter_i
         module.on_load_checkpoint(checkpoint)
     assert not any(isinstance(m, LoRALinear) for m in module.modules()) and not (module.__dict__.get("_lightning_peft") or {}).get("methods")
     assert all(p.requires_grad for p in module.parameters())  # nothing frozen either
+
+
+def test_an_ia3_adapter_loaded_from_a_peft_directory_is_recorded_so_its_checkpoints_load_back(tmp_path):
+    """load_adapter records the callback settings that re-create the loaded layers (LoRA did; (IA)³ did not, so a
+    checkpoint of a loaded (IA)³ adapter could not be loaded back: 'unexpected ia3_l' keys)."""
+    from lightning_peft import IA3, load_adapter, load_adapter_checkpoint, save_adapter
+
+    src = IA3(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]).inject(MixinLM())
+    with torch.no_grad():
+        for n, p in src.named_parameters():
+            if "ia3_l" in n:
+                p.uniform_(0.5, 1.5)
+    save_adapter(src, tmp_path / "ia3")
+    module = load_adapter(MixinLM(), tmp_path / "ia3", is_trainable=True)
+    ckpt = _train(tmp_path, module)  # no callback: the mixin keeps checkpoints adapter-only, with the record
+    fresh = load_adapter_checkpoint(MixinLM(), ckpt)
+    torch.testing.assert_close(_logits(fresh), _logits(module), rtol=0, atol=0)
+    ff = [n for n, m in fresh.named_modules() if getattr(m, "feedforward", False)]
+    assert ff and all(n.endswith("down_proj") for n in ff)
