@@ -321,15 +321,15 @@ def _save_one(module, prefix, base, layers, name, directory: Path) -> None:
     config, tensors = fmt.to_peft(base, mine, name)
     trained = [n[len(prefix):] for n in peft_state(module)["trainable"] if n.startswith(prefix)]
     task = config.get("task_type") or _peft_task_type(base)
-    try:
-        entries, saved = _modules_to_save(base, trained, _HEAD_NAMES if task in _CLASSIFIER_TASKS else ())
-    except _AdaptedHead:
+    heads = _HEAD_NAMES if task in _CLASSIFIER_TASKS else ()
+    adapted = _adapted_heads(base, heads)
+    if adapted:
         if config.get("task_type"):  # the method's own format names the task: it cannot be dropped
-            raise
+            raise NotImplementedError(f"classification head {adapted} carries adapter layers")
         # an adapted layer inside the classification head: PEFT's classifier tasks save the head whole (and adapt
         # nothing inside it), so the adapter is written as a plain (task-less) one, in which the head keeps its layers
-        task = None
-        entries, saved = _modules_to_save(base, trained, ())
+        task, heads = None, ()
+    entries, saved = _modules_to_save(base, trained, heads)
     for mname in saved:
         for key, value in base.get_submodule(mname).state_dict().items():
             tensors[f"{fmt.key_prefix}{mname}.{key}"] = value.detach()
@@ -407,8 +407,14 @@ def _peft_matches(module_names: list[str], entries: list[str]) -> list[str]:
     return [n for n in hit if not any(n.startswith(o + ".") for o in hit)]
 
 
-class _AdaptedHead(NotImplementedError):
-    pass
+def _carrying_adapters(base: nn.Module, names: list[str]) -> list[str]:
+    return [n for n in names if any(isinstance(m, AdapterLayer) for m in base.get_submodule(n).modules())]
+
+
+def _adapted_heads(base: nn.Module, heads: tuple[str, ...]) -> list[str]:
+    """The classification heads (PEFT saves them whole for its classifier tasks) that carry adapter layers."""
+    names = [n for n, _ in base.named_modules() if n]
+    return _carrying_adapters(base, _peft_matches(names, [h for h in heads if any(n.endswith(h) for n in names)]))
 
 
 def _modules_to_save(base: nn.Module, trained: list[str], heads: tuple[str, ...]) -> tuple[list[str], list[str]]:
@@ -425,13 +431,8 @@ def _modules_to_save(base: nn.Module, trained: list[str], heads: tuple[str, ...]
             f"Trained parameters {top} belong to no submodule of {type(base).__name__}: PEFT's modules_to_save names modules. "
             "Save a Lightning checkpoint instead."
         )
-    def adapted(saved: list[str]) -> list[str]:
-        return [n for n in saved if any(isinstance(m, AdapterLayer) for m in modules[n].modules())]
-
-    entries = [h for h in heads if any(n.endswith(h) for n in names)]
+    entries = [h for h in heads if any(n.endswith(h) for n in names)]  # (the caller checked they carry no adapter)
     saved = _peft_matches(names, entries)
-    if adapted(saved):
-        raise _AdaptedHead(f"classification head {adapted(saved)} carries adapter layers")
     owners = sorted({p.rsplit(".", 1)[0] for p in trained}, key=lambda n: (n.count("."), n))
     missing = [o for o in owners if o not in modules]
     if missing:
@@ -443,9 +444,9 @@ def _modules_to_save(base: nn.Module, trained: list[str], heads: tuple[str, ...]
         if not any(owner == s or owner.startswith(s + ".") for s in saved):
             entries.append(owner)
             saved = _peft_matches(names, entries)
-    if adapted(saved):
+    if _carrying_adapters(base, saved):
         raise NotImplementedError(
-            f"Modules {adapted(saved)} are trained in full (trainable_modules) and also carry adapter layers; PEFT's modules_to_save "
+            f"Modules {_carrying_adapters(base, saved)} are trained in full (trainable_modules) and also carry adapter layers; PEFT's modules_to_save "
             "cannot hold both. Leave them out of trainable_modules or out of the adapter's target_modules."
         )
     return entries, saved
