@@ -65,7 +65,9 @@ class PEFTMixin:
         record = checkpoint.get(_CKPT_KEY)
         if isinstance(record, dict) and record.get("methods") and not peft_state(self)["methods"]:
             trainer = getattr(self, "_trainer", None)
-            if trainer is not None and trainer.state.fn == "fit":
+            # fit: the callback's settings (save_dir, ...) are not in the checkpoint; a sharded strategy restores after
+            # wrapping the model, too late to inject
+            if trainer is not None and (trainer.state.fn == "fit" or trainer.strategy.restore_checkpoint_after_setup):
                 methods = [m.get("method") if isinstance(m, dict) else m for m in record["methods"]]
                 raise RuntimeError(
                     f"This checkpoint holds only a lightning-peft adapter ({', '.join(map(str, methods))}), and this "
