@@ -287,14 +287,27 @@ def merge_adapters(model: nn.Module) -> nn.Module:
     is never left half-merged.
     """
     layers = list(adapter_modules(model))
-    problems = [f"{name or type(m).__name__}: {problem}" for name, m in layers if (problem := m.merge_problem())]
+    problems = _merge_problems(layers)
     if problems:
-        listed = "\n  ".join(sorted(set(problems))[:10])
+        listed = "\n  ".join(sorted({f"{name}: {problem}" for name, _, problem in problems})[:10])
         kind = NotImplementedError if any(not m.mergeable for _, m in layers) else ValueError  # a method vs its values
         raise kind(
             f"merge_adapters: nothing was merged, {len(problems)} adapter layer(s) cannot be:\n  {listed}\n"
             "Run the model unmerged, or unload(model) the adapters that cannot merge before merging the others."
         )
+    _merge_all(layers)
+    return model
+
+
+def _merge_problems(layers: list[tuple[str, AdapterLayer]]) -> list[tuple[str, AdapterLayer, str]]:
+    """``(name, layer, why)`` for every layer that cannot merge now (:meth:`AdapterLayer.merge_problem`)."""
+    return [(name or type(m).__name__, m, problem) for name, m in layers if (problem := m.merge_problem())]
+
+
+def _merge_all(layers: list[tuple[str, AdapterLayer]]) -> None:
+    """Merge every layer (each was checked); if one still fails (an update that overflows), the layers merged here are
+    put back as they were and the error propagates."""
+
     def merged_names(m: AdapterLayer) -> list[str]:
         return list(m.merged_adapters) if isinstance(m, NamedAdapters) else []
 
@@ -309,7 +322,6 @@ def merge_adapters(model: nn.Module) -> nn.Module:
                 if names:
                     m.merge(names)
         raise
-    return model
 
 
 def unmerge_adapters(model: nn.Module) -> nn.Module:
@@ -427,17 +439,17 @@ def unload(model: nn.Module, merge: bool = False) -> nn.Module:
     """
     layers = list(adapter_modules(model))
     if merge:
-        # one source of truth, checked for every layer before any changes (a gated LoRA layer is of a mergeable type,
-        # but cannot merge)
-        problems = {name or type(m).__name__: (type(m).__name__, p) for name, m in layers if (p := m.merge_problem())}
+        # the same check as merge_adapters, for every layer before any changes (a gated LoRA layer is of a mergeable
+        # type, but cannot merge)
+        problems = _merge_problems(layers)
         if problems:
-            cannot = sorted({t for t, _ in problems.values()})
-            first = next(iter(problems.items()))
+            cannot = sorted({type(m).__name__ for _, m, _ in problems})
+            name, _, why = problems[0]
             raise ValueError(
                 f"unload(merge=True): {cannot} cannot be merged into the base weights ({len(problems)} layer(s), e.g. "
-                f"{first[0]}: {first[1][1]}); nothing was changed. Use unload(merge=False)."
+                f"{name}: {why}); nothing was changed. Use unload(merge=False)."
             )
-        merge_adapters(model)  # all or nothing: a merge that fails (non-finite values) leaves every layer as it was
+        _merge_all(layers)  # all or nothing: a merge that fails (an overflowing update) leaves every layer as it was
     for name, m in layers:
         if not merge and m.merged:
             m.unmerge()
