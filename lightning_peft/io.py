@@ -350,7 +350,7 @@ def _save_one(module, prefix, base, layers, name, directory: Path) -> None:
     tensors = {k: v.contiguous().cpu() for k, v in tensors.items()}
     config_text = json.dumps(config, indent=2) + "\n"
     metadata = {
-        "format": "pt", _FINGERPRINT_KEY: json.dumps(fingerprint), _LIBRARY_KEY: f"lightning-peft {_version()}",
+        "format": "pt", _FINGERPRINT_KEY: json.dumps(fingerprint), _LIBRARY_KEY: f"lightning-peft {__version__}",
         _DIGEST_KEY: tensor_digest(tensors), _CONFIG_DIGEST_KEY: hashlib.sha256(config_text.encode()).hexdigest(),
     }
     _warn_if_replacing_another_adapter(directory, config)
@@ -385,10 +385,6 @@ def _warn_if_replacing_another_adapter(directory: Path, config: dict[str, Any]) 
             "one. Save to a new directory to keep both.",
             stacklevel=4,
         )
-
-
-def _version() -> str:
-    return __version__
 
 
 def _peft_task_type(base: nn.Module) -> Optional[str]:
@@ -444,9 +440,10 @@ def _modules_to_save(base: nn.Module, trained: list[str], heads: tuple[str, ...]
         if not any(owner == s or owner.startswith(s + ".") for s in saved):
             entries.append(owner)
             saved = _peft_matches(names, entries)
-    if _carrying_adapters(base, saved):
+    adapted = _carrying_adapters(base, saved)
+    if adapted:
         raise NotImplementedError(
-            f"Modules {_carrying_adapters(base, saved)} are trained in full (trainable_modules) and also carry adapter layers; PEFT's modules_to_save "
+            f"Modules {adapted} are trained in full (trainable_modules) and also carry adapter layers; PEFT's modules_to_save "
             "cannot hold both. Leave them out of trainable_modules or out of the adapter's target_modules."
         )
     return entries, saved

@@ -133,12 +133,10 @@ class AdaLoRALinear(LinearAdapter):
     """
 
     adapter_prefix = "adalora_"
-    mergeable = True
 
     def __init__(self, base: nn.Module, r: int = 12, alpha: float = 16.0, dropout: float = 0.0) -> None:
-        if isinstance(base, linear_types()):
-            check_adalora_args(r, 1, alpha, dropout)
-        super().__init__(base)
+        super().__init__(base)  # refuses a base that is not a linear layer
+        check_adalora_args(r, 1, alpha, dropout)
         w = self.weight
         dtype = self.adapter_dtype
         self.adalora_a = nn.Parameter(torch.empty(r, self.in_features, dtype=dtype, device=w.device))

@@ -162,7 +162,6 @@ class IA3Linear(LinearAdapter):
     """
 
     adapter_prefix = "ia3_"
-    mergeable = True
 
     def __init__(self, base: nn.Module, feedforward: bool = False) -> None:
         super().__init__(base)

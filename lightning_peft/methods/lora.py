@@ -164,7 +164,6 @@ class LoRALinear(LinearAdapter, NamedAdapters):
     """
 
     adapter_prefix = "lora_"
-    mergeable = True
 
     def __init__(
         self, base: nn.Module, r: int = 8, alpha: float = 16.0, dropout: float = 0.0, use_rslora: bool = False,
@@ -378,13 +377,7 @@ class LoRALinear(LinearAdapter, NamedAdapters):
             )
         for name in names:
             merged = self.dense_weight() + self.delta_weight(name)
-            if not torch.isfinite(merged).all():
-                spec = self.specs[name]
-                raise ValueError(
-                    f"Merging LoRA adapter {name!r} ({self.out_features}x{self.in_features}, r={spec.r}) would write "
-                    "NaN/inf into the base weight; the weight was left unchanged. The adapter weights are not finite: "
-                    "check the training run (learning rate, loss scaling) or reload the adapter."
-                )
+            self._check_finite(merged, f"LoRA adapter {name!r} (r={self.specs[name].r})")
             self._write_weight(merged, f"LoRA adapter {name!r}")
             self.merged_adapters.append(name)
 
