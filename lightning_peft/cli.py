@@ -44,7 +44,7 @@ class PEFTCLI(LightningCLI):
     def _check_the_checkpoint_has_its_adapter(self) -> None:
         """An adapter-only checkpoint given to a model that neither has a PEFT callback nor ``PEFTMixin`` would meet
         torch's list of every missing base weight: say what is missing instead, before Lightning loads it."""
-        from lightning_peft.callbacks.base import _CKPT_KEY, PEFTCallback
+        from lightning_peft.callbacks.base import _CKPT_KEY, PEFTCallback, recorded_methods
         from lightning_peft.mixin import PEFTMixin
 
         ckpt_path = self.config.get(str(self.subcommand), {}).get("ckpt_path")
@@ -58,9 +58,8 @@ class PEFTCLI(LightningCLI):
         except Exception:  # noqa: BLE001  (an unreadable file is Lightning's to report)
             return
         if isinstance(record, dict):
-            methods = [m.get("method") if isinstance(m, dict) else m for m in record.get("methods", [])]
             raise ValueError(
-                f"{path} holds only a lightning-peft adapter ({', '.join(map(str, methods))}), and this run has no PEFT "
+                f"{path} holds only a lightning-peft adapter ({', '.join(recorded_methods(record))}), and this run has no PEFT "
                 f"callback and {type(self.model).__name__} no PEFTMixin, so the base weights would be reported missing. "
                 "Add the callback the checkpoint was trained with (the same --config, or --trainer.callbacks+=...), or "
                 "load it in Python with lightning_peft.load_adapter_checkpoint(model, path)."

@@ -11,10 +11,11 @@ from lightning_peft.callbacks.base import (
     _kept_names,
     adapter_checkpoint_state,
     check_adapter_checkpoint,
-    inject_recorded_adapters,
+    fit_checkpoint_adapters,
     peft_state,
+    recorded_methods,
 )
-from lightning_peft.core import ParameterCounts, count_parameters, structure_snapshot
+from lightning_peft.core import ParameterCounts, count_parameters
 
 __all__ = ["PEFTMixin"]
 
@@ -68,17 +69,14 @@ class PEFTMixin:
             # fit: the callback's settings (save_dir, ...) are not in the checkpoint; a sharded strategy restores after
             # wrapping the model, too late to inject
             if trainer is not None and (trainer.state.fn == "fit" or trainer.strategy.restore_checkpoint_after_setup):
-                methods = [m.get("method") if isinstance(m, dict) else m for m in record["methods"]]
                 raise RuntimeError(
-                    f"This checkpoint holds only a lightning-peft adapter ({', '.join(map(str, methods))}), and this "
+                    f"This checkpoint holds only a lightning-peft adapter ({', '.join(recorded_methods(record))}), and this "
                     f"{type(self).__name__} carries no adapter: resume with the same PEFT callback on the Trainer that "
                     "wrote it (e.g. callbacks=[LoRA(...)] or the same --config). To evaluate or predict with it, "
                     f"{type(self).__name__}.load_from_checkpoint(path) or load_adapter_checkpoint(model, path) load it."
                 )
-            with structure_snapshot(self):  # a checkpoint that does not fit leaves the module without these adapters
-                inject_recorded_adapters(self, record)
-                self.strict_loading = False
-                check_adapter_checkpoint(self, checkpoint)
+            fit_checkpoint_adapters(self, checkpoint, record)  # a checkpoint that does not fit leaves no adapter injected
+            self.strict_loading = False
         else:
             check_adapter_checkpoint(self, checkpoint)
         super().on_load_checkpoint(checkpoint)

@@ -506,6 +506,20 @@ def inject_recorded_adapters(module: nn.Module, record: dict[str, Any]) -> nn.Mo
     return module
 
 
+def recorded_methods(record: dict[str, Any]) -> list[str]:
+    """The method names a checkpoint's ``lightning_peft`` record lists (for messages)."""
+    return [str(m.get("method") if isinstance(m, dict) else m) for m in record.get("methods", [])]
+
+
+def fit_checkpoint_adapters(module: nn.Module, checkpoint: dict[str, Any], record: dict[str, Any]) -> None:
+    """All or nothing: when ``module`` carries no adapter, inject the ones ``record`` describes; then check that the
+    checkpoint's adapter keys, shapes, values and settings fit ``module``. A misfit leaves ``module`` as it was."""
+    with structure_snapshot(module):
+        if not peft_state(module)["methods"]:
+            inject_recorded_adapters(module, record)
+        check_adapter_checkpoint(module, checkpoint)  # every adapter key present, with the right shape and finite values
+
+
 def load_adapter_checkpoint(module: nn.Module, checkpoint: Union[str, Path, dict[str, Any]], allow_types: Sequence[Any] = ()) -> nn.Module:
     """Load the adapter of a Lightning checkpoint made with lightning-peft into ``module``.
 
@@ -523,11 +537,7 @@ def load_adapter_checkpoint(module: nn.Module, checkpoint: Union[str, Path, dict
     record = checkpoint.get(_CKPT_KEY)
     if not isinstance(record, dict) or not isinstance(record.get("methods"), list):
         raise ValueError("This checkpoint has no 'lightning_peft' record: it was not saved with a lightning-peft callback or PEFTMixin.")
-    # all or nothing: a checkpoint that does not fit leaves the module without the adapters injected for it
-    with structure_snapshot(module):
-        if not peft_state(module)["methods"]:
-            inject_recorded_adapters(module, record)
-        check_adapter_checkpoint(module, checkpoint)  # every adapter key present, with the right shape and finite values
+    fit_checkpoint_adapters(module, checkpoint, record)  # a checkpoint that does not fit leaves no adapter injected for it
     module.load_state_dict(checkpoint["state_dict"], strict=False)
     if isinstance(module, pl.LightningModule):
         _install_checkpoint_hooks(module)
