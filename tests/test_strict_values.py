@@ -97,13 +97,19 @@ def test_functional_injection_refuses_infinite_alpha_and_string_flags():
 
 
 # -- adapter files ---------------------------------------------------------------------------------------------
-def _saved(tmp_path):
+def _lora_qv():
+    """A tiny Llama with LoRA r=2 on q/v, B random so that the adapter changes the outputs."""
     model = tiny_llama()
     LoRA(r=2, alpha=4, target_modules=["q_proj", "v_proj"]).inject(model)
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_b" in n:
                 p.normal_()
+    return model
+
+
+def _saved(tmp_path):
+    model = _lora_qv()
     save_adapter(model, tmp_path / "a")
     return model, tmp_path / "a"
 
@@ -413,12 +419,8 @@ def test_merge_adapters_with_an_unmergeable_layer_merges_nothing():
 def _lora_with_a_bad_last_layer(fault: str):
     """LoRA on q/v with random B; the last v_proj's adapter is broken: ``"overflow"`` (finite values whose update
     overflows, found only while merging) or ``"nan"`` (found up front)."""
-    model = tiny_llama()
-    LoRA(r=2, alpha=4, target_modules=["q_proj", "v_proj"]).inject(model)
+    model = _lora_qv()
     with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_b" in n:
-                p.normal_()
         last = [m for n, m in model.named_modules() if n.endswith("v_proj")][-1]
         if fault == "overflow":
             last.lora_b["default"].fill_(3e38)
