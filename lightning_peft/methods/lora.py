@@ -16,10 +16,17 @@ adapter behind a learned gate read from the layer's input, per token::
 
 A gated update depends on ``x`` through ``g``: it cannot be merged into ``W``.
 
-Memory. The forward and backward are one ``torch.autograd.Function``: it saves only the input ``x``
-(which a full fine-tuning step saves too) and the small ``x A^T`` (N x r); the frozen ``W`` gets no
-weight gradient. Dropout does not keep a dropped copy of ``x``: the mask is regenerated in backward
-from a seed drawn in forward.
+One forward contract. The update of adapter ``name`` is defined in one place, :meth:`LoRALinear._update`
+(dropout, low-rank product, scaling, gate); the layer's output is the base output plus the update of every
+wanted adapter (minus those merged into ``W`` but not wanted now), and per-sample routing adds each adapter's
+update to its rows. A variant changes ``_update`` (and says whether the fused fast path below still holds).
+
+Memory. The update is a ``torch.autograd.Function`` that saves only the input ``x`` (which a full fine-tuning
+step saves too) and the small ``x A^T`` (N x r). Dropout does not keep a dropped copy of ``x``: the mask is
+regenerated in backward from a seed drawn in forward. As an optimisation, the base output and the first plain
+(ungated) adapter's update are computed by one fused function (``_LoRAFunction``, the same mask from the same seed):
+it accumulates in place instead of adding two outputs and two input gradients. The frozen ``W`` gets no weight
+gradient either way.
 """
 
 from __future__ import annotations
@@ -113,6 +120,44 @@ class _LoRAFunction(torch.autograd.Function):
         if need_lb:
             grad_b = g.t() @ xa.reshape(-1, xa.shape[-1])  # (out, r); xa already carries the scaling
         return grad_x, grad_w, grad_bias, grad_a, grad_b, None, None, None, None
+
+
+class _LoRADeltaFunction(torch.autograd.Function):
+    """``s * drop(x) A^T B^T`` alone (the update without the base): saves ``x`` and ``xa`` (N x r), no dropped copy."""
+
+    @staticmethod
+    def forward(ctx, x, lora_a, lora_b, scaling: float, dropout: float, seed: int):
+        xd = x * _dropout_mask(x, dropout, seed) if dropout > 0 else x
+        xa = (xd @ lora_a.t()).mul_(scaling)
+        del xd
+        ctx.save_for_backward(x, xa, lora_a, lora_b)
+        ctx.dropout, ctx.seed, ctx.scaling = dropout, seed, scaling
+        return xa @ lora_b.t()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, xa, lora_a, lora_b = ctx.saved_tensors
+        s, p = ctx.scaling, ctx.dropout
+        need_x, need_a, need_b = ctx.needs_input_grad[:3]
+        g = grad_out.reshape(-1, grad_out.shape[-1])  # (N, out)
+        x2 = x.reshape(-1, x.shape[-1])
+        grad_x = grad_a = grad_b = None
+        if need_x or need_a:
+            gb = g @ lora_b  # (N, r)
+            mask = _dropout_mask(x2, p, ctx.seed) if p > 0 else None
+            if need_x:
+                grad_x = (gb @ lora_a).mul_(s)
+                grad_x = (grad_x.mul_(mask) if mask is not None else grad_x).view(x.shape)
+            if need_a:
+                grad_a = (gb.t() @ (x2 * mask if mask is not None else x2)).mul_(s)
+        if need_b:
+            grad_b = g.t() @ xa.reshape(-1, xa.shape[-1])
+        return grad_x, grad_a, grad_b, None, None, None
+
+
+def _draw_seed() -> int:
+    """A dropout seed from the global generator (so ``seed_everything`` makes it reproducible)."""
+    return int(torch.randint(0, 2**62, (1,)).item())
 
 
 def lora_linear(x, weight, bias, lora_a, lora_b, scaling: float, dropout: float = 0.0, seed: int = 0, fan_in_fan_out: bool = False):
@@ -280,14 +325,35 @@ class LoRALinear(LinearAdapter, NamedAdapters):
         self._only()
         return next(iter(self.specs))
 
-    def _lora_out(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        a, b = self.lora_a[name], self.lora_b[name]
-        return (x @ a.t().to(x.dtype)) @ b.t().to(x.dtype) * self.specs[name].scaling
+    def _fusable(self, name: str) -> bool:
+        """Whether ``base + _update(x, name)`` may be computed by the fused ``_LoRAFunction`` (the same value, less
+        memory traffic). A variant whose update is not ``s * drop(x) A^T B^T`` returns False."""
+        return name not in self.lora_gate
 
-    def _update(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        """The (gated, when the adapter has a gate) update of adapter ``name`` for input ``x``."""
-        out = self._lora_out(self._dropout(x, name), name)
+    def _operands(self, x: torch.Tensor, name: str, dropout: bool) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+        a, b, spec = self.lora_a[name], self.lora_b[name], self.specs[name]
+        if a.dtype != x.dtype:
+            a, b = a.to(x.dtype), b.to(x.dtype)
+        return a, b, spec.scaling, (spec.dropout if dropout and self.training else 0.0)
+
+    def _update(self, x: torch.Tensor, name: str, dropout: bool = True) -> torch.Tensor:
+        """The update adapter ``name`` adds to the base output for input ``x``: ``g(x) * s * drop(x) A^T B^T`` (the
+        gate only when the adapter has one; dropout only in training and when ``dropout``). Every forward path adds
+        this, or the fused equivalent of it for a plain adapter."""
+        a, b, s, p = self._operands(x, name, dropout)
+        if p > 0 and torch.compiler.is_compiling():
+            # under torch.compile: plain ops (the compiler fuses them; a host-side seed would break the graph)
+            out = (F.dropout(x, p, training=True) @ a.t()) @ b.t() * s
+        else:
+            out = _LoRADeltaFunction.apply(x, a, b, s, p, _draw_seed() if p > 0 else 0)
         return out * self.lora_gate[name](x) if name in self.lora_gate else out
+
+    def _base_plus_update(self, x: torch.Tensor, weight, bias, name: str) -> torch.Tensor:
+        """``base_linear(x) + _update(x, name)`` for a fusable adapter, in one autograd function."""
+        a, b, s, p = self._operands(x, name, True)
+        if p > 0 and torch.compiler.is_compiling():
+            return base_linear(x, weight, bias, self.fan_in_fan_out) + self._update(x, name)
+        return _LoRAFunction.apply(x, weight, bias, a, b, s, p, _draw_seed() if p > 0 else 0, self.fan_in_fan_out)
 
     # -- forward ------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -307,35 +373,18 @@ class LoRALinear(LinearAdapter, NamedAdapters):
             return self._routed_forward(x, weight, bias)
         wanted = [] if self.disabled else [n for n in self.active if n in self.specs]
         add = [n for n in wanted if n not in self.merged_adapters]
-        remove = [n for n in self.merged_adapters if n not in wanted]
-        plain = [n for n in add if n not in self.lora_gate]
-        if plain:  # the first ungated update goes through the memory-lean autograd function
-            out = self._apply_fn(x, weight, bias, plain[0])
-            add.remove(plain[0])
+        fused = next((n for n in add if self._fusable(n)), None)
+        if fused is not None:
+            out = self._base_plus_update(x, weight, bias, fused)
+            add.remove(fused)
         else:
             out = base_linear(x, weight, bias, self.fan_in_fan_out)
         for name in add:
             out = out + self._update(x, name)
-        for name in remove:  # merged into the weight but not wanted now
-            out = out - self._lora_out(x, name)
+        for name in self.merged_adapters:  # merged into the weight but not wanted now: take the update back out
+            if name not in wanted:
+                out = out - self._update(x, name, dropout=False)
         return out
-
-    def _dropout(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        p = self.specs[name].dropout
-        return F.dropout(x, p, training=True) if p > 0 and self.training else x
-
-    def _apply_fn(self, x, weight, bias, name: str):
-        spec = self.specs[name]
-        lora_a, lora_b = self.lora_a[name], self.lora_b[name]
-        p = spec.dropout if self.training else 0.0
-        if lora_a.dtype != x.dtype:
-            lora_a, lora_b = lora_a.to(x.dtype), lora_b.to(x.dtype)
-        if p > 0 and torch.compiler.is_compiling():
-            # under torch.compile: plain ops (the compiler fuses them; a host-side seed would break the graph)
-            xa = F.dropout(x, p, training=True) @ lora_a.t()
-            return base_linear(x, weight, bias, self.fan_in_fan_out) + (xa @ lora_b.t()) * spec.scaling
-        seed = int(torch.randint(0, 2**62, (1,)).item()) if p > 0 else 0
-        return _LoRAFunction.apply(x, weight, bias, lora_a, lora_b, spec.scaling, p, seed, self.fan_in_fan_out)
 
     def _routed_forward(self, x: torch.Tensor, weight, bias) -> torch.Tensor:
         names = self.sample_adapters
@@ -349,9 +398,7 @@ class LoRALinear(LinearAdapter, NamedAdapters):
         out = base_linear(x, weight, bias, self.fan_in_fan_out)
         for name in dict.fromkeys(n for n in names if n is not None and n in self.specs):
             rows = torch.tensor([i for i, n in enumerate(names) if n == name], device=x.device)
-            xs = x.index_select(0, rows)
-            update = self._lora_out(xs, name)
-            out = out.index_add(0, rows, update * self.lora_gate[name](xs) if name in self.lora_gate else update)
+            out = out.index_add(0, rows, self._update(x.index_select(0, rows), name))
         return out
 
     # -- merge --------------------------------------------------------------------------------------

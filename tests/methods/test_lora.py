@@ -293,3 +293,87 @@ def test_trains_on_a_model_that_adds_into_a_linear_output_in_place():
     grads = [p.grad for n, p in model.named_parameters() if "lora_b" in n]  # B = 0 at init: A gets none yet
     assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
     assert any(g.abs().sum() > 0 for g in grads)
+
+
+# -- one forward contract: every path adds LoRALinear._update (or its fused equivalent) ----------------------
+def _two_adapter_layer(dropout: float, dtype=torch.float64) -> LoRALinear:
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(6, 5), r=2, alpha=4, dropout=dropout).to(dtype)
+    layer.add_adapter("other", r=3, alpha=3, dropout=dropout)
+    layer.to(dtype)
+    for name in ("default", "other"):
+        nn.init.normal_(layer.lora_b[name])
+    return layer.train()
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.4])
+def test_gradcheck_of_the_update_alone_float64(dropout):
+    from lightning_peft.methods.lora import _LoRADeltaFunction
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 3, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    a = torch.randn(3, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    b = torch.randn(4, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    fn = lambda x, a, b: _LoRADeltaFunction.apply(x, a, b, 0.7, dropout, 4321)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, a, b))
+    mask = _dropout_mask(x.detach(), dropout, 4321) if dropout else 1.0
+    torch.testing.assert_close(fn(x, a, b), 0.7 * ((x * mask) @ a.T) @ b.T)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.4])
+def test_the_fused_path_is_base_plus_update_with_the_same_dropout(dropout, monkeypatch):
+    """The fused function is an optimisation only: with it switched off (every adapter through ``_update``), the
+    same seeds give the same outputs and gradients, dropout included."""
+    layer = _two_adapter_layer(dropout)
+    x = torch.randn(4, 3, 6, dtype=torch.float64)
+
+    def run():
+        torch.manual_seed(7)
+        xi = x.clone().requires_grad_()
+        out = layer(xi)
+        grads = torch.autograd.grad(out.square().sum(), [xi, *layer.lora_a.values(), *layer.lora_b.values()])
+        return out, grads
+
+    fused = run()
+    with monkeypatch.context() as m:
+        m.setattr(LoRALinear, "_fusable", lambda self, name: False)
+        unfused = run()
+    torch.testing.assert_close(fused[0], unfused[0])
+    for u, v in zip(fused[1], unfused[1]):
+        torch.testing.assert_close(u, v)
+    # and both equal the formula with the masks the seeds give (drawn in the order the adapters are applied)
+    torch.manual_seed(7)
+    masks = [_dropout_mask(x, dropout, int(torch.randint(0, 2**62, (1,)).item())) if dropout else 1.0 for _ in range(2)]
+    ref = layer.base_forward(x) + sum(
+        layer.specs[n].scaling * ((x * mk) @ layer.lora_a[n].T) @ layer.lora_b[n].T for n, mk in zip(("default", "other"), masks)
+    )
+    torch.testing.assert_close(fused[0], ref)
+
+
+def test_no_adapter_keeps_a_dropped_copy_of_the_input_for_backward():
+    """Two adapters with dropout: nothing input-shaped is saved but the input itself (the masks are regenerated
+    from seeds), whichever adapter goes through the fused function."""
+    layer = _two_adapter_layer(0.3, torch.float32)
+    x = torch.randn(4, 3, 6, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = layer(x)
+    out.sum().backward()
+    input_shaped = [t for t in saved if t.shape == x.shape or (t.dim() == 2 and t.shape[-1] == 6 and t.shape[0] == 12)]
+    assert input_shaped and all(t.untyped_storage().data_ptr() == x.untyped_storage().data_ptr() for t in input_shaped)
+
+
+def test_per_sample_routing_applies_each_adapters_dropout_in_training():
+    from lightning_peft import per_sample_adapters
+
+    layer = _two_adapter_layer(0.5, torch.float32)
+    x = torch.randn(4, 3, 6)
+    names = ["default", "other", None, "default"]
+    with per_sample_adapters(layer, names):
+        layer.eval()
+        clean = layer(x)
+        layer.train()
+        torch.manual_seed(3)
+        dropped = layer(x)
+    torch.testing.assert_close(dropped[2], clean[2])  # the base row: no adapter, no dropout
+    assert not torch.allclose(dropped[0], clean[0]) and not torch.allclose(dropped[1], clean[1])
