@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 __all__ = [
-    "PRESETS", "build_model", "check_names", "current_memory", "device_name", "forward_latency", "load_average", "matplotlib_pyplot", "peak_memory",
+    "METHOD_ALIASES", "PRESETS", "build_model", "check_names", "current_memory", "device_name", "forward_latency", "load_average", "matplotlib_pyplot", "peak_memory",
     "peak_rss_bytes", "random_ids", "structure",
     "reset_peak_memory", "resolve_device", "run_rows", "split_list", "time_call", "torch_dtype", "worker_main", "write_outputs",
 ]
@@ -67,6 +67,15 @@ def torch_dtype(name: str) -> torch.dtype:
 def split_list(value: str) -> list[str]:
     """``"a,b,,c"`` -> ``["a", "b", "c"]``."""
     return [x.strip() for x in value.split(",") if x.strip()]
+
+
+#: Earlier spellings of bench method names, accepted on input: each method is named as its callback's ``method_name``.
+METHOD_ALIASES: dict[str, str] = {"parallel": "parallel_adapter", "mam": "mam_adapter"}
+
+
+def method_names(names: Sequence[str]) -> list[str]:
+    """``names`` with earlier spellings replaced by the method's one name (:data:`METHOD_ALIASES`)."""
+    return [METHOD_ALIASES.get(n, n) for n in names]
 
 
 def check_names(kind: str, given: Sequence[str], known: Sequence[str]) -> None:

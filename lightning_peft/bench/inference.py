@@ -15,7 +15,7 @@ LoRA r=16 alpha=32 all-linear, 20 virtual tokens for prompt/prefix methods):
 
 Examples::
 
-    lightning-peft bench inference --methods lora,ia3,houlsby,parallel,prompt_tuning,prefix_tuning,llama_adapter
+    lightning-peft bench inference --methods lora,ia3,houlsby,parallel_adapter,prompt_tuning,prefix_tuning,llama_adapter
     lightning-peft bench inference --model tiny-llama --model small-llama --methods lora,ia3,houlsby
 """
 
@@ -39,6 +39,7 @@ from lightning_peft.bench.common import (
     forward_latency,
     load_average,
     matplotlib_pyplot,
+    method_names,
     random_ids,
     run_rows,
     split_list,
@@ -47,7 +48,7 @@ from lightning_peft.bench.common import (
 
 __all__ = ["METHOD_NAMES", "run", "run_one"]
 
-DEFAULT_METHODS = "lora,ia3,houlsby,parallel,prompt_tuning,prefix_tuning,llama_adapter"
+DEFAULT_METHODS = "lora,ia3,houlsby,parallel_adapter,prompt_tuning,prefix_tuning,llama_adapter"
 
 
 def _methods() -> dict[str, Any]:
@@ -112,6 +113,7 @@ def run(
     warmup: int = 1, device: str = "cpu", progress: bool = True,
 ) -> list[dict[str, Any]]:
     """``base`` and every method, per model, each in a fresh subprocess; adds the overheads over ``base``."""
+    methods = method_names(methods)
     check_names("method", methods, list(METHOD_NAMES))
     methods = ["base", *[m for m in methods if m != "base"]]
     jobs = [dict(model=m, method=x, batch_sizes=list(batch_sizes), seq_len=seq_len, repeats=repeats, warmup=warmup, device=device) for m in models for x in methods]

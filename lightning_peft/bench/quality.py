@@ -161,7 +161,7 @@ METHODS: dict[str, tuple[Optional[Callable[[], Any]], float, str]] = {
     "lora": (_lora, 1e-3, "LoRA r=8, all linear"),
     "adalora": (_adalora, 1e-3, "AdaLoRA r 12 -> LoRA r=8 params, all linear, alpha 2048, orth 0.1"),
     "houlsby": (_houlsby, 1e-3, "Houlsby, bottleneck 24"),
-    "parallel": (_parallel, 1e-3, "parallel adapter (FFN), bottleneck 24, s=4"),
+    "parallel_adapter": (_parallel, 1e-3, "parallel adapter (FFN), bottleneck 24, s=4"),
     "ia3": (_ia3, 1e-2, "(IA)³ key/value/FFN"),
     "bitfit": (_bitfit, 3e-3, "BitFit, all biases"),
     "selective": (_selective, 2e-4, "top-2 blocks + head"),
@@ -169,7 +169,7 @@ METHODS: dict[str, tuple[Optional[Callable[[], Any]], float, str]] = {
     "p_tuning": (_p_tuning, 3e-2, "P-tuning, 20 tokens, MLP encoder"),
     "prefix_tuning": (_prefix_tuning, 1e-3, "prefix tuning, 20 prefixes, MLP"),
     "p_tuning_v2": (_p_tuning_v2, 1e-2, "P-tuning v2, 20 deep prompts"),
-    "mam": (_mam, 1e-3, "MAM: 30 prefixes + parallel FFN adapter 192, s=4"),
+    "mam_adapter": (_mam, 1e-3, "MAM: 30 prefixes + parallel FFN adapter 192, s=4"),
     "unipelt": (_unipelt, 1e-3, "UniPELT: gated LoRA q/v + 10 prefixes + FFN adapter 24"),
 }
 
@@ -298,7 +298,9 @@ def run(
             the rest, instead of the dev set: for choosing a method's settings without looking at the dev set.
         first_seed: the first seed; more seeds can be added to an earlier run without repeating its seeds.
     """
-    methods = list(methods) if methods is not None else list(METHODS)
+    from lightning_peft.bench.common import method_names  # torch: imported when a run starts, not for --help
+
+    methods = method_names(methods) if methods is not None else list(METHODS)
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"Unknown method(s) {unknown}; choose from {list(METHODS)}.")

@@ -39,6 +39,7 @@ from lightning_peft.bench.common import (
     build_model,
     device_name,
     matplotlib_pyplot,
+    method_names,
     peak_memory,
     reset_peak_memory,
     run_rows,
@@ -159,7 +160,7 @@ METHODS: dict[str, BenchMethod] = {
     "adalora": BenchMethod(apply=_Callback("AdaLoRA", init_r=12, target_r=8, total_steps=1000, heatmap=False), save=_save_ours),
     "ia3": BenchMethod(apply=_ia3, save=_save_ours),
     "houlsby": BenchMethod(apply=_Callback("Houlsby"), save=_save_ours),
-    "parallel": BenchMethod(apply=_Callback("ParallelAdapter"), save=_save_ours),
+    "parallel_adapter": BenchMethod(apply=_Callback("ParallelAdapter"), save=_save_ours),
     "bitfit": BenchMethod(apply=_Callback("BitFit"), save=_save_ours),
     "prompt_tuning": BenchMethod(apply=_Callback("PromptTuning", num_virtual_tokens=20), save=_save_ours),
     "prefix_tuning": BenchMethod(apply=_Callback("PrefixTuning", num_virtual_tokens=20), save=_save_ours),
@@ -258,7 +259,7 @@ def run(
     """Every (model, method[, peer]) in a fresh subprocess; returns the rows."""
     jobs = []
     for model in models:
-        for method in methods:
+        for method in method_names(methods):
             if method not in METHODS:
                 raise ValueError(f"Unknown method {method!r}: known {sorted(METHODS)}.")
             jobs.append((model, method, "lightning-peft"))

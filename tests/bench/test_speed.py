@@ -53,7 +53,7 @@ def test_lora_layer_compiles_without_graph_breaks(dropout):
     torch.testing.assert_close(compiled(x), layer(x), atol=1e-5, rtol=1e-5)
 
 
-ADDITIVE = ["adalora", "ia3", "houlsby", "parallel", "prompt_tuning", "prefix_tuning", "p_tuning_v2", "llama_adapter"]
+ADDITIVE = ["adalora", "ia3", "houlsby", "parallel_adapter", "prompt_tuning", "prefix_tuning", "p_tuning_v2", "llama_adapter"]
 
 
 @pytest.mark.parametrize("method", ADDITIVE)
