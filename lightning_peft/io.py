@@ -81,7 +81,8 @@ class PeftFormat:
     ``modules_to_save``: whether the method's PEFT config has that field (PEFT's adaption prompt has not).
     ``record(base, config, adapter_name, injected, saved_modules) -> dict``: the settings of the method's callback
     that re-create the loaded adapter (recorded on the model, so that its checkpoints can be loaded back with
-    ``load_adapter_checkpoint``); None for a method whose callback cannot re-create a loaded adapter.
+    ``load_adapter_checkpoint``), or None where that callback cannot re-create this adapter; ``record`` itself None for
+    a method whose callback cannot re-create a loaded adapter (AdaLoRA; P-tuning and prefix tuning, which load folded).
     """
 
     peft_type: str
@@ -91,7 +92,7 @@ class PeftFormat:
     fields: dict[str, tuple[type, ...]]
     key_prefix: str = PEFT_PREFIX
     modules_to_save: bool = True
-    record: Optional[Callable[..., dict[str, Any]]] = None
+    record: Optional[Callable[..., Optional[dict[str, Any]]]] = None
 
 
 _FORMATS: dict[str, PeftFormat] = {}
@@ -556,7 +557,9 @@ def load_adapter(
         state["trainable"] = sorted(set(state["trainable"]) | {prefix + n for n in full if n in params})
     if fmt.record is not None:
         saved = [m for m in _peft_matches(module_names, entries) if any(p.startswith(m + ".") for p in full)]
-        state["methods"].append(fmt.record(base, config, adapter_name, list(injected or []), saved))
+        record = fmt.record(base, config, adapter_name, list(injected or []), saved)
+        if record is not None:  # None: no callback re-creates these layers (the checkpoint check then names the keys)
+            state["methods"].append(record)
     mark_trainable(module, extra=state["trainable"])
     return module
 
@@ -811,6 +814,18 @@ def _register_adalora() -> None:
 _register_adalora()
 
 
+def _prompt_tuning_record(base: nn.Module, config: dict[str, Any], adapter_name: str, injected: list[str], saved_modules: list[str]) -> dict[str, Any]:
+    """The ``PromptTuning`` callback settings that re-create the loaded prompt (its values come from the checkpoint)."""
+    return {"method": "prompt_tuning", "num_virtual_tokens": config["num_virtual_tokens"], "init": "random", "trainable_modules": list(saved_modules)}
+
+
+def _llama_adapter_record(base: nn.Module, config: dict[str, Any], adapter_name: str, injected: list[str], saved_modules: list[str]) -> Optional[dict[str, Any]]:
+    """The ``LlamaAdapter`` callback settings that re-create the loaded layers (the callback adapts ``*.self_attn``)."""
+    if (config.get("target_modules") or "self_attn") != "self_attn":
+        return None
+    return {"method": "llama_adapter", "adapter_len": config["adapter_len"], "adapter_layers": config["adapter_layers"], "trainable_modules": list(saved_modules)}
+
+
 # -- soft prompts: prompt tuning, P-tuning, prefix tuning (P-tuning v2 writes PREFIX_TUNING) ------------------
 def _register_soft_prompts() -> None:
     from lightning_peft.methods import p_tuning, prefix_tuning, prompt_tuning
@@ -824,6 +839,7 @@ def _register_soft_prompts() -> None:
         return _default_only(fresh_base_only, f"A {peft_type} adapter is one prompt per model")
 
     prompt_fields = {"num_virtual_tokens": (int,)}
+    records = {"PROMPT_TUNING": _prompt_tuning_record}  # P_TUNING and PREFIX_TUNING load folded layers no callback makes
     for peft_type, module, layer_type in (
         ("PROMPT_TUNING", prompt_tuning, prompt_tuning.PromptEmbedding),
         ("P_TUNING", p_tuning, p_tuning.PromptEncoder),
@@ -832,7 +848,7 @@ def _register_soft_prompts() -> None:
         register_peft_format(
             PeftFormat(
                 peft_type=peft_type, layer_type=layer_type, key_prefix="base_model.", to_peft=_unnamed(module.to_peft),
-                from_peft=single(module.from_peft, peft_type), fields=prompt_fields,
+                from_peft=single(module.from_peft, peft_type), fields=prompt_fields, record=records.get(peft_type),
             )
         )
 
@@ -846,6 +862,7 @@ def _register_llama_adapter() -> None:
             peft_type="ADAPTION_PROMPT", layer_type=llama_adapter.LlamaAdapterAttention, to_peft=_unnamed(llama_adapter.to_peft),
             from_peft=_default_only(llama_adapter.from_peft, "LLaMA-Adapter layers hold one adaption prompt each"),
             fields={"target_modules": (str,), "adapter_len": (int,), "adapter_layers": (int,)}, modules_to_save=False,
+            record=_llama_adapter_record,
         )
     )
 

@@ -124,9 +124,16 @@ def check_adapter_checkpoint(module: nn.Module, checkpoint: dict[str, Any]) -> N
                     problems.append(f"{cur['method']} setting {k}: checkpoint {old.get(k)!r}, now {cur.get(k)!r}")
     if problems:
         listed = "\n  ".join(problems)
+        unrecorded = ""
+        if any(p.startswith("unexpected ") for p in problems):
+            unrecorded = (
+                " Adapter parameters the model lacks may belong to an adapter loaded from a PEFT directory whose method "
+                "the checkpoint cannot re-create (AdaLoRA, P-tuning, prefix tuning): load that directory into the model "
+                "first (load_adapter), then the checkpoint."
+            )
         raise ValueError(
             f"The checkpoint does not match this model's adapters ({len(problems)} problem(s)):\n  {listed}\n"
-            "Resume with the same PEFT settings the checkpoint was made with, or start a new run without ckpt_path."
+            f"Resume with the same PEFT settings the checkpoint was made with, or start a new run without ckpt_path.{unrecorded}"
         )
 
 

@@ -161,3 +161,42 @@ def test_an_ia3_adapter_loaded_from_a_peft_directory_is_recorded_so_its_checkpoi
     torch.testing.assert_close(_logits(fresh), _logits(module), rtol=0, atol=0)
     ff = [n for n, m in fresh.named_modules() if getattr(m, "feedforward", False)]
     assert ff and all(n.endswith("down_proj") for n in ff)
+
+
+def _loaded_and_trained(tmp_path, callback):
+    from lightning_peft import load_adapter, save_adapter
+
+    src = callback.inject(MixinLM())
+    with torch.no_grad():
+        for p in src.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.1)
+    save_adapter(src, tmp_path / "adapter")
+    module = load_adapter(MixinLM(), tmp_path / "adapter", is_trainable=True)
+    return module, _train(tmp_path, module)  # no callback: the mixin keeps checkpoints adapter-only, with the record
+
+
+@pytest.mark.parametrize("method", ["prompt_tuning", "llama_adapter"])
+def test_soft_prompt_adapters_loaded_from_a_peft_directory_are_recorded_so_their_checkpoints_load_back(tmp_path, method):
+    from lightning_peft import LlamaAdapter, PromptTuning, load_adapter_checkpoint
+
+    callback = PromptTuning(num_virtual_tokens=4) if method == "prompt_tuning" else LlamaAdapter(adapter_len=3, adapter_layers=1)
+    module, ckpt = _loaded_and_trained(tmp_path, callback)
+    assert [m["method"] for m in torch.load(ckpt, weights_only=True)["lightning_peft"]["methods"]] == [method]
+    fresh = load_adapter_checkpoint(MixinLM(), ckpt)
+    torch.testing.assert_close(_logits(fresh), _logits(module), rtol=0, atol=0)
+
+
+def test_an_adapter_loaded_folded_from_a_peft_directory_says_to_load_the_directory_first(tmp_path):
+    """P-tuning loads folded (no encoder), which the PTuning callback does not make: the checkpoint cannot re-create
+    it, and the error gives the way that works, which the test then takes."""
+    from lightning_peft import PTuning, load_adapter, load_adapter_checkpoint
+
+    module, ckpt = _loaded_and_trained(tmp_path, PTuning(num_virtual_tokens=4))
+    fresh = MixinLM()
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    with pytest.raises(ValueError, match=r"unexpected model\.p_tuning\.ptuning_prompt(.|\n)*load that directory into the model first \(load_adapter\)"):
+        load_adapter_checkpoint(fresh, ckpt)
+    assert fresh.state_dict().keys() == before.keys()
+    fresh = load_adapter_checkpoint(load_adapter(MixinLM(), tmp_path / "adapter"), ckpt)
+    torch.testing.assert_close(_logits(fresh), _logits(module), rtol=0, atol=0)
