@@ -35,10 +35,12 @@ __all__ = [
     "adapter_modules",
     "adapter_param_names",
     "adapter_state_dict",
+    "canonical_name",
     "count_parameters",
     "disable_adapters",
     "mark_trainable",
     "peft_state",
+    "sharding_of",
     "PEFT_PREFIX",
     "merge_adapters",
     "structure_snapshot",
@@ -160,6 +162,33 @@ def adapter_param_names(model: nn.Module, trainable_only: bool = False) -> list[
         prefix = f"{mod_name}." if mod_name else ""
         names.extend(prefix + p for p in module.adapter_params(trainable_only=trainable_only))
     return names
+
+
+_WRAPPER_SEGMENTS = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod")
+
+
+def canonical_name(name: str) -> str:
+    """``name`` without the segments wrappers insert (FSDP1's ``_fsdp_wrapped_module``, activation checkpointing's
+    ``_checkpoint_wrapped_module``, ``torch.compile``'s ``_orig_mod``): the name in the unwrapped model, which is how
+    state dicts, checkpoints and adapter files spell it."""
+    if not any(seg in name for seg in _WRAPPER_SEGMENTS):
+        return name
+    return ".".join(part for part in name.split(".") if part not in _WRAPPER_SEGMENTS)
+
+
+def sharding_of(module: nn.Module) -> str | None:
+    """How ``module``'s parameters are split across processes: ``"dtensor"`` (FSDP2 ``fully_shard``, tensor
+    parallel), ``"deepspeed"`` (ZeRO-3 partitions), ``"fsdp1"`` (``FullyShardedDataParallel`` flat parameters), or
+    None (every rank holds whole tensors: one process, DDP, ZeRO-1/2). Reads types only: imports nothing."""
+    for m in module.modules():
+        if type(m).__name__ == "FullyShardedDataParallel" and type(m).__module__.startswith("torch.distributed.fsdp"):
+            return "fsdp1"
+    for p in module.parameters():
+        if type(p).__name__ == "DTensor" and type(p).__module__.startswith("torch.distributed"):
+            return "dtensor"
+        if hasattr(p, "ds_id"):  # DeepSpeed marks the parameters it partitions (ZeRO-3)
+            return "deepspeed"
+    return None
 
 
 PEFT_PREFIX = "base_model.model."

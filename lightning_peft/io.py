@@ -44,7 +44,17 @@ from safetensors.torch import save_file
 from torch import nn
 
 from lightning_peft._version import __version__
-from lightning_peft.core import PEFT_PREFIX, AdapterLayer, NamedAdapters, layer_adapter_names, adapter_modules, adapter_param_names, mark_trainable, peft_state
+from lightning_peft.core import (
+    PEFT_PREFIX,
+    AdapterLayer,
+    NamedAdapters,
+    adapter_modules,
+    adapter_param_names,
+    layer_adapter_names,
+    mark_trainable,
+    peft_state,
+    sharding_of,
+)
 from lightning_peft.methods.lora import LoRALinear, inject_lora, pattern_value
 from lightning_peft.quant import weight_shape
 from lightning_peft.targeting import find_targets, linear_types
@@ -118,7 +128,12 @@ def find_base_model(module: nn.Module) -> tuple[str, nn.Module]:
 # -- base-model fingerprint ---------------------------------------------------------------------------
 def _architecture(model: nn.Module) -> str:
     archs = getattr(getattr(model, "config", None), "architectures", None)
-    return archs[0] if archs else type(model).__name__
+    if archs:
+        return archs[0]
+    cls = type(model)
+    if cls.__name__.startswith("FSDP") and len(cls.__bases__) == 2:  # FSDP2's fully_shard: class FSDP<C>(FSDPModule, C)
+        cls = cls.__bases__[1]
+    return cls.__name__
 
 
 def base_fingerprint(model: nn.Module, targets: Optional[list[str]] = None) -> dict[str, Any]:
@@ -282,6 +297,13 @@ def save_adapter(module: nn.Module, directory: Union[str, Path], adapter_name: O
         adapter_name: which named adapter to write. By default every adapter: the ``"default"`` one (or the
             only one) at ``directory``, any other in ``directory/<name>`` (the layout ``peft`` writes).
     """
+    kind = sharding_of(module)
+    if kind is not None and not module.__dict__.get("_lightning_peft_gathered"):
+        raise RuntimeError(
+            f"{type(module).__name__} is sharded across processes ({kind}): each rank holds pieces of its adapter. Call "
+            "lightning_peft.distributed.save_sharded_adapter(model, directory) on every rank instead; it gathers the "
+            "adapter (not the base) and rank 0 writes it."
+        )
     prefix, base = find_base_model(module)
     layers = list(adapter_modules(base))
     if not layers:
@@ -348,7 +370,8 @@ def _save_one(module, prefix, base, layers, name, directory: Path) -> None:
     fingerprint = base_fingerprint(base, [n for n, _ in mine])
     directory.mkdir(parents=True, exist_ok=True)
     # our provenance lives in the safetensors header: peft warns about any config field it does not know
-    tensors = {k: v.contiguous().cpu() for k, v in tensors.items()}
+    # copies: serialising marks a tensor's storage as not resizable, which a live parameter's must stay (FSDP)
+    tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
     config_text = json.dumps(config, indent=2) + "\n"
     metadata = {
         "format": "pt", _FINGERPRINT_KEY: json.dumps(fingerprint), _LIBRARY_KEY: f"lightning-peft {__version__}",

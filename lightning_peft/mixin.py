@@ -15,6 +15,7 @@ from lightning_peft.callbacks.base import (
     peft_state,
     recorded_methods,
 )
+from lightning_peft.callbacks._strategies import support_strategy
 from lightning_peft.core import ParameterCounts, count_parameters
 
 __all__ = ["PEFTMixin"]
@@ -43,6 +44,25 @@ class PEFTMixin:
     """
 
     _implements_peft_checkpoint_hooks: ClassVar[bool] = True  # the callbacks' glue leaves this class's hooks alone
+
+    # Lightning attaches the Trainer before any hook runs: adapt its strategy then (sharded checkpoints hold the
+    # adapter only and resume with it; see callbacks/_strategies.py), as the PEFT callbacks do in setup
+    @property
+    def trainer(self) -> Any:
+        return self._lightning_module_property("trainer").__get__(self)
+
+    @trainer.setter
+    def trainer(self, trainer: Any) -> None:
+        self._lightning_module_property("trainer").__set__(self, trainer)
+        if trainer is not None and getattr(trainer, "strategy", None) is not None:
+            support_strategy(trainer)
+
+    def _lightning_module_property(self, name: str) -> property:
+        mro = type(self).__mro__
+        for klass in mro[mro.index(PEFTMixin) + 1:]:
+            if name in klass.__dict__:
+                return klass.__dict__[name]
+        raise AttributeError(name)
 
     def apply_peft(self, *methods: PEFTCallback) -> None:
         """Inject each method's adapters into this module and freeze the rest."""

@@ -116,9 +116,13 @@ def frozen_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
 
 
 def weight_shape(weight: torch.Tensor) -> torch.Size:
-    """The logical shape of a weight (a packed 4-bit weight is stored as a ``(n/2, 1)`` byte tensor)."""
+    """The logical shape of a weight (a packed 4-bit weight is stored as a ``(n/2, 1)`` byte tensor; a ZeRO-3
+    partitioned one as an empty placeholder; a DTensor's ``shape`` is already the global one)."""
     state = getattr(weight, "quant_state", None)
-    return torch.Size(state.shape) if state is not None else weight.shape
+    if state is not None:
+        return torch.Size(state.shape)
+    ds_shape = getattr(weight, "ds_shape", None)  # a DeepSpeed ZeRO-3 partition holds a (0,)-shaped placeholder
+    return torch.Size(ds_shape) if ds_shape is not None else weight.shape
 
 
 _CODEBOOKS: dict[tuple, torch.Tensor] = {}

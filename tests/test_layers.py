@@ -14,7 +14,7 @@ import lightning_peft
 PACKAGE = Path(lightning_peft.__file__).parent
 #: the layers under the Lightning glue: pure PyTorch (+ safetensors for the file format)
 LOWER = ("lightning_peft.core", "lightning_peft.io", "lightning_peft.compat", "lightning_peft.targeting", "lightning_peft.quant",
-         "lightning_peft.validation", "lightning_peft.methods")
+         "lightning_peft.validation", "lightning_peft.methods", "lightning_peft.distributed")
 UPPER = ("lightning_peft.callbacks", "lightning_peft.mixin", "lightning_peft.plugins", "lightning_peft.tasks", "lightning_peft.cli",
          "lightning_peft.bench")
 
@@ -54,7 +54,7 @@ def _graph() -> dict[str, set[str]]:
 
 def test_pure_layers_load_neither_lightning_nor_transformers():
     methods = sorted(n for n in _modules() if n.startswith("lightning_peft.methods."))
-    names = ["lightning_peft.core", "lightning_peft.io", *methods]
+    names = ["lightning_peft.core", "lightning_peft.io", "lightning_peft.distributed", *methods]
     code = f"import importlib, json, sys\nfor n in {names!r}:\n    importlib.import_module(n)\n" \
            "print(json.dumps(sorted(m for m in ('lightning', 'lightning.pytorch', 'transformers') if m in sys.modules)))"
     loaded = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)

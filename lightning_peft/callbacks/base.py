@@ -32,6 +32,14 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 from typing_extensions import override
 
+from lightning_peft.callbacks._checkpoints import (  # re-exported: the checkpoint logic lives there
+    _CKPT_KEY,
+    _kept_names,
+    adapter_checkpoint_state,
+    check_adapter_checkpoint,
+    read_checkpoint,
+)
+from lightning_peft.callbacks._strategies import support_strategy
 from lightning_peft.core import (
     NamedAdapters,
     StructureSnapshot,
@@ -40,8 +48,10 @@ from lightning_peft.core import (
     count_parameters,
     mark_trainable,
     peft_state,
+    sharding_of,
     structure_snapshot,
 )
+from lightning_peft.distributed import save_sharded_adapter
 from lightning_peft.io import check_savable, save_adapter
 from lightning_peft.targeting import match_name
 from lightning_peft.validation import strict_init
@@ -54,88 +64,6 @@ __all__ = [
     "peft_state",
     "read_checkpoint",
 ]
-
-_CKPT_KEY = "lightning_peft"
-
-
-def _kept_names(module: nn.Module) -> set[str]:
-    return set(adapter_param_names(module)) | set(peft_state(module)["trainable"])
-
-
-def _method_prefixes() -> tuple[str, ...]:
-    from lightning_peft.core import AdapterLayer
-
-    def walk(cls):
-        for sub in cls.__subclasses__():
-            yield sub
-            yield from walk(sub)
-
-    return tuple({c.adapter_prefix for c in walk(AdapterLayer) if c.adapter_prefix})
-
-
-def adapter_checkpoint_state(module: nn.Module, checkpoint: dict[str, Any]) -> None:
-    """Strip ``checkpoint["state_dict"]`` to the adapter (and trained base parameters), in place."""
-    state_dict = checkpoint.get("state_dict")
-    if state_dict is None:  # e.g. DeepSpeed, which saves through its engine
-        return
-    keep = _kept_names(module)
-    if not keep:
-        return  # no adapter (a PEFTMixin module trained in full): the checkpoint keeps every weight
-    checkpoint["state_dict"] = type(state_dict)((k, v) for k, v in state_dict.items() if k in keep)
-    checkpoint[_CKPT_KEY] = {
-        "format_version": 1,
-        "methods": list(peft_state(module)["methods"]),
-        "trainable": list(peft_state(module)["trainable"]),
-        "shapes": {k: list(v.shape) for k, v in checkpoint["state_dict"].items()},
-    }
-
-
-def check_adapter_checkpoint(module: nn.Module, checkpoint: dict[str, Any]) -> None:
-    """Raise one ``ValueError`` naming every adapter key, shape or setting of ``checkpoint`` that does not fit ``module``."""
-    state_dict = checkpoint.get("state_dict", {})
-    params = dict(module.named_parameters())
-    expected = {k: tuple(params[k].shape) for k in _kept_names(module) if k in params}
-    prefixes = _method_prefixes()
-
-    def looks_like_adapter(key: str) -> bool:
-        return any(part.startswith(prefixes) for part in key.split(".")) if prefixes else False
-
-    problems = []
-    for key in sorted(expected):
-        if key not in state_dict:
-            problems.append(f"missing {key} (expected shape {list(expected[key])})")
-        elif tuple(state_dict[key].shape) != expected[key]:
-            problems.append(f"{key}: checkpoint shape {list(state_dict[key].shape)}, model shape {list(expected[key])}")
-        elif state_dict[key].is_floating_point() and not bool(torch.isfinite(state_dict[key]).all()):
-            problems.append(f"{key}: holds NaN or infinite values (training diverged before this checkpoint, or it is corrupted)")
-    for key in sorted(k for k in state_dict if k not in expected and looks_like_adapter(k)):
-        problems.append(f"unexpected {key} (shape {list(state_dict[key].shape)}): this model has no such adapter parameter")
-    saved = checkpoint.get(_CKPT_KEY, {}).get("methods")
-    current = peft_state(module)["methods"]
-    if saved is not None and saved != current:
-        saved_by = {m.get("method"): m for m in saved}
-        for cur in current:
-            old = saved_by.get(cur["method"])
-            if old is None:
-                problems.append(f"method {cur['method']}: not in the checkpoint (it has {sorted(saved_by)})")
-                continue
-            for k in sorted(set(cur) | set(old)):
-                if cur.get(k) != old.get(k):
-                    problems.append(f"{cur['method']} setting {k}: checkpoint {old.get(k)!r}, now {cur.get(k)!r}")
-    if problems:
-        listed = "\n  ".join(problems)
-        unrecorded = ""
-        if any(p.startswith("unexpected ") for p in problems):
-            unrecorded = (
-                " Adapter parameters the model lacks may belong to an adapter loaded from a PEFT directory whose method "
-                "the checkpoint cannot re-create (AdaLoRA, P-tuning, prefix tuning): load that directory into the model "
-                "first (load_adapter), then the checkpoint."
-            )
-        raise ValueError(
-            f"The checkpoint does not match this model's adapters ({len(problems)} problem(s)):\n  {listed}\n"
-            f"Resume with the same PEFT settings the checkpoint was made with, or start a new run without ckpt_path.{unrecorded}"
-        )
-
 
 class _CheckpointHook:
     """Wraps a LightningModule's ``on_save_checkpoint``/``on_load_checkpoint`` (picklable, unlike a closure)."""
@@ -293,8 +221,9 @@ class PEFTCallback(Callback):
         if self._injected_into is not None and self._injected_into() is pl_module:
             return  # a second stage (validate after fit, ...) on the same module
         # (a callback already used on another module raises in inject(): one callback per model)
+        support_strategy(trainer)
         call = _TrainerCallInjection.of(pl_module)
-        if is_overridden("configure_model", pl_module):
+        if is_overridden("configure_model", pl_module) and not _shards_in_configure_model(trainer, pl_module):
             call.defer(self)  # the model exists only after configure_model: inject right after it
         else:
             call.inject(self)
@@ -350,9 +279,15 @@ class PEFTCallback(Callback):
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.save_dir and trainer.is_global_zero:
+        if not self.save_dir:
+            return
+        if sharding_of(pl_module) is not None:  # every rank gathers the adapter (not the base); rank 0 writes
+            path = save_sharded_adapter(pl_module, self.save_dir)
+        elif trainer.is_global_zero:
             path = save_adapter(pl_module, self.save_dir)
-            rank_zero_info(f"{type(self).__name__}: adapter written to {path}")
+        else:
+            return
+        rank_zero_info(f"{type(self).__name__}: adapter written to {path}")
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -367,6 +302,14 @@ class PEFTCallback(Callback):
 
 
 strict_init(PEFTCallback)
+
+
+def _shards_in_configure_model(trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
+    """Under ``ModelParallelStrategy`` the LightningModule shards its model in ``configure_model`` (``fully_shard``):
+    a model that already exists at ``setup`` gets its adapters then, before it is sharded."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    return isinstance(trainer.strategy, ModelParallelStrategy) and any(True for _ in pl_module.parameters())
 
 
 class _TrainerCallInjection:
@@ -407,6 +350,15 @@ class _TrainerCallInjection:
     def _configure_model_then_inject(self) -> None:
         del self.module.configure_model  # back to the class's own method
         self.module.configure_model()
+        kind = sharding_of(self.module)
+        if kind is not None:
+            names = ", ".join(type(c).__name__ for c in self.deferred)
+            raise RuntimeError(
+                f"{type(self.module).__name__}.configure_model sharded the model ({kind}) before {names} could add "
+                "adapters: adapters are added before sharding. Either build the model in __init__ (the callback then "
+                "adds them at setup, before configure_model shards), or call self.apply_peft(...) (PEFTMixin) in "
+                "configure_model before fully_shard."
+            )
         for callback in self.deferred:
             if not callback.injected:
                 self.inject(callback)
@@ -454,49 +406,6 @@ def check_writable_dir(directory: Union[str, Path], what: str) -> Path:
             "choose a writable save_dir."
         )
     return path
-
-
-def read_checkpoint(path: Union[str, Path], allow_types: Sequence[Any] = ()) -> dict[str, Any]:
-    """Read a Lightning checkpoint file safely: ``torch.load(weights_only=True)``, which unpickles tensors and plain
-    containers only, so a file cannot run code.
-
-    Args:
-        path: the ``.ckpt`` file.
-        allow_types: further classes or functions the file may hold (e.g. a custom hyperparameter type of your
-            LightningModule), allowed for this call only (``torch.serialization.safe_globals``). Only allow types
-            from files you trust.
-
-    Raises:
-        FileNotFoundError: no such file (or a directory).
-        ValueError: the file needs a type that is not allowed (named in the message, with the opt-in), or it is
-            empty, truncated or not a checkpoint.
-    """
-    import pickle
-
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"Checkpoint {path} does not exist{' (it is a directory)' if path.is_dir() else ''}.")
-    if path.stat().st_size == 0:
-        raise ValueError(f"Checkpoint {path} is empty (0 bytes): the write that made it did not finish. Use another checkpoint.")
-    try:
-        with torch.serialization.safe_globals(list(allow_types)):
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        detail = str(err)
-        if "weights_only" in detail or "global" in detail.lower():
-            found = [line.strip() for line in detail.splitlines() if "global" in line.lower()][:1]
-            raise ValueError(
-                f"Checkpoint {path} holds a type that plain tensors and containers do not cover "
-                f"({found[0] if found else detail.splitlines()[0]}); it was not loaded, because unpickling arbitrary "
-                "types can run code. If you trust the file, allow that type: "
-                "load_adapter_checkpoint(module, path, allow_types=[TheType])."
-            ) from None
-        raise ValueError(f"Checkpoint {path} is not a readable checkpoint (truncated or corrupted?): {err}") from None
-    except (EOFError, RuntimeError, OSError, ValueError) as err:
-        raise ValueError(f"Checkpoint {path} is not a readable checkpoint (truncated or corrupted?): {type(err).__name__}: {err}") from None
-    if not isinstance(checkpoint, dict):
-        raise ValueError(f"Checkpoint {path} holds a {type(checkpoint).__name__}, not a Lightning checkpoint (a dict).")
-    return checkpoint
 
 
 def inject_recorded_adapters(module: nn.Module, record: dict[str, Any]) -> nn.Module:

@@ -1,0 +1,130 @@
+"""What adapters need from Lightning's sharding strategies; installed on the Trainer's strategy by the PEFT callbacks
+and :class:`~lightning_peft.PEFTMixin`, so that switching the strategy is all a user does.
+
+``ModelParallelStrategy`` (FSDP2, ``fully_shard``; tensor parallel):
+
+- **Saving** gathers only the adapter (and trained base) parameters, never the frozen base: Lightning's own
+  ``lightning_module_state_dict`` gathers the whole model on rank 0 for a single-file checkpoint, and the PEFT hook
+  then drops the base.
+- **Resuming** checks the checkpoint against the model before anything loads (the strategy pops
+  ``checkpoint["state_dict"]`` and loads it itself, before the LightningModule's ``on_load_checkpoint`` could),
+  and a sharded (distributed) checkpoint holding the adapter only loads: torch's loader otherwise requires every
+  base key. The check runs first, so a checkpoint missing an adapter key still fails, naming it.
+
+Each strategy object is adapted once (instance attributes; the class is left alone).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+
+from lightning_peft.callbacks._checkpoints import CHECKED_KEY, check_adapter_checkpoint, read_checkpoint
+from lightning_peft.core import adapter_param_names, canonical_name, peft_state
+
+__all__ = ["support_strategy"]
+
+_DONE = "_lightning_peft_supported"
+
+
+def support_strategy(trainer: pl.Trainer) -> None:
+    """Adapt ``trainer.strategy`` for adapter-only checkpoints (no-op for strategies that need nothing)."""
+    strategy = trainer.strategy
+    if strategy.__dict__.get(_DONE):
+        return
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    if isinstance(strategy, ModelParallelStrategy):
+        _support_model_parallel(strategy)
+    strategy.__dict__[_DONE] = True
+
+
+def _kept(module: torch.nn.Module) -> set[str]:
+    return set(adapter_param_names(module)) | set(peft_state(module)["trainable"])
+
+
+def _has_adapter(strategy: Any) -> bool:
+    module = strategy.lightning_module
+    return module is not None and bool(peft_state(module)["methods"] or peft_state(module)["trainable"])
+
+
+def _support_model_parallel(strategy: Any) -> None:
+    own_state_dict, own_load = strategy.lightning_module_state_dict, strategy.load_checkpoint
+
+    def lightning_module_state_dict() -> dict[str, Any]:
+        if not _has_adapter(strategy):
+            return own_state_dict()
+        from torch.distributed.tensor import DTensor
+
+        keep = _kept(strategy.lightning_module)
+        full = not strategy._save_distributed_checkpoint
+        out = {}
+        for name, p in strategy.model.named_parameters():
+            key = canonical_name(name)
+            if key not in keep:
+                continue  # the frozen base: not gathered, not saved
+            if full:  # one file written by rank 0: this tensor alone is gathered (a collective: every rank runs it)
+                value = p.full_tensor() if isinstance(p, DTensor) else p
+                if strategy.global_rank == 0:
+                    out[key] = value.detach().to("cpu", copy=True)
+            else:  # a distributed checkpoint: each rank writes its own shard
+                out[key] = p.detach()
+        return out
+
+    def load_checkpoint(checkpoint_path: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        if not _has_adapter(strategy):
+            return own_load(checkpoint_path, *args, **kwargs)
+        path = Path(strategy.broadcast(checkpoint_path))
+        module = strategy.lightning_module
+        if path.is_dir():  # a distributed checkpoint: shapes from its metadata, the record from its meta file
+            check_adapter_checkpoint(module, _distributed_checkpoint_view(path), values=False)
+            with _partial_distributed_load():
+                checkpoint = own_load(checkpoint_path, *args, **kwargs)
+        else:
+            check_adapter_checkpoint(module, read_checkpoint(path))
+            checkpoint = own_load(checkpoint_path, *args, **kwargs)
+        checkpoint[CHECKED_KEY] = True
+        return checkpoint
+
+    strategy.lightning_module_state_dict = lightning_module_state_dict
+    strategy.load_checkpoint = load_checkpoint
+
+
+def _distributed_checkpoint_view(path: Path) -> dict[str, Any]:
+    """``{"state_dict": {name: meta tensor of the saved shape and dtype}, **the meta file}`` of a Lightning distributed
+    checkpoint directory: what the adapter check needs, without reading a tensor."""
+    from lightning.fabric.utilities.load import _METADATA_FILENAME
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    meta = read_checkpoint(path / _METADATA_FILENAME)
+    state_dict = {}
+    for key, item in FileSystemReader(str(path)).read_metadata().state_dict_metadata.items():
+        if key.startswith("state_dict.") and isinstance(item, TensorStorageMetadata):
+            state_dict[key[len("state_dict."):]] = torch.empty(item.size, dtype=item.properties.dtype, device="meta")
+    return {**meta, "state_dict": state_dict}
+
+
+@contextlib.contextmanager
+def _partial_distributed_load() -> Iterator[None]:
+    """Lightning's distributed-checkpoint load with ``allow_partial_load``: an adapter-only checkpoint has no base
+    keys, which torch's default planner requires. Only around our own (already checked) load."""
+    import lightning.fabric.strategies.model_parallel as fabric_model_parallel
+
+    own = fabric_model_parallel._distributed_checkpoint_load
+
+    def load(module_state: dict[str, Any], path: Path) -> None:
+        from torch.distributed.checkpoint import DefaultLoadPlanner, load as dcp_load
+
+        dcp_load(module_state, checkpoint_id=path, planner=DefaultLoadPlanner(allow_partial_load=True))
+
+    fabric_model_parallel._distributed_checkpoint_load = load
+    try:
+        yield
+    finally:
+        fabric_model_parallel._distributed_checkpoint_load = own

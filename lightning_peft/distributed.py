@@ -1,0 +1,121 @@
+"""Adapters on sharded models: FSDP2 (``fully_shard``, DTensor parameters), DeepSpeed ZeRO-3 and FSDP1.
+
+Pure ``torch.distributed`` (DeepSpeed imported only when its parameters are found); no Lightning.
+
+A sharded model holds on each rank a piece of every parameter (a DTensor shard, a ZeRO-3 partition) or of a flat
+parameter (FSDP1). Writing the adapter needs every rank: :func:`gather_adapter` collects full copies of the adapter
+(and trained base) tensors, and only those, never the frozen base; :func:`save_sharded_adapter` then writes them
+on rank 0 in Hugging Face PEFT's format. Both are collective: call them on every rank.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from lightning_peft.core import adapter_param_names, canonical_name, peft_state, sharding_of
+from lightning_peft.io import save_adapter
+
+__all__ = ["gather_adapter", "save_sharded_adapter", "sharding_of"]
+
+
+def _kept(module: nn.Module) -> list[str]:
+    """The adapter and trained base parameter names of ``module``, in ``named_parameters`` order (the same on every rank)."""
+    keep = set(adapter_param_names(module)) | set(peft_state(module)["trainable"])
+    keep |= {n for n, _ in module.named_parameters() if canonical_name(n) in keep}
+    return [n for n, _ in module.named_parameters() if n in keep]
+
+
+def gather_adapter(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Full CPU copies of ``module``'s adapter (and trained base) parameters, keyed by their names in ``module``.
+
+    Collective when ``module`` is sharded (every rank must call it, and every rank receives the full tensors); the
+    frozen base is not gathered. On an unsharded model, plain copies.
+    """
+    names = _kept(module)
+    params = dict(module.named_parameters())
+    kind = sharding_of(module)
+    if kind == "deepspeed":
+        import deepspeed
+
+        chosen = [params[n] for n in names]
+        with deepspeed.zero.GatheredParameters(chosen, modifier_rank=None):
+            return {n: params[n].detach().to("cpu", copy=True) for n in names}
+    if kind == "fsdp1":
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        root = next(m for m in module.modules() if isinstance(m, FSDP))
+        # the adapter sits in flat parameters with frozen base weights: each unit is gathered whole, one at a time
+        with FSDP.summon_full_params(root, writeback=False, recurse=True):
+            full = dict(module.named_parameters())
+            return {n: full[n].detach().to("cpu", copy=True) for n in names}
+    out = {}
+    for n in names:
+        p = params[n]
+        if kind == "dtensor" and _is_dtensor(p):
+            out[n] = p.full_tensor().detach().to("cpu", copy=True)  # all-gather of this tensor only
+        else:
+            out[n] = p.detach().to("cpu", copy=True)
+    return out
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+@contextlib.contextmanager
+def full_parameters(module: nn.Module, full: dict[str, torch.Tensor]) -> Iterator[nn.Module]:
+    """On this rank only (no collective): the parameters named in ``full`` temporarily replaced by plain parameters
+    holding the full values, so that code written for an unsharded model (the file format) reads them. Restored
+    on exit, the same objects as before."""
+    swapped = []
+    try:
+        for name, value in full.items():
+            owner_name, _, leaf = name.rpartition(".")
+            owner = module.get_submodule(owner_name) if owner_name else module
+            old = owner._parameters[leaf]
+            owner._parameters[leaf] = nn.Parameter(value, requires_grad=old.requires_grad)
+            swapped.append((owner, leaf, old))
+        yield module
+    finally:
+        for owner, leaf, old in reversed(swapped):
+            owner._parameters[leaf] = old
+
+
+def save_sharded_adapter(module: nn.Module, directory: Union[str, Path], adapter_name: Optional[str] = None) -> Path:
+    """Collective :func:`~lightning_peft.save_adapter` for a model sharded across processes: every rank gathers the
+    adapter (not the frozen base), rank 0 writes it. An error on rank 0 is raised on every rank (no rank is left
+    waiting). Without a process group, the same as ``save_adapter``."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return save_adapter(module, directory, adapter_name)
+    full = gather_adapter(module) if sharding_of(module) else {}
+    error: list[Optional[str]] = [None]
+    if dist.get_rank() == 0:
+        try:
+            with full_parameters(module, full), _unsharded_view(module):
+                save_adapter(module, directory, adapter_name)
+        except Exception as err:  # noqa: BLE001 - passed on to every rank below
+            error[0] = f"{type(err).__name__}: {err}"
+    dist.broadcast_object_list(error, src=0)
+    if error[0] is not None:
+        raise RuntimeError(f"Writing the adapter to {directory} failed on rank 0: {error[0]}")
+    return Path(directory).expanduser()
+
+
+@contextlib.contextmanager
+def _unsharded_view(module: nn.Module) -> Iterator[None]:
+    """Lets ``save_adapter`` accept ``module`` on rank 0 once its adapter tensors are full (the base stays sharded:
+    only its logical shapes are read)."""
+    module.__dict__["_lightning_peft_gathered"] = True
+    try:
+        yield
+    finally:
+        module.__dict__.pop("_lightning_peft_gathered", None)

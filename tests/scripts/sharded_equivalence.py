@@ -1,0 +1,160 @@
+"""LoRA trained under a sharding strategy on 2 CPU processes, against one process fed the same global batches.
+
+Run by tests/test_sharded.py as ``python sharded_equivalence.py STRATEGY CKPT PHASE OUT`` where
+
+- STRATEGY: ``single`` (one process), ``fsdp2`` (Lightning's ModelParallelStrategy; the LightningModule builds its
+  model in ``__init__`` and shards it with ``fully_shard`` in ``configure_model``, as Lightning documents),
+  ``fsdp2_mixin`` (the model built in ``configure_model``, adapters added there with ``apply_peft`` before
+  ``fully_shard``), ``fsdp2_late`` (the model built and sharded in ``configure_model`` with the LoRA callback: refused);
+- CKPT: ``file`` (one checkpoint file) or ``dist`` (a distributed checkpoint directory);
+- PHASE: ``full`` (2 epochs, a checkpoint after each, the adapter written with ``save_dir``) or ``resume`` (from the
+  epoch-0 checkpoint of the ``full`` run in OUT).
+
+Data: 2 epochs of 4 steps of 4 rows, unshuffled (2 rows per rank under 2 processes). The adapter starts from one
+fixed draw in every run (set in ``configure_model`` before sharding). Writes ``OUT/<name>.pt`` from rank 0: the trained
+adapter gathered from every rank, the per-step losses, and the peak memory of the checkpoint save.
+"""
+
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import lightning as L  # noqa: E402
+import torch  # noqa: E402
+from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset  # noqa: E402
+
+import lightning_peft as lp  # noqa: E402
+from lightning_peft.distributed import gather_adapter  # noqa: E402
+from tests.callbacks.helpers import TinyLM, token_data  # noqa: E402
+from tests.conftest import tiny_llama  # noqa: E402
+
+STEPS_PER_EPOCH, GLOBAL_BATCH, EPOCHS = 4, 4, 2
+LORA = dict(r=4, alpha=8, target_modules="all-linear")
+
+
+def fixed_start(module: torch.nn.Module) -> None:
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for _, p in sorted(module.named_parameters()):
+            if p.requires_grad:
+                p.copy_(0.05 * torch.randn(p.shape, generator=g).to(p.dtype))
+
+
+def shard(module: L.LightningModule) -> None:
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = module.device_mesh["data_parallel"]
+    for layer in module.model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(module.model, mesh=mesh)
+
+
+class Net(TinyLM):
+    """The model built in ``__init__``; the callback adds LoRA at setup; ``configure_model`` shards."""
+
+    def __init__(self):
+        super().__init__(opt="trainable", n=STEPS_PER_EPOCH * GLOBAL_BATCH)
+        self.losses = []
+
+    def configure_model(self):
+        if not getattr(self, "_configured", False) and self.trainer.world_size > 1:
+            self._configured = True
+            fixed_start(self)  # the callback added LoRA at setup, before this hook
+            shard(self)
+
+    def on_train_start(self):
+        if self.trainer.world_size == 1 and self.trainer.ckpt_path is None:
+            fixed_start(self)  # one process: the callback adds LoRA after configure_model
+
+    def configure_optimizers(self):
+        # SGD with momentum: its state must resume exactly, and unlike Adam it does not blow float-reduction-order noise
+        # in near-zero gradients up to full-size steps, so one process and two agree closely
+        return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=0.5, momentum=0.9)
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        self.losses.append(loss.detach().item())
+        return loss
+
+    def train_dataloader(self):
+        data = TensorDataset(token_data(self.n))
+        world = self.trainer.world_size
+        sampler = DistributedSampler(data, num_replicas=world, rank=self.trainer.global_rank, shuffle=False)
+        return DataLoader(data, batch_size=GLOBAL_BATCH // world, sampler=sampler)
+
+
+class NetMixin(lp.PEFTMixin, Net):
+    """The model built in ``configure_model``, adapters added there before ``fully_shard``."""
+
+    def build(self):
+        return None
+
+    def configure_model(self):
+        if self.model is None:
+            self.model = tiny_llama(seed=0).train()
+            self.apply_peft(lp.LoRA(**LORA))
+            fixed_start(self)
+            shard(self)
+
+    def on_train_start(self):
+        pass
+
+
+class NetLate(Net):
+    """The model built and sharded in ``configure_model``, with the LoRA callback: too late to add adapters."""
+
+    def build(self):
+        return None
+
+    def configure_model(self):
+        if self.model is None:
+            self.model = tiny_llama(seed=0).train()
+            shard(self)
+
+    def on_train_start(self):
+        pass
+
+
+def main() -> None:
+    strategy_name, ckpt_kind, phase, out = sys.argv[1], sys.argv[2], sys.argv[3], Path(sys.argv[4])
+    torch.set_num_threads(1)
+    L.seed_everything(0)
+    module = {"single": Net, "fsdp2": Net, "fsdp2_mixin": NetMixin, "fsdp2_late": NetLate}[strategy_name]()
+    callbacks = [] if strategy_name == "fsdp2_mixin" else [lp.LoRA(**LORA, save_dir=str(out / f"{strategy_name}_{ckpt_kind}_{phase}_export"))]
+    if strategy_name == "single":
+        strategy, devices = "auto", 1
+    else:
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        strategy, devices = ModelParallelStrategy(
+            data_parallel_size=2, tensor_parallel_size=1, save_distributed_checkpoint=ckpt_kind == "dist", timeout=timedelta(seconds=60),
+        ), 2
+    ckpt_dir = out / f"{strategy_name}_{ckpt_kind}_ckpt"
+    callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, save_top_k=-1, every_n_epochs=1, save_on_train_epoch_end=True))
+    trainer = L.Trainer(
+        accelerator="cpu", devices=devices, strategy=strategy, max_epochs=EPOCHS, logger=False, enable_progress_bar=False,
+        enable_model_summary=False, use_distributed_sampler=False, callbacks=callbacks,
+    )
+    resume = None
+    if phase == "resume":
+        resume = next(p for p in sorted(ckpt_dir.iterdir()) if p.name.startswith("epoch=0"))
+        resume = str(resume)
+    try:
+        trainer.fit(module, ckpt_path=resume)
+        error = None
+    except Exception as err:  # noqa: BLE001 - reported to the test
+        error = f"{type(err).__name__}: {err}"
+    adapter = gather_adapter(module) if error is None else {}
+    if trainer.global_rank == 0:
+        torch.save({"adapter": {k: v.float() for k, v in adapter.items()}, "losses": module.losses, "error": error},
+                   out / f"{strategy_name}_{ckpt_kind}_{phase}.pt")
+    if error is not None and devices == 1:
+        raise SystemExit(error)
+
+
+if __name__ == "__main__":
+    main()
