@@ -1,11 +1,14 @@
-"""LoRA under Lightning's ModelParallelStrategy (FSDP2, ``fully_shard``) on 2 CPU processes
-(``tests/scripts/sharded_equivalence.py``): the trained adapter equals one process fed the same global batches,
+"""LoRA under Lightning's ModelParallelStrategy (FSDP2, ``fully_shard``) and DeepSpeedStrategy (ZeRO-2, ZeRO-3) on 2 CPU
+processes (``tests/scripts/sharded_equivalence.py``; DeepSpeed through a test-only subclass that skips its CUDA
+checks, ``tests/scripts/cpu_strategies.py``): the trained adapter equals one process fed the same global batches,
 checkpoints hold the adapter only (one file, or a distributed checkpoint directory), a resumed run equals the
 uninterrupted one, and the ``save_dir`` export is the full adapter, which ``peft`` loads to equal logits.
 
 Each of these failed before lightning-peft adapted the strategy: the callback added LoRA after ``fully_shard``
 (mixed Tensor/DTensor error), resume reported every adapter key missing (one file) or required every base key
-(distributed), and the export on rank 0 failed on DTensor parameters.
+(distributed), and the export on rank 0 failed on DTensor parameters; DeepSpeed saved the whole model (ZeRO-2) or
+the base's fragments (ZeRO-3), resume reported every adapter key missing, and ZeRO-3's export wrote (0,)-shaped
+tensors.
 """
 
 import subprocess
@@ -66,38 +69,57 @@ def _check_export(directory, adapter):
         torch.testing.assert_close(theirs(input_ids=ids).logits, ours(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
 
 
+def _checkpoint_keys_and_numel(path, strategy):
+    """The parameter names a checkpoint holds, the numel of what it holds for them, and its lightning-peft record."""
+    if strategy.startswith("ds"):  # <dir>/checkpoint/: rank 0's model states; every rank's fp32 optimizer partition
+        states = sorted(path.glob("checkpoint/*model_states.pt"))
+        first = torch.load(states[0], weights_only=True)
+        assert first["frozen_param_fragments"] is None and first["frozen_param_shapes"] is None  # no base (ZeRO-3 writes it there)
+        numel = 0
+        for f in sorted(path.glob("checkpoint/*optim_states.pt")):
+            osd = torch.load(f, weights_only=False)["optimizer_state_dict"]  # (the test's own file: DeepSpeed types)
+            flat = osd["single_partition_of_fp32_groups"] if "single_partition_of_fp32_groups" in osd else osd["fp32_flat_groups"]
+            numel += sum(t.numel() for t in flat)
+        return set(first["module"]), numel, first["lightning_peft"]
+    if path.is_file():
+        saved = torch.load(path, weights_only=True)
+        return set(saved["state_dict"]), sum(v.numel() for v in saved["state_dict"].values()), saved["lightning_peft"]
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    meta = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    tensors = {k[len("state_dict."):]: v for k, v in meta.items() if k.startswith("state_dict.") and isinstance(v, TensorStorageMetadata)}
+    numel = sum(torch.Size(v.size).numel() for v in tensors.values())
+    return set(tensors), numel, torch.load(path / "meta.pt", weights_only=True)["lightning_peft"]
+
+
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize("ckpt", ["file", "dist"])
-def test_fsdp2_trains_like_one_process_keeps_adapter_only_checkpoints_resumes_exactly_and_exports(ckpt, single, tmp_path):
-    full = _run(tmp_path, "fsdp2", ckpt, "full")
+@pytest.mark.parametrize("strategy, ckpt", [("fsdp2", "file"), ("fsdp2", "dist"), ("ds2", "file"), ("ds3", "file")],
+                         ids=["fsdp2-one-file", "fsdp2-distributed", "deepspeed-zero2", "deepspeed-zero3"])
+def test_trains_like_one_process_keeps_adapter_only_checkpoints_resumes_exactly_and_exports(strategy, ckpt, single, tmp_path):
+    if strategy.startswith("ds"):
+        pytest.importorskip("deepspeed")
+    full = _run(tmp_path, strategy, ckpt, "full")
     assert full["error"] is None, full["error"]
     assert len(full["adapter"]) == N_ADAPTER
     start = _start()
     assert _max_diff(full["adapter"], start) > 1e-2  # it trained
-    assert _max_diff(full["adapter"], single["adapter"]) < 1e-5  # float reduction order only (SGD; measured 1.8e-6)
+    assert _max_diff(full["adapter"], single["adapter"]) < 1e-5  # float reduction order only (SGD; measured <= 1.8e-6)
 
-    # the checkpoint holds the adapter only
-    (path,) = [p for p in (tmp_path / f"fsdp2_{ckpt}_ckpt").iterdir() if p.name.startswith("epoch=0")]
-    if ckpt == "file":
-        saved = torch.load(path, weights_only=True)
-        keys = set(saved["state_dict"])
-        assert sum(v.numel() * v.element_size() for v in saved["state_dict"].values()) == 4 * sum(v.numel() for v in start.values())
-    else:
-        from torch.distributed.checkpoint import FileSystemReader
-
-        meta = FileSystemReader(str(path)).read_metadata().state_dict_metadata
-        keys = {k[len("state_dict."):] for k in meta if k.startswith("state_dict.")}
-        saved = torch.load(path / "meta.pt", weights_only=True)
+    # the checkpoint holds the adapter only (and its optimizer state): no base parameter, no base bytes
+    (path,) = [p for p in (tmp_path / f"{strategy}_{ckpt}_ckpt").iterdir() if p.name.startswith("epoch=0")]
+    keys, numel, record = _checkpoint_keys_and_numel(path, strategy)
     assert keys == set(start), sorted(keys ^ set(start))[:5]
-    assert saved["lightning_peft"]["methods"][0]["method"] == "lora"
+    assert numel == sum(v.numel() for v in start.values())  # (ZeRO-3 keeps them in the optimizer partitions)
+    assert record["methods"][0]["method"] == "lora"
 
-    resumed = _run(tmp_path, "fsdp2", ckpt, "resume")
+    resumed = _run(tmp_path, strategy, ckpt, "resume")
     assert resumed["error"] is None, resumed["error"]
     assert resumed["losses"] == full["losses"][len(full["losses"]) // 2:]  # epoch 1, step for step
     assert _max_diff(resumed["adapter"], full["adapter"]) == 0.0
 
-    _check_export(tmp_path / f"fsdp2_{ckpt}_full_export", full["adapter"])
-    _check_export(tmp_path / f"fsdp2_{ckpt}_resume_export", resumed["adapter"])
+    _check_export(tmp_path / f"{strategy}_{ckpt}_full_export", full["adapter"])
+    _check_export(tmp_path / f"{strategy}_{ckpt}_resume_export", resumed["adapter"])
 
 
 @pytest.mark.timeout(600)

@@ -64,7 +64,8 @@ def check_adapter_checkpoint(module: nn.Module, checkpoint: dict[str, Any], valu
         return
     state_dict = checkpoint.get("state_dict", {})
     params = dict(module.named_parameters())
-    expected = {k: tuple(params[k].shape) for k in _kept_names(module) if k in params}
+    # the logical shape: a ZeRO-3 partitioned parameter holds an empty placeholder and its shape as ds_shape
+    expected = {k: tuple(getattr(params[k], "ds_shape", None) or params[k].shape) for k in _kept_names(module) if k in params}
     prefixes = _method_prefixes()
 
     def looks_like_adapter(key: str) -> bool:

@@ -11,6 +11,13 @@ and :class:`~lightning_peft.PEFTMixin`, so that switching the strategy is all a 
   and a sharded (distributed) checkpoint holding the adapter only loads: torch's loader otherwise requires every
   base key. The check runs first, so a checkpoint missing an adapter key still fails, naming it.
 
+``DeepSpeedStrategy`` (ZeRO-1/2/3):
+
+- **Saving** leaves the frozen base out (``exclude_frozen_parameters``): otherwise ZeRO-2 writes the whole model and
+  ZeRO-3 every rank's fragments of the base.
+- **Resuming** checks the checkpoint (its trainable parameter names and shapes, and the record) before DeepSpeed's
+  engine loads it: the engine loads non-strictly (the base is not in the files) and would skip a missing adapter key.
+
 Each strategy object is adapted once (instance attributes; the class is left alone).
 """
 
@@ -41,7 +48,15 @@ def support_strategy(trainer: pl.Trainer) -> None:
 
     if isinstance(strategy, ModelParallelStrategy):
         _support_model_parallel(strategy)
+    elif _is_deepspeed(strategy):
+        _support_deepspeed(strategy)
     strategy.__dict__[_DONE] = True
+
+
+def _is_deepspeed(strategy: Any) -> bool:
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    return isinstance(strategy, DeepSpeedStrategy)
 
 
 def _kept(module: torch.nn.Module) -> set[str]:
@@ -93,6 +108,39 @@ def _support_model_parallel(strategy: Any) -> None:
 
     strategy.lightning_module_state_dict = lightning_module_state_dict
     strategy.load_checkpoint = load_checkpoint
+
+
+def _support_deepspeed(strategy: Any) -> None:
+    own_load = strategy.load_checkpoint
+    strategy.exclude_frozen_parameters = True  # read when it saves: the frozen base stays out of every checkpoint
+
+    def load_checkpoint(checkpoint_path: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        path = Path(checkpoint_path)
+        if not _has_adapter(strategy) or not path.is_dir():  # a single file: load_full_weights, Lightning's own path
+            return own_load(checkpoint_path, *args, **kwargs)
+        check_adapter_checkpoint(strategy.lightning_module, _deepspeed_checkpoint_view(path), values=False)
+        checkpoint = own_load(checkpoint_path, *args, **kwargs)
+        checkpoint[CHECKED_KEY] = True
+        return checkpoint
+
+    strategy.load_checkpoint = load_checkpoint
+
+
+def _deepspeed_checkpoint_view(path: Path) -> dict[str, Any]:
+    """``{"state_dict": {name: meta tensor of the saved shape}, **the client state}`` of a DeepSpeed checkpoint
+    directory, from rank 0's model-states file (the trainable parameters' names and shapes; the tensors may live in
+    the optimizer partitions)."""
+    files = sorted(path.glob("*/*model_states.pt"))
+    rank0 = [f for f in files if f.name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")]
+    if not rank0:
+        raise ValueError(f"{path} is not a DeepSpeed checkpoint directory: no <tag>/*model_states.pt in it.")
+    states = read_checkpoint(rank0[0])
+    state_dict = {}
+    for group in states.get("param_shapes") or []:
+        for name, shape in group.items():
+            state_dict[name] = torch.empty(tuple(shape), device="meta")
+    client = {k: v for k, v in states.items() if k not in ("module", "optimizer", "param_shapes", "frozen_param_shapes", "frozen_param_fragments")}
+    return {**client, "state_dict": state_dict}
 
 
 def _distributed_checkpoint_view(path: Path) -> dict[str, Any]:

@@ -2,7 +2,7 @@
 
 Run by tests/test_sharded.py as ``python sharded_equivalence.py STRATEGY CKPT PHASE OUT`` where
 
-- STRATEGY: ``single`` (one process), ``fsdp2`` (Lightning's ModelParallelStrategy; the LightningModule builds its
+- STRATEGY: ``single`` (one process), ``ds2`` / ``ds3`` (DeepSpeed ZeRO-2 / ZeRO-3), ``fsdp2`` (Lightning's ModelParallelStrategy; the LightningModule builds its
   model in ``__init__`` and shards it with ``fully_shard`` in ``configure_model``, as Lightning documents),
   ``fsdp2_mixin`` (the model built in ``configure_model``, adapters added there with ``apply_peft`` before
   ``fully_shard``), ``fsdp2_late`` (the model built and sharded in ``configure_model`` with the LoRA callback: refused);
@@ -10,9 +10,11 @@ Run by tests/test_sharded.py as ``python sharded_equivalence.py STRATEGY CKPT PH
 - PHASE: ``full`` (2 epochs, a checkpoint after each, the adapter written with ``save_dir``) or ``resume`` (from the
   epoch-0 checkpoint of the ``full`` run in OUT).
 
-Data: 2 epochs of 4 steps of 4 rows, unshuffled (2 rows per rank under 2 processes). The adapter starts from one
-fixed draw in every run (set in ``configure_model`` before sharding). Writes ``OUT/<name>.pt`` from rank 0: the trained
-adapter gathered from every rank, the per-step losses, and the peak memory of the checkpoint save.
+Data: 2 epochs of 4 steps of 4 rows, unshuffled (2 rows per rank under 2 processes); SGD with momentum. The adapter
+starts from one fixed draw in every run, set in ``setup`` (after the callback added it, before any sharding) or, with
+``apply_peft``, in ``configure_model`` before ``fully_shard``. Writes ``OUT/<strategy>_<ckpt>_<phase>.pt`` from rank 0:
+the trained adapter gathered from every rank (``lightning_peft.distributed.gather_adapter``), rank 0's per-step
+losses, and the error of the Trainer call, if any.
 """
 
 import sys
@@ -54,21 +56,14 @@ def shard(module: L.LightningModule) -> None:
 
 
 class Net(TinyLM):
-    """The model built in ``__init__``; the callback adds LoRA at setup; ``configure_model`` shards."""
+    """The model built in ``__init__``; the callback adds LoRA at setup, then ``setup`` sets the fixed start."""
 
     def __init__(self):
         super().__init__(opt="trainable", n=STEPS_PER_EPOCH * GLOBAL_BATCH)
         self.losses = []
 
-    def configure_model(self):
-        if not getattr(self, "_configured", False) and self.trainer.world_size > 1:
-            self._configured = True
-            fixed_start(self)  # the callback added LoRA at setup, before this hook
-            shard(self)
-
-    def on_train_start(self):
-        if self.trainer.world_size == 1 and self.trainer.ckpt_path is None:
-            fixed_start(self)  # one process: the callback adds LoRA after configure_model
+    def setup(self, stage):
+        fixed_start(self)  # after the callback's setup (callbacks first); a resumed run's restore comes later
 
     def configure_optimizers(self):
         # SGD with momentum: its state must resume exactly, and unlike Adam it does not blow float-reduction-order noise
@@ -87,7 +82,16 @@ class Net(TinyLM):
         return DataLoader(data, batch_size=GLOBAL_BATCH // world, sampler=sampler)
 
 
-class NetMixin(lp.PEFTMixin, Net):
+class NetFSDP2(Net):
+    """As Lightning documents FSDP2: ``configure_model`` shards the model built in ``__init__``."""
+
+    def configure_model(self):
+        if not getattr(self, "_sharded", False):
+            self._sharded = True
+            shard(self)
+
+
+class NetMixin(lp.PEFTMixin, NetFSDP2):
     """The model built in ``configure_model``, adapters added there before ``fully_shard``."""
 
     def build(self):
@@ -100,11 +104,11 @@ class NetMixin(lp.PEFTMixin, Net):
             fixed_start(self)
             shard(self)
 
-    def on_train_start(self):
+    def setup(self, stage):
         pass
 
 
-class NetLate(Net):
+class NetLate(NetFSDP2):
     """The model built and sharded in ``configure_model``, with the LoRA callback: too late to add adapters."""
 
     def build(self):
@@ -115,7 +119,7 @@ class NetLate(Net):
             self.model = tiny_llama(seed=0).train()
             shard(self)
 
-    def on_train_start(self):
+    def setup(self, stage):
         pass
 
 
@@ -123,10 +127,16 @@ def main() -> None:
     strategy_name, ckpt_kind, phase, out = sys.argv[1], sys.argv[2], sys.argv[3], Path(sys.argv[4])
     torch.set_num_threads(1)
     L.seed_everything(0)
-    module = {"single": Net, "fsdp2": Net, "fsdp2_mixin": NetMixin, "fsdp2_late": NetLate}[strategy_name]()
+    module = {"fsdp2": NetFSDP2, "fsdp2_mixin": NetMixin, "fsdp2_late": NetLate}.get(strategy_name, Net)()
     callbacks = [] if strategy_name == "fsdp2_mixin" else [lp.LoRA(**LORA, save_dir=str(out / f"{strategy_name}_{ckpt_kind}_{phase}_export"))]
     if strategy_name == "single":
         strategy, devices = "auto", 1
+    elif strategy_name in ("ds2", "ds3"):  # DeepSpeed through a test-only subclass that skips its CUDA-only checks
+        from tests.scripts.cpu_strategies import CPUDeepSpeedStrategy
+
+        strategy, devices = CPUDeepSpeedStrategy(stage=int(strategy_name[-1]), timeout=timedelta(seconds=60)), 2
+        if strategy_name == "ds3":  # not an __init__ argument; else a tiny model is never partitioned
+            strategy.config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
     else:
         from lightning.pytorch.strategies import ModelParallelStrategy
 
