@@ -32,12 +32,20 @@ def _kept(module: nn.Module) -> list[str]:
     return [n for n, _ in module.named_parameters() if n in keep]
 
 
-def gather_adapter(module: nn.Module) -> dict[str, torch.Tensor]:
-    """Full CPU copies of ``module``'s adapter (and trained base) parameters, keyed by their names in ``module``.
+def gather_adapter(module: nn.Module, root: Optional[nn.Module] = None) -> dict[str, torch.Tensor]:
+    """Full CPU copies of ``module``'s adapter (and trained base) parameters, keyed by their names in the unwrapped
+    ``module`` (as state dicts spell them: without FSDP1's wrapper segments).
 
     Collective when ``module`` is sharded (every rank must call it, and every rank receives the full tensors); the
-    frozen base is not gathered. On an unsharded model, plain copies.
+    frozen base is not gathered, except under FSDP1, whose flat parameters mix it with the adapter (one unit at a time).
+    On an unsharded model, plain copies. ``root``: under FSDP1, the outermost ``FullyShardedDataParallel`` (Lightning's
+    ``trainer.strategy.model``), when it wraps ``module`` from outside.
     """
+    return {canonical_name(k): v for k, v in _gather(module, root).items()}
+
+
+def _gather(module: nn.Module, root: Optional[nn.Module] = None) -> dict[str, torch.Tensor]:
+    """:func:`gather_adapter` keyed by the names in ``module`` as it is (what :func:`full_parameters` takes)."""
     names = _kept(module)
     params = dict(module.named_parameters())
     kind = sharding_of(module)
@@ -50,8 +58,8 @@ def gather_adapter(module: nn.Module) -> dict[str, torch.Tensor]:
     if kind == "fsdp1":
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
-        root = next(m for m in module.modules() if isinstance(m, FSDP))
-        # the adapter sits in flat parameters with frozen base weights: each unit is gathered whole, one at a time
+        root = root if root is not None else module
+        # the adapter sits in flat parameters with frozen base weights: each unit is gathered whole
         with FSDP.summon_full_params(root, writeback=False, recurse=True):
             full = dict(module.named_parameters())
             return {n: full[n].detach().to("cpu", copy=True) for n in names}
@@ -90,20 +98,34 @@ def full_parameters(module: nn.Module, full: dict[str, torch.Tensor]) -> Iterato
             owner._parameters[leaf] = old
 
 
-def save_sharded_adapter(module: nn.Module, directory: Union[str, Path], adapter_name: Optional[str] = None) -> Path:
+def save_sharded_adapter(
+    module: nn.Module, directory: Union[str, Path], adapter_name: Optional[str] = None, root: Optional[nn.Module] = None,
+) -> Path:
     """Collective :func:`~lightning_peft.save_adapter` for a model sharded across processes: every rank gathers the
-    adapter (not the frozen base), rank 0 writes it. An error on rank 0 is raised on every rank (no rank is left
-    waiting). Without a process group, the same as ``save_adapter``."""
+    adapter (not the frozen base; FSDP1: the whole model, whose flat parameters mix the two), rank 0 writes it. An
+    error on rank 0 is raised on every rank (no rank is left waiting). Without a process group, the same as
+    ``save_adapter``. ``root``: under FSDP1, the outermost ``FullyShardedDataParallel`` when it wraps ``module``."""
     if not (dist.is_available() and dist.is_initialized()):
         return save_adapter(module, directory, adapter_name)
-    full = gather_adapter(module) if sharding_of(module) else {}
+    kind = sharding_of(module)
     error: list[Optional[str]] = [None]
-    if dist.get_rank() == 0:
-        try:
-            with full_parameters(module, full), _unsharded_view(module):
-                save_adapter(module, directory, adapter_name)
-        except Exception as err:  # noqa: BLE001 - passed on to every rank below
-            error[0] = f"{type(err).__name__}: {err}"
+
+    def write() -> None:
+        if dist.get_rank() == 0:
+            try:
+                with _unsharded_view(module):
+                    save_adapter(module, directory, adapter_name)
+            except Exception as err:  # noqa: BLE001 - passed on to every rank below
+                error[0] = f"{type(err).__name__}: {err}"
+
+    if kind == "fsdp1":  # the whole model unsharded on every rank while rank 0 writes (base shapes are read too)
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        with FSDP.summon_full_params(root if root is not None else module, writeback=False, recurse=True):
+            write()
+    else:
+        with full_parameters(module, _gather(module) if kind else {}):
+            write()
     dist.broadcast_object_list(error, src=0)
     if error[0] is not None:
         raise RuntimeError(f"Writing the adapter to {directory} failed on rank 0: {error[0]}")

@@ -50,6 +50,7 @@ from lightning_peft.core import (
     NamedAdapters,
     adapter_modules,
     adapter_param_names,
+    canonical_name,
     layer_adapter_names,
     mark_trainable,
     peft_state,
@@ -139,10 +140,10 @@ def _architecture(model: nn.Module) -> str:
 def base_fingerprint(model: nn.Module, targets: Optional[list[str]] = None) -> dict[str, Any]:
     """What identifies a base model: architecture, parameter count, a digest of parameter names and shapes
     (adapter parameters excluded), and the weight shapes of the adapted modules ``targets``."""
-    added = set(adapter_param_names(model))
-    base = [(n, tuple(weight_shape(p))) for n, p in model.named_parameters() if n not in added]
+    added = {canonical_name(n) for n in adapter_param_names(model)}  # names as in the unwrapped model (FSDP1 wraps)
+    base = [(canonical_name(n), tuple(weight_shape(p))) for n, p in model.named_parameters() if canonical_name(n) not in added]
     digest = hashlib.sha256("\n".join(f"{n}:{list(s)}" for n, s in sorted(base)).encode()).hexdigest()[:16]
-    modules = dict(model.named_modules())
+    modules = {canonical_name(n): m for n, m in model.named_modules()}
     shapes = {t: list(weight_shape(modules[t].weight)) for t in (targets or []) if t in modules and hasattr(modules[t], "weight")}
     return {"architecture": _architecture(model), "num_parameters": sum(math.prod(s) for _, s in base), "digest": digest, "target_shapes": shapes}
 
@@ -339,7 +340,7 @@ def _adapter_names(layers: list[tuple[str, AdapterLayer]]) -> list[str]:
 
 
 def _save_one(module, prefix, base, layers, name, directory: Path) -> None:
-    mine = [(n, m) for n, m in layers if name in layer_adapter_names(m)]
+    mine = [(canonical_name(n), m) for n, m in layers if name in layer_adapter_names(m)]  # file names: no wrapper segments
     fmt = _format_for(mine)
     config, tensors = fmt.to_peft(base, mine, name)
     trained = [n[len(prefix):] for n in peft_state(module)["trainable"] if n.startswith(prefix)]

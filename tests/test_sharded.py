@@ -1,6 +1,6 @@
-"""LoRA under Lightning's ModelParallelStrategy (FSDP2, ``fully_shard``) and DeepSpeedStrategy (ZeRO-2, ZeRO-3) on 2 CPU
-processes (``tests/scripts/sharded_equivalence.py``; DeepSpeed through a test-only subclass that skips its CUDA
-checks, ``tests/scripts/cpu_strategies.py``): the trained adapter equals one process fed the same global batches,
+"""LoRA under Lightning's ModelParallelStrategy (FSDP2, ``fully_shard``), DeepSpeedStrategy (ZeRO-2, ZeRO-3) and
+FSDPStrategy (FSDP1, decoder layers wrapped) on 2 CPU processes (``tests/scripts/sharded_equivalence.py``; DeepSpeed
+and FSDP1 through test-only subclasses that step around their CUDA-only code, ``tests/scripts/cpu_strategies.py``): the trained adapter equals one process fed the same global batches,
 checkpoints hold the adapter only (one file, or a distributed checkpoint directory), a resumed run equals the
 uninterrupted one, and the ``save_dir`` export is the full adapter, which ``peft`` loads to equal logits.
 
@@ -8,7 +8,8 @@ Each of these failed before lightning-peft adapted the strategy: the callback ad
 (mixed Tensor/DTensor error), resume reported every adapter key missing (one file) or required every base key
 (distributed), and the export on rank 0 failed on DTensor parameters; DeepSpeed saved the whole model (ZeRO-2) or
 the base's fragments (ZeRO-3), resume reported every adapter key missing, and ZeRO-3's export wrote (0,)-shaped
-tensors.
+tensors; FSDP1 checkpoints held no adapter key (its names carry ``_fsdp_wrapped_module``, state dicts do not) and
+the export wrote wrapper names with flattened shard shapes.
 """
 
 import subprocess
@@ -87,15 +88,19 @@ def _checkpoint_keys_and_numel(path, strategy):
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+    prefix = "model." if strategy == "fsdp1" else "state_dict."  # where Lightning's FSDP1 / FSDP2 put the model
     meta = FileSystemReader(str(path)).read_metadata().state_dict_metadata
-    tensors = {k[len("state_dict."):]: v for k, v in meta.items() if k.startswith("state_dict.") and isinstance(v, TensorStorageMetadata)}
+    tensors = {k[len(prefix):]: v for k, v in meta.items() if k.startswith(prefix) and isinstance(v, TensorStorageMetadata)}
     numel = sum(torch.Size(v.size).numel() for v in tensors.values())
     return set(tensors), numel, torch.load(path / "meta.pt", weights_only=True)["lightning_peft"]
 
 
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize("strategy, ckpt", [("fsdp2", "file"), ("fsdp2", "dist"), ("ds2", "file"), ("ds3", "file")],
-                         ids=["fsdp2-one-file", "fsdp2-distributed", "deepspeed-zero2", "deepspeed-zero3"])
+@pytest.mark.parametrize(
+    "strategy, ckpt",
+    [("fsdp2", "file"), ("fsdp2", "dist"), ("ds2", "file"), ("ds3", "file"), ("fsdp1", "file"), ("fsdp1", "dist")],
+    ids=["fsdp2-one-file", "fsdp2-distributed", "deepspeed-zero2", "deepspeed-zero3", "fsdp1-full", "fsdp1-sharded"],
+)
 def test_trains_like_one_process_keeps_adapter_only_checkpoints_resumes_exactly_and_exports(strategy, ckpt, single, tmp_path):
     if strategy.startswith("ds"):
         pytest.importorskip("deepspeed")

@@ -11,7 +11,7 @@ from typing import Any, Union
 import torch
 from torch import nn
 
-from lightning_peft.core import adapter_param_names, peft_state
+from lightning_peft.core import adapter_param_names, canonical_name, peft_state
 
 __all__ = ["CHECKED_KEY", "adapter_checkpoint_state", "check_adapter_checkpoint", "read_checkpoint"]
 
@@ -23,7 +23,8 @@ _CKPT_KEY = "lightning_peft"
 
 
 def _kept_names(module: nn.Module) -> set[str]:
-    return set(adapter_param_names(module)) | set(peft_state(module)["trainable"])
+    """The adapter and trained base parameter names, as state dicts spell them (without FSDP1's wrapper segments)."""
+    return {canonical_name(n) for n in adapter_param_names(module)} | set(peft_state(module)["trainable"])
 
 
 def _method_prefixes() -> tuple[str, ...]:
@@ -54,16 +55,17 @@ def adapter_checkpoint_state(module: nn.Module, checkpoint: dict[str, Any]) -> N
     }
 
 
-def check_adapter_checkpoint(module: nn.Module, checkpoint: dict[str, Any], values: bool = True) -> None:
+def check_adapter_checkpoint(module: nn.Module, checkpoint: dict[str, Any], values: bool = True, shapes: bool = True) -> None:
     """Raise one ``ValueError`` naming every adapter key, shape or setting of ``checkpoint`` that does not fit ``module``.
 
     ``values=False`` skips the check for NaN/inf (for a view of a distributed checkpoint's metadata, which holds no
-    values). A checkpoint that a sharding strategy's ``load_checkpoint`` already checked before loading it itself
+    values); ``shapes=False`` the shape check (FSDP1 holds its parameters as flattened shards: the model cannot tell
+    their shapes, and FSDP's own load refuses a mismatch). A checkpoint that a sharding strategy's ``load_checkpoint`` already checked before loading it itself
     (marked with ``_strategies.CHECKED_KEY``) is not checked again: it no longer holds its state dict."""
     if checkpoint.get(CHECKED_KEY):
         return
     state_dict = checkpoint.get("state_dict", {})
-    params = dict(module.named_parameters())
+    params = {canonical_name(n): p for n, p in module.named_parameters()}
     # the logical shape: a ZeRO-3 partitioned parameter holds an empty placeholder and its shape as ds_shape
     expected = {k: tuple(getattr(params[k], "ds_shape", None) or params[k].shape) for k in _kept_names(module) if k in params}
     prefixes = _method_prefixes()
@@ -75,7 +77,7 @@ def check_adapter_checkpoint(module: nn.Module, checkpoint: dict[str, Any], valu
     for key in sorted(expected):
         if key not in state_dict:
             problems.append(f"missing {key} (expected shape {list(expected[key])})")
-        elif tuple(state_dict[key].shape) != expected[key]:
+        elif shapes and tuple(state_dict[key].shape) != expected[key]:
             problems.append(f"{key}: checkpoint shape {list(state_dict[key].shape)}, model shape {list(expected[key])}")
         elif values and state_dict[key].is_floating_point() and not bool(torch.isfinite(state_dict[key]).all()):
             problems.append(f"{key}: holds NaN or infinite values (training diverged before this checkpoint, or it is corrupted)")

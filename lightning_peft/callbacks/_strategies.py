@@ -31,8 +31,8 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from lightning_peft.callbacks._checkpoints import CHECKED_KEY, check_adapter_checkpoint, read_checkpoint
-from lightning_peft.core import adapter_param_names, canonical_name, peft_state
+from lightning_peft.callbacks._checkpoints import CHECKED_KEY, _kept_names, check_adapter_checkpoint, read_checkpoint
+from lightning_peft.core import canonical_name, peft_state
 
 __all__ = ["support_strategy"]
 
@@ -48,9 +48,19 @@ def support_strategy(trainer: pl.Trainer) -> None:
 
     if isinstance(strategy, ModelParallelStrategy):
         _support_model_parallel(strategy)
+    elif _is_fsdp1(strategy):
+        import lightning.pytorch.strategies.fsdp as pytorch_fsdp
+
+        _check_before_loading(strategy, pytorch_fsdp, shapes=False, key="model")
     elif _is_deepspeed(strategy):
         _support_deepspeed(strategy)
     strategy.__dict__[_DONE] = True
+
+
+def _is_fsdp1(strategy: Any) -> bool:
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    return isinstance(strategy, FSDPStrategy)
 
 
 def _is_deepspeed(strategy: Any) -> bool:
@@ -59,24 +69,20 @@ def _is_deepspeed(strategy: Any) -> bool:
     return isinstance(strategy, DeepSpeedStrategy)
 
 
-def _kept(module: torch.nn.Module) -> set[str]:
-    return set(adapter_param_names(module)) | set(peft_state(module)["trainable"])
-
-
 def _has_adapter(strategy: Any) -> bool:
     module = strategy.lightning_module
     return module is not None and bool(peft_state(module)["methods"] or peft_state(module)["trainable"])
 
 
 def _support_model_parallel(strategy: Any) -> None:
-    own_state_dict, own_load = strategy.lightning_module_state_dict, strategy.load_checkpoint
+    own_state_dict = strategy.lightning_module_state_dict
 
     def lightning_module_state_dict() -> dict[str, Any]:
         if not _has_adapter(strategy):
             return own_state_dict()
         from torch.distributed.tensor import DTensor
 
-        keep = _kept(strategy.lightning_module)
+        keep = _kept_names(strategy.lightning_module)
         full = not strategy._save_distributed_checkpoint
         out = {}
         for name, p in strategy.model.named_parameters():
@@ -91,22 +97,34 @@ def _support_model_parallel(strategy: Any) -> None:
                 out[key] = p.detach()
         return out
 
+    strategy.lightning_module_state_dict = lightning_module_state_dict
+    import lightning.fabric.strategies.model_parallel as fabric_model_parallel
+
+    _check_before_loading(strategy, fabric_model_parallel, key="state_dict")
+
+
+def _check_before_loading(strategy: Any, loader_module: Any, key: str, shapes: bool = True) -> None:
+    """Wrap ``strategy.load_checkpoint``: check the checkpoint against the model before the strategy pops its state
+    dict and loads it itself (one file: its state dict; a distributed checkpoint: its metadata), then load a
+    distributed one with ``allow_partial_load`` (``loader_module`` holds Lightning's ``_distributed_checkpoint_load``;
+    ``key``: the entry a distributed checkpoint keeps the model under: ``state_dict`` for FSDP2, ``model`` for FSDP1)."""
+    own_load = strategy.load_checkpoint
+
     def load_checkpoint(checkpoint_path: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
         if not _has_adapter(strategy):
             return own_load(checkpoint_path, *args, **kwargs)
         path = Path(strategy.broadcast(checkpoint_path))
         module = strategy.lightning_module
         if path.is_dir():  # a distributed checkpoint: shapes from its metadata, the record from its meta file
-            check_adapter_checkpoint(module, _distributed_checkpoint_view(path), values=False)
-            with _partial_distributed_load():
+            check_adapter_checkpoint(module, _distributed_checkpoint_view(path, key), values=False, shapes=shapes)
+            with _partial_distributed_load(loader_module):
                 checkpoint = own_load(checkpoint_path, *args, **kwargs)
         else:
-            check_adapter_checkpoint(module, read_checkpoint(path))
+            check_adapter_checkpoint(module, read_checkpoint(path), shapes=shapes)
             checkpoint = own_load(checkpoint_path, *args, **kwargs)
         checkpoint[CHECKED_KEY] = True
         return checkpoint
 
-    strategy.lightning_module_state_dict = lightning_module_state_dict
     strategy.load_checkpoint = load_checkpoint
 
 
@@ -143,7 +161,7 @@ def _deepspeed_checkpoint_view(path: Path) -> dict[str, Any]:
     return {**client, "state_dict": state_dict}
 
 
-def _distributed_checkpoint_view(path: Path) -> dict[str, Any]:
+def _distributed_checkpoint_view(path: Path, key: str) -> dict[str, Any]:
     """``{"state_dict": {name: meta tensor of the saved shape and dtype}, **the meta file}`` of a Lightning distributed
     checkpoint directory: what the adapter check needs, without reading a tensor."""
     from lightning.fabric.utilities.load import _METADATA_FILENAME
@@ -152,27 +170,25 @@ def _distributed_checkpoint_view(path: Path) -> dict[str, Any]:
 
     meta = read_checkpoint(path / _METADATA_FILENAME)
     state_dict = {}
-    for key, item in FileSystemReader(str(path)).read_metadata().state_dict_metadata.items():
-        if key.startswith("state_dict.") and isinstance(item, TensorStorageMetadata):
-            state_dict[key[len("state_dict."):]] = torch.empty(item.size, dtype=item.properties.dtype, device="meta")
+    for name, item in FileSystemReader(str(path)).read_metadata().state_dict_metadata.items():
+        if name.startswith(f"{key}.") and isinstance(item, TensorStorageMetadata):
+            state_dict[name[len(key) + 1:]] = torch.empty(item.size, dtype=item.properties.dtype, device="meta")
     return {**meta, "state_dict": state_dict}
 
 
 @contextlib.contextmanager
-def _partial_distributed_load() -> Iterator[None]:
+def _partial_distributed_load(loader_module: Any) -> Iterator[None]:
     """Lightning's distributed-checkpoint load with ``allow_partial_load``: an adapter-only checkpoint has no base
     keys, which torch's default planner requires. Only around our own (already checked) load."""
-    import lightning.fabric.strategies.model_parallel as fabric_model_parallel
-
-    own = fabric_model_parallel._distributed_checkpoint_load
+    own = loader_module._distributed_checkpoint_load
 
     def load(module_state: dict[str, Any], path: Path) -> None:
         from torch.distributed.checkpoint import DefaultLoadPlanner, load as dcp_load
 
         dcp_load(module_state, checkpoint_id=path, planner=DefaultLoadPlanner(allow_partial_load=True))
 
-    fabric_model_parallel._distributed_checkpoint_load = load
+    loader_module._distributed_checkpoint_load = load
     try:
         yield
     finally:
-        fabric_model_parallel._distributed_checkpoint_load = own
+        loader_module._distributed_checkpoint_load = own

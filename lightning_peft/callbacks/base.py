@@ -282,7 +282,7 @@ class PEFTCallback(Callback):
         if not self.save_dir:
             return
         if sharding_of(pl_module) is not None:  # every rank gathers the adapter (not the base); rank 0 writes
-            path = save_sharded_adapter(pl_module, self.save_dir)
+            path = save_sharded_adapter(pl_module, self.save_dir, root=trainer.strategy.model)
         elif trainer.is_global_zero:
             path = save_adapter(pl_module, self.save_dir)
         else:

@@ -137,6 +137,16 @@ def main() -> None:
         strategy, devices = CPUDeepSpeedStrategy(stage=int(strategy_name[-1]), timeout=timedelta(seconds=60)), 2
         if strategy_name == "ds3":  # not an __init__ argument; else a tiny model is never partitioned
             strategy.config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    elif strategy_name == "fsdp1":  # FSDP1 through a test-only subclass (device_id on the CPU, no CPU offload)
+        from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+        from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+        from tests.scripts.cpu_strategies import CPUFSDPStrategy
+
+        strategy, devices = CPUFSDPStrategy(
+            auto_wrap_policy=ModuleWrapPolicy({LlamaDecoderLayer}), state_dict_type="full" if ckpt_kind == "file" else "sharded",
+            timeout=timedelta(seconds=60),
+        ), 2
     else:
         from lightning.pytorch.strategies import ModelParallelStrategy
 
@@ -158,7 +168,7 @@ def main() -> None:
         error = None
     except Exception as err:  # noqa: BLE001 - reported to the test
         error = f"{type(err).__name__}: {err}"
-    adapter = gather_adapter(module) if error is None else {}
+    adapter = gather_adapter(module, root=trainer.strategy.model) if error is None else {}
     if trainer.global_rank == 0:
         torch.save({"adapter": {k: v.float() for k, v in adapter.items()}, "losses": module.losses, "error": error},
                    out / f"{strategy_name}_{ckpt_kind}_{phase}.pt")
