@@ -175,7 +175,7 @@ class AdaLoRA(PEFTCallback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         strategy = type(trainer.strategy).__name__
-        if stage == "fit" and ("DeepSpeed" in strategy or "FSDP" in strategy):
+        if stage == "fit" and ("DeepSpeed" in strategy or "FSDP" in strategy or "ModelParallel" in strategy):
             raise ValueError(
                 f"AdaLoRA does not support the {strategy}: its allocator reads whole adapter gradients, which this strategy "
                 "shards. Use DDP or a single device, or choose LoRA."

@@ -381,3 +381,20 @@ def test_config_parses_in_the_cli(minilm_path, monkeypatch):
 
     assert import_object(cb["class_path"]) is AdaLoRA
     assert (cb["init_args"]["init_r"], cb["init_args"]["target_r"], cb["init_args"]["tfinal"]) == (12, 6, 150)
+
+
+@pytest.mark.parametrize("strategy", ["model_parallel", "fsdp", "deepspeed"])
+def test_sharding_strategies_are_refused_before_anything_changes(strategy):
+    """The allocator reads whole adapter gradients; under FSDP2 (ModelParallelStrategy) it failed on mixed
+    Tensor/DTensor arithmetic in the middle of training instead of saying so at setup."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+
+    made = {"model_parallel": lambda: ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1),
+            "fsdp": FSDPStrategy, "deepspeed": lambda: DeepSpeedStrategy.__new__(DeepSpeedStrategy)}[strategy]()
+    module = TinyLM()
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    with pytest.raises(ValueError, match=rf"AdaLoRA does not support the {type(made).__name__}.*Use DDP or a single device"):
+        AdaLoRA(init_r=4, target_r=2, total_steps=10).setup(SimpleNamespace(strategy=made, callbacks=[]), module, "fit")
+    assert module.state_dict().keys() == before.keys()

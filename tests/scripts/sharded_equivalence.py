@@ -1,12 +1,13 @@
 """LoRA trained under a sharding strategy on 2 CPU processes, against one process fed the same global batches.
 
-Run by tests/test_sharded.py as ``python sharded_equivalence.py STRATEGY CKPT PHASE OUT`` where
+Run by tests/test_sharded.py as ``python sharded_equivalence.py STRATEGY CKPT PHASE OUT [METHOD]`` where
 
 - STRATEGY: ``single`` (one process), ``ds2`` / ``ds3`` (DeepSpeed ZeRO-2 / ZeRO-3), ``fsdp2`` (Lightning's ModelParallelStrategy; the LightningModule builds its
   model in ``__init__`` and shards it with ``fully_shard`` in ``configure_model``, as Lightning documents),
   ``fsdp2_mixin`` (the model built in ``configure_model``, adapters added there with ``apply_peft`` before
   ``fully_shard``), ``fsdp2_late`` (the model built and sharded in ``configure_model`` with the LoRA callback: refused);
 - CKPT: ``file`` (one checkpoint file) or ``dist`` (a distributed checkpoint directory);
+- METHOD (optional): ``lora`` (default), ``ia3``, ``adalora``, ``prompt_tuning``;
 - PHASE: ``full`` (2 epochs, a checkpoint after each, the adapter written with ``save_dir``) or ``resume`` (from the
   epoch-0 checkpoint of the ``full`` run in OUT).
 
@@ -36,6 +37,20 @@ from tests.conftest import tiny_llama  # noqa: E402
 
 STEPS_PER_EPOCH, GLOBAL_BATCH, EPOCHS = 4, 4, 2
 LORA = dict(r=4, alpha=8, target_modules="all-linear")
+
+
+def method(name: str, save_dir=None):
+    """The PEFT callback of ``name`` (``lora`` by default), writing its adapter to ``save_dir`` at the end of fit."""
+    if name == "lora":
+        return lp.LoRA(**LORA, save_dir=save_dir)
+    if name == "ia3":
+        return lp.IA3(save_dir=save_dir)
+    if name == "adalora":
+        return lp.AdaLoRA(init_r=4, target_r=2, tinit=1, tfinal=2, delta_t=1, total_steps=STEPS_PER_EPOCH * EPOCHS,
+                          target_modules="all-linear", heatmap=False, log_ranks=False, save_dir=save_dir)
+    if name == "prompt_tuning":
+        return lp.PromptTuning(num_virtual_tokens=4, init="random", save_dir=save_dir)
+    raise SystemExit(f"unknown method {name}")
 
 
 def fixed_start(module: torch.nn.Module) -> None:
@@ -125,10 +140,12 @@ class NetLate(NetFSDP2):
 
 def main() -> None:
     strategy_name, ckpt_kind, phase, out = sys.argv[1], sys.argv[2], sys.argv[3], Path(sys.argv[4])
+    method_name = sys.argv[5] if len(sys.argv) > 5 else "lora"
+    tag = f"{strategy_name}_{ckpt_kind}" + ("" if method_name == "lora" else f"_{method_name}")
     torch.set_num_threads(1)
     L.seed_everything(0)
     module = {"fsdp2": NetFSDP2, "fsdp2_mixin": NetMixin, "fsdp2_late": NetLate}.get(strategy_name, Net)()
-    callbacks = [] if strategy_name == "fsdp2_mixin" else [lp.LoRA(**LORA, save_dir=str(out / f"{strategy_name}_{ckpt_kind}_{phase}_export"))]
+    callbacks = [] if strategy_name == "fsdp2_mixin" else [method(method_name, save_dir=str(out / f"{tag}_{phase}_export"))]
     if strategy_name == "single":
         strategy, devices = "auto", 1
     elif strategy_name in ("ds2", "ds3"):  # DeepSpeed through a test-only subclass that skips its CUDA-only checks
@@ -153,7 +170,7 @@ def main() -> None:
         strategy, devices = ModelParallelStrategy(
             data_parallel_size=2, tensor_parallel_size=1, save_distributed_checkpoint=ckpt_kind == "dist", timeout=timedelta(seconds=60),
         ), 2
-    ckpt_dir = out / f"{strategy_name}_{ckpt_kind}_ckpt"
+    ckpt_dir = out / f"{tag}_ckpt"
     callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, save_top_k=-1, every_n_epochs=1, save_on_train_epoch_end=True))
     trainer = L.Trainer(
         accelerator="cpu", devices=devices, strategy=strategy, max_epochs=EPOCHS, logger=False, enable_progress_bar=False,
@@ -168,10 +185,13 @@ def main() -> None:
         error = None
     except Exception as err:  # noqa: BLE001 - reported to the test
         error = f"{type(err).__name__}: {err}"
+        import traceback
+
+        traceback.print_exc()  # the whole story in the log the test prints on failure
     adapter = gather_adapter(module, root=trainer.strategy.model) if error is None else {}
     if trainer.global_rank == 0:
         torch.save({"adapter": {k: v.float() for k, v in adapter.items()}, "losses": module.losses, "error": error},
-                   out / f"{strategy_name}_{ckpt_kind}_{phase}.pt")
+                   out / f"{tag}_{phase}.pt")
     if error is not None and devices == 1:
         raise SystemExit(error)
 
