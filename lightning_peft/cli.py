@@ -158,20 +158,21 @@ def export_main(args: list[str]) -> Path:
         description="Write the adapter of a lightning-peft checkpoint in Hugging Face PEFT's format (adapter_config.json + "
         "adapter_model.safetensors), or with --merged a plain Hugging Face model with the adapter merged into it.",
     )
-    parser.add_argument("--ckpt_path", type=str, required=True, help="Lightning checkpoint written during a lightning-peft run.")
+    parser.add_argument("--ckpt_path", type=str, required=True, help="Lightning checkpoint written during a lightning-peft run (a file, or the directory a sharding strategy writes).")
     parser.add_argument("--out", type=str, required=True, help="Output directory.")
     parser.add_argument("--config", type=Optional[str], default=None, help="The run's config (default: the config.yaml LightningCLI saved beside the checkpoint).")
     parser.add_argument("--merged", type=bool, default=False, help="Merge the adapter and save a plain Hugging Face model (save_pretrained) with its tokenizer.")
     cfg = parser.parse_args(args)
 
-    from lightning_peft.callbacks.base import load_adapter_checkpoint, read_checkpoint
+    from lightning_peft.callbacks.base import load_adapter_checkpoint, read_checkpoint, read_checkpoint_directory
     from lightning_peft.core import unload
     from lightning_peft.io import find_base_model, save_adapter
 
     ckpt = Path(cfg.ckpt_path)
-    if not ckpt.is_file():
+    if not ckpt.exists():
         raise FileNotFoundError(f"Checkpoint {ckpt} does not exist.")
-    checkpoint = read_checkpoint(ckpt)  # weights_only: a checkpoint cannot run code; read before building anything
+    # weights_only: a checkpoint cannot run code; read before building anything (a directory: written by FSDP/DeepSpeed)
+    checkpoint = read_checkpoint_directory(ckpt) if ckpt.is_dir() else read_checkpoint(ckpt)
     config_path = Path(cfg.config) if cfg.config else _find_run_config(ckpt)
     print(f"model built from {config_path}")
     model = _build_model(config_path)

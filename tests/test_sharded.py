@@ -128,6 +128,18 @@ def test_trains_like_one_process_keeps_adapter_only_checkpoints_resumes_exactly_
     _check_export(tmp_path / f"{strategy}_{ckpt}_full_export", full["adapter"])
     _check_export(tmp_path / f"{strategy}_{ckpt}_resume_export", resumed["adapter"])
 
+    # the last checkpoint, read in one process (what `lightning-peft export` does), holds the trained adapter
+    import lightning_peft as lp
+    from tests.scripts.sharded_equivalence import Net
+
+    (last,) = [p for p in (tmp_path / f"{strategy}_{ckpt}_ckpt").iterdir() if p.name.startswith("epoch=1") and "-v" not in p.name]
+    if strategy == "ds3":
+        with pytest.raises(ValueError, match="ZeRO-3 checkpoint: the adapter lives in the optimizer partitions.*save_dir="):
+            lp.load_adapter_checkpoint(Net(), last)
+    else:
+        net = lp.load_adapter_checkpoint(Net(), last)
+        assert _max_diff({k: v.detach() for k, v in net.named_parameters() if k in full["adapter"]}, full["adapter"]) == 0.0
+
 
 @pytest.mark.timeout(600)
 def test_fsdp2_with_apply_peft_before_fully_shard_resumes_exactly(single, tmp_path):

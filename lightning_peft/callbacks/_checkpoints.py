@@ -151,3 +151,42 @@ def read_checkpoint(path: Union[str, Path], allow_types: Sequence[Any] = ()) -> 
     if not isinstance(checkpoint, dict):
         raise ValueError(f"Checkpoint {path} holds a {type(checkpoint).__name__}, not a Lightning checkpoint (a dict).")
     return checkpoint
+
+
+def read_checkpoint_directory(path: Union[str, Path], allow_types: Sequence[Any] = ()) -> dict[str, Any]:
+    """A checkpoint that a sharding strategy wrote as a directory, read in this one process into the form of a
+    one-file checkpoint (``{"state_dict": {name: tensor}, ...}``), without unpickling anything but plain types:
+
+    - Lightning's distributed checkpoint (FSDP2's ``save_distributed_checkpoint``, FSDP1's ``state_dict_type="sharded"``):
+      the model entry's tensors through ``torch.distributed.checkpoint``, the rest from its ``meta.pt``;
+    - DeepSpeed ZeRO-1/2: rank 0's model-states file, which holds the adapter whole. ZeRO-3 keeps it only in the
+      optimizer partitions, which DeepSpeed pickles with its own types: refused, with the ways that work.
+    """
+    path = Path(path).expanduser()
+    if (path / "meta.pt").is_file() and (path / ".metadata").is_file():
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+        meta = read_checkpoint(path / "meta.pt", allow_types)
+        entries = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+        key = "state_dict" if any(k.startswith("state_dict.") for k in entries) else "model"  # FSDP2 / FSDP1
+        tensors = {
+            k[len(key) + 1:]: torch.empty(v.size, dtype=v.properties.dtype)
+            for k, v in entries.items() if k.startswith(f"{key}.") and isinstance(v, TensorStorageMetadata)
+        }
+        dcp.load({key: tensors}, checkpoint_id=str(path), no_dist=True)
+        return {**meta, "state_dict": tensors}
+    states = sorted(path.glob("*/*model_states.pt"))
+    if states:
+        rank0 = [f for f in states if f.name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")]
+        checkpoint = read_checkpoint((rank0 or states)[0], allow_types)
+        module = checkpoint.get("module") or {}
+        if any(t.numel() == 0 for t in module.values()):
+            raise ValueError(
+                f"{path} is a DeepSpeed ZeRO-3 checkpoint: the adapter lives in the optimizer partitions, not in the model "
+                "states. Write the adapter during training instead (save_dir= on the callback, or "
+                "lightning_peft.distributed.save_sharded_adapter), or consolidate the checkpoint first with DeepSpeed's "
+                "zero_to_fp32.py (beside it) and load that file."
+            )
+        return {**{k: v for k, v in checkpoint.items() if k != "module"}, "state_dict": dict(module)}
+    raise ValueError(f"{path} is a directory but neither a Lightning distributed checkpoint nor a DeepSpeed checkpoint.")

@@ -38,6 +38,7 @@ from lightning_peft.callbacks._checkpoints import (  # re-exported: the checkpoi
     adapter_checkpoint_state,
     check_adapter_checkpoint,
     read_checkpoint,
+    read_checkpoint_directory,
 )
 from lightning_peft.callbacks._strategies import support_strategy
 from lightning_peft.core import (
@@ -442,6 +443,8 @@ def load_adapter_checkpoint(module: nn.Module, checkpoint: Union[str, Path, dict
     ``module`` is the base (built from its own source) with or without adapters: when it has none, the
     adapters the checkpoint records are injected first. Returns ``module``. A checkpoint file is read with
     :func:`read_checkpoint` (``weights_only=True``: it cannot run code); ``allow_types`` names further types you trust.
+    A checkpoint directory written by a sharding strategy (FSDP2/FSDP1 distributed, DeepSpeed ZeRO-1/2) is read
+    the same way, in this one process (:func:`~lightning_peft.callbacks._checkpoints.read_checkpoint_directory`).
 
     Example::
 
@@ -449,7 +452,10 @@ def load_adapter_checkpoint(module: nn.Module, checkpoint: Union[str, Path, dict
         load_adapter_checkpoint(model, "last.ckpt")
     """
     if not isinstance(checkpoint, dict):
-        checkpoint = read_checkpoint(checkpoint, allow_types)
+        if Path(checkpoint).expanduser().is_dir():  # written by a sharding strategy (FSDP, DeepSpeed)
+            checkpoint = read_checkpoint_directory(checkpoint, allow_types)
+        else:
+            checkpoint = read_checkpoint(checkpoint, allow_types)
     record = checkpoint.get(_CKPT_KEY)
     if not isinstance(record, dict) or not isinstance(record.get("methods"), list):
         raise ValueError("This checkpoint has no 'lightning_peft' record: it was not saved with a lightning-peft callback or PEFTMixin.")
