@@ -11,6 +11,9 @@ Run by tests/test_sharded.py as ``python sharded_equivalence.py STRATEGY CKPT PH
 - PHASE: ``full`` (2 epochs, a checkpoint after each, the adapter written with ``save_dir``) or ``resume`` (from the
   epoch-0 checkpoint of the ``full`` run in OUT).
 
+With ``LP_SHARDED_ACCELERATOR=cuda`` (tests/test_sharded_gpu.py, 2 GPUs): Lightning's own strategy classes on NCCL,
+``bf16-mixed`` precision.
+
 Data: 2 epochs of 4 steps of 4 rows, unshuffled (2 rows per rank under 2 processes); SGD with momentum. The adapter
 starts from one fixed draw in every run, set in ``setup`` (after the callback added it, before any sharding) or, with
 ``apply_peft``, in ``configure_model`` before ``fully_shard``. Writes ``OUT/<strategy>_<ckpt>_<phase>.pt`` from rank 0:
@@ -18,8 +21,8 @@ the trained adapter gathered from every rank (``lightning_peft.distributed.gathe
 losses, and the error of the Trainer call, if any.
 """
 
+import os
 import sys
-import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -146,21 +149,27 @@ def main() -> None:
     L.seed_everything(0)
     module = {"fsdp2": NetFSDP2, "fsdp2_mixin": NetMixin, "fsdp2_late": NetLate}.get(strategy_name, Net)()
     callbacks = [] if strategy_name == "fsdp2_mixin" else [method(method_name, save_dir=str(out / f"{tag}_{phase}_export"))]
+    gpu = os.environ.get("LP_SHARDED_ACCELERATOR") == "cuda"  # GPUs: Lightning's own strategies, NCCL, bf16-mixed
     if strategy_name == "single":
         strategy, devices = "auto", 1
     elif strategy_name in ("ds2", "ds3"):  # DeepSpeed through a test-only subclass that skips its CUDA-only checks
+        from lightning.pytorch.strategies import DeepSpeedStrategy
+
         from tests.scripts.cpu_strategies import CPUDeepSpeedStrategy
 
-        strategy, devices = CPUDeepSpeedStrategy(stage=int(strategy_name[-1]), timeout=timedelta(seconds=60)), 2
+        cls = DeepSpeedStrategy if gpu else CPUDeepSpeedStrategy
+        strategy, devices = cls(stage=int(strategy_name[-1]), timeout=timedelta(seconds=60)), 2
         if strategy_name == "ds3":  # not an __init__ argument; else a tiny model is never partitioned
             strategy.config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
     elif strategy_name == "fsdp1":  # FSDP1 through a test-only subclass (device_id on the CPU, no CPU offload)
         from torch.distributed.fsdp.wrap import ModuleWrapPolicy
         from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
+        from lightning.pytorch.strategies import FSDPStrategy
+
         from tests.scripts.cpu_strategies import CPUFSDPStrategy
 
-        strategy, devices = CPUFSDPStrategy(
+        strategy, devices = (FSDPStrategy if gpu else CPUFSDPStrategy)(
             auto_wrap_policy=ModuleWrapPolicy({LlamaDecoderLayer}), state_dict_type="full" if ckpt_kind == "file" else "sharded",
             timeout=timedelta(seconds=60),
         ), 2
@@ -173,7 +182,8 @@ def main() -> None:
     ckpt_dir = out / f"{tag}_ckpt"
     callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, save_top_k=-1, every_n_epochs=1, save_on_train_epoch_end=True))
     trainer = L.Trainer(
-        accelerator="cpu", devices=devices, strategy=strategy, max_epochs=EPOCHS, logger=False, enable_progress_bar=False,
+        accelerator="cuda" if gpu else "cpu", devices=devices, strategy=strategy, precision="bf16-mixed" if gpu else "32-true",
+        max_epochs=EPOCHS, logger=False, enable_progress_bar=False,
         enable_model_summary=False, use_distributed_sampler=False, callbacks=callbacks,
     )
     resume = None
