@@ -80,7 +80,15 @@ def _support_model_parallel(strategy: Any) -> None:
     def lightning_module_state_dict() -> dict[str, Any]:
         if not _has_adapter(strategy):
             return own_state_dict()
+        from torch.distributed.fsdp import FSDPModule
         from torch.distributed.tensor import DTensor
+
+        # a unit whose trainable parameter is read outside its own forward (a soft prompt in the root unit, read by a
+        # hook of the embedding module) is left unsharded after backward: its registered parameters are then not the
+        # sharded ones the optimizer holds, and the optimizer state dict that follows fails to name them
+        for m in strategy.model.modules():
+            if isinstance(m, FSDPModule):
+                m.reshard()
 
         keep = _kept_names(strategy.lightning_module)
         full = not strategy._save_distributed_checkpoint
