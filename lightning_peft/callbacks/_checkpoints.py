@@ -153,6 +153,14 @@ def read_checkpoint(path: Union[str, Path], allow_types: Sequence[Any] = ()) -> 
     return checkpoint
 
 
+def deepspeed_model_states(path: Path) -> Union[Path, None]:
+    """Rank 0's model-states file of a DeepSpeed checkpoint directory (``<tag>/mp_rank_00_model_states.pt``, or
+    ZeRO-3's ``<tag>/zero_pp_rank_0_mp_rank_00_model_states.pt``), None when ``path`` holds none."""
+    states = sorted(Path(path).glob("*/*model_states.pt"))
+    rank0 = [f for f in states if f.name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")]
+    return (rank0 or states or [None])[0]
+
+
 def read_checkpoint_directory(path: Union[str, Path], allow_types: Sequence[Any] = ()) -> dict[str, Any]:
     """A checkpoint that a sharding strategy wrote as a directory, read in this one process into the form of a
     one-file checkpoint (``{"state_dict": {name: tensor}, ...}``), without unpickling anything but plain types:
@@ -176,10 +184,9 @@ def read_checkpoint_directory(path: Union[str, Path], allow_types: Sequence[Any]
         }
         dcp.load({key: tensors}, checkpoint_id=str(path), no_dist=True)
         return {**meta, "state_dict": tensors}
-    states = sorted(path.glob("*/*model_states.pt"))
-    if states:
-        rank0 = [f for f in states if f.name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")]
-        checkpoint = read_checkpoint((rank0 or states)[0], allow_types)
+    states = deepspeed_model_states(path)
+    if states is not None:
+        checkpoint = read_checkpoint(states, allow_types)
         module = checkpoint.get("module") or {}
         if any(t.numel() == 0 for t in module.values()):
             raise ValueError(

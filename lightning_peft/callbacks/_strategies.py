@@ -31,7 +31,13 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from lightning_peft.callbacks._checkpoints import CHECKED_KEY, _kept_names, check_adapter_checkpoint, read_checkpoint
+from lightning_peft.callbacks._checkpoints import (
+    CHECKED_KEY,
+    _kept_names,
+    check_adapter_checkpoint,
+    deepspeed_model_states,
+    read_checkpoint,
+)
 from lightning_peft.core import canonical_name, peft_state
 
 __all__ = ["support_strategy"]
@@ -156,11 +162,10 @@ def _deepspeed_checkpoint_view(path: Path) -> dict[str, Any]:
     """``{"state_dict": {name: meta tensor of the saved shape}, **the client state}`` of a DeepSpeed checkpoint
     directory, from rank 0's model-states file (the trainable parameters' names and shapes; the tensors may live in
     the optimizer partitions)."""
-    files = sorted(path.glob("*/*model_states.pt"))
-    rank0 = [f for f in files if f.name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")]
-    if not rank0:
+    found = deepspeed_model_states(path)
+    if found is None:
         raise ValueError(f"{path} is not a DeepSpeed checkpoint directory: no <tag>/*model_states.pt in it.")
-    states = read_checkpoint(rank0[0])
+    states = read_checkpoint(found)
     state_dict = {}
     for group in states.get("param_shapes") or []:
         for name, shape in group.items():
