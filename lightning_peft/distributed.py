@@ -21,8 +21,9 @@ from torch import nn
 
 from lightning_peft.core import adapter_param_names, canonical_name, peft_state, sharding_of
 from lightning_peft.io import save_adapter
+from lightning_peft.methods.adalora import WholeTensors
 
-__all__ = ["gather_adapter", "save_sharded_adapter", "sharding_of"]
+__all__ = ["ShardedTensors", "gather_adapter", "save_sharded_adapter", "sharding_of"]
 
 
 def _kept(module: nn.Module) -> list[str]:
@@ -141,3 +142,75 @@ def _unsharded_view(module: nn.Module) -> Iterator[None]:
         yield
     finally:
         module.__dict__.pop("_lightning_peft_gathered", None)
+
+
+def _deepspeed_stage(p: torch.Tensor) -> int:
+    """3 for a ZeRO-3 partitioned parameter, 2 for one a ZeRO-1/2 optimizer maps to its fp32 partition, else 0."""
+    return 3 if hasattr(p, "ds_id") else 2 if hasattr(p, "_hp_mapping") else 0
+
+
+class ShardedTensors(WholeTensors):
+    """Whole parameters and gradients of adapters sharded by FSDP2 (DTensor) or DeepSpeed ZeRO-1/2/3, for code that
+    works on whole tensors (AdaLoRA's allocator and orthogonal regularizer); plain parameters pass through. Every
+    call on a sharded parameter is collective: make the same calls in the same order on every rank."""
+
+    sharded = True
+
+    def value(self, p: nn.Parameter) -> torch.Tensor:
+        if _is_dtensor(p):
+            return p.detach().full_tensor()
+        if _deepspeed_stage(p):
+            from deepspeed.utils import safe_get_full_fp32_param
+
+            return safe_get_full_fp32_param(p).detach()  # the optimizer's fp32 copy, which the step updates
+        return super().value(p)
+
+    def grad(self, p: nn.Parameter) -> Optional[torch.Tensor]:
+        if _is_dtensor(p):
+            return None if p.grad is None else p.grad.full_tensor()
+        if _deepspeed_stage(p):
+            from deepspeed.utils import safe_get_full_grad
+
+            return safe_get_full_grad(p)  # reduced (averaged over ranks) like FSDP's and DDP's
+        return super().grad(p)
+
+    def add_grad(self, p: nn.Parameter, g: torch.Tensor) -> None:
+        if _is_dtensor(p):
+            local = self._local(p, g.to(p.dtype))
+            if p.grad is None:
+                p.grad = local
+            else:
+                p.grad.add_(local)
+        elif _deepspeed_stage(p):
+            from deepspeed.utils import safe_get_full_grad, safe_set_full_grad
+
+            current = safe_get_full_grad(p)
+            safe_set_full_grad(p, g if current is None else current + g.to(current.dtype))
+        else:
+            super().add_grad(p, g)
+
+    @torch.no_grad()
+    def write(self, p: nn.Parameter, value: torch.Tensor) -> None:
+        if _is_dtensor(p):
+            p.to_local().copy_(self._local(p, value).to_local())
+            return
+        stage = _deepspeed_stage(p)
+        if stage:
+            import deepspeed
+            from deepspeed.utils import safe_set_full_fp32_param
+
+            if stage == 3:  # the module's partition: gathered, set (the same value on every rank), partitioned again
+                with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+                    p.data.copy_(value.view(p.shape).to(p.dtype))
+            else:  # ZeRO-1/2 keep the whole parameter on every rank
+                p.data.copy_(value.to(p.dtype))
+            safe_set_full_fp32_param(p, value.float())  # and the optimizer's fp32 copy, else the next step restores it
+            return
+        super().write(p, value)
+
+    @staticmethod
+    def _local(p: torch.Tensor, whole: torch.Tensor) -> torch.Tensor:
+        """``whole`` laid out like the DTensor ``p``: this rank's piece, no communication (every rank has ``whole``)."""
+        from torch.distributed.tensor import distribute_tensor
+
+        return distribute_tensor(whole.detach(), p.device_mesh, p.placements, src_data_rank=None)

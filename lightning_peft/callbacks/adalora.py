@@ -18,7 +18,14 @@ Where each piece runs (Lightning 2.6, automatic or manual optimization):
   in PEFT's AdaLoRA format when ``save_dir`` is set.
 
 The allocator's state (EMAs, masks, step) is part of the callback's state in checkpoints, so a resumed
-run continues the schedule exactly.
+run continues the schedule exactly (loaded in ``on_fit_start``, or when the strategy restores callbacks after it,
+as FSDP and DeepSpeed do).
+
+Under FSDP2 (``ModelParallelStrategy``) and DeepSpeed ZeRO-1/2/3 the allocator and the regularizer work on whole
+adapter tensors gathered from the shards (:class:`lightning_peft.distributed.ShardedTensors`), so every rank computes
+the masks one process would; masking writes the module's parameter and the optimizer's copy. The layers are not
+pruned in place there (they keep ``init_r`` rows, the masked ones zero); the export holds the allocated triplets.
+FSDP1 is refused.
 """
 
 from __future__ import annotations
@@ -42,7 +49,7 @@ from lightning_peft.methods.adalora import (
     check_adalora_args,
     check_schedule,
     inject_adalora,
-    orthogonal_regularization,
+    orthogonal_regularization_grads,
 )
 
 __all__ = ["AdaLoRA", "rank_grid", "save_rank_heatmap"]
@@ -144,6 +151,7 @@ class AdaLoRA(PEFTCallback):
         self.budget = budget
         self.allocator: Optional[RankAllocator] = None
         self._pending_state: Optional[dict[str, Any]] = None
+        self._schedule_known = False  # on_fit_start of the current fit has run
         self._stepped = False
         self._last_reg: Optional[torch.Tensor] = None
         self.final_ranks: dict[str, int] = {}
@@ -175,12 +183,19 @@ class AdaLoRA(PEFTCallback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         strategy = type(trainer.strategy).__name__
-        if stage == "fit" and ("DeepSpeed" in strategy or "FSDP" in strategy or "ModelParallel" in strategy):
+        if stage == "fit" and "FSDP" in strategy:
             raise ValueError(
-                f"AdaLoRA does not support the {strategy}: its allocator reads whole adapter gradients, which this strategy "
-                "shards. Use DDP or a single device, or choose LoRA."
+                f"AdaLoRA does not support the {strategy} (FSDP1): its allocator reads whole adapter gradients, which FSDP1 "
+                "keeps in flat shards mixed with the base. Use ModelParallelStrategy (FSDP2), DeepSpeedStrategy, DDP or a "
+                "single device, or choose LoRA."
             )
+        if stage == "fit":
+            self._schedule_known = False
         super().setup(trainer, pl_module, stage)
+        if self.allocator is not None and ("DeepSpeed" in strategy or "ModelParallel" in strategy):
+            from lightning_peft.distributed import ShardedTensors
+
+            self.allocator.access = ShardedTensors()  # whole tensors gathered from the shards: the same masks on every rank
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -201,15 +216,14 @@ class AdaLoRA(PEFTCallback):
                 f"({'total_steps' if self.total_steps is not None else 'trainer.estimated_stepping_batches'}). Decrease tinit/tfinal "
                 "or train longer; typical choices are tinit ~ 10% and tfinal ~ 20-30% of the steps."
             )
-        saved = self._pending_state.get("total_steps") if self._pending_state else self.allocator.total_steps
-        if saved is not None and saved != total:
-            rank_zero_warn(f"AdaLoRA: the checkpoint's schedule had {saved} total steps, this run has {total}; the budget schedule follows the new length.")
+        saved = self.allocator.total_steps
+        if self._pending_state is None and saved is not None and saved != total:
+            rank_zero_warn(f"AdaLoRA: the previous schedule had {saved} total steps, this run has {total}; the budget schedule follows the new length.")
         self.allocator.tinit, self.allocator.tfinal = tinit, tfinal
         self.allocator.set_total_steps(total)
         self._set_layer_schedule()
-        if self._pending_state is not None:
-            self.allocator.load_state_dict(self._pending_state)
-            self._pending_state = None
+        self._schedule_known = True
+        self._load_pending_state()
         precision = trainer.precision_plugin
         scaler = getattr(precision, "scaler", None)
         if scaler is not None:
@@ -221,30 +235,25 @@ class AdaLoRA(PEFTCallback):
                     "inside step() (fused=True). Use a non-fused optimizer or bf16-mixed precision."
                 )
 
-    def _owns(self, optimizer: Any) -> bool:
+    def _owns(self, trainer: pl.Trainer, optimizer: Any) -> bool:
+        if len(trainer.optimizers) == 1:  # (DeepSpeed's optimizer holds flat copies, not the module's parameters)
+            return True
         ids = {id(p) for g in optimizer.param_groups for p in g["params"]}
         return any(id(m.adalora_e) in ids for m in self.layers.values())
 
     @override
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
-        if self.allocator is None or not self._owns(optimizer):
+        if self.allocator is None or not self._owns(trainer, optimizer):
             return
+        access = self.allocator.access
         layers = list(self.layers.values())
         params = [p for m in layers for p in (m.adalora_a, m.adalora_e, m.adalora_b)]
-        if all(p.grad is None for p in params):
+        grads = [access.grad(p) for p in params]  # (whole tensors: collective on sharded parameters)
+        if all(g is None for g in grads):
             return  # backward was skipped (training_step returned None): the optimizer does not step either
         if self.orth_reg_weight > 0:
-            ab = [p for m in layers for p in (m.adalora_a, m.adalora_b) if p.requires_grad]
-            with torch.enable_grad():
-                reg = orthogonal_regularization(layers) * self.orth_reg_weight
-                grads = torch.autograd.grad(reg, ab)
-            for p, g in zip(ab, grads):
-                if p.grad is None:
-                    p.grad = g.to(p.dtype)
-                else:
-                    p.grad.add_(g.to(p.grad.dtype))
-            self._last_reg = reg.detach()
-        if not all(torch.isfinite(p.grad).all() for p in params if p.grad is not None):
+            self._last_reg = orthogonal_regularization_grads(layers, self.orth_reg_weight, access)
+        if not all(torch.isfinite(g).all() for g in grads if g is not None) or (self._last_reg is not None and not torch.isfinite(self._last_reg)):
             return  # the GradScaler skips this step; scores must not see inf/nan
         self.allocator.update_and_allocate(trainer.global_step)
         self._stepped = True
@@ -276,12 +285,15 @@ class AdaLoRA(PEFTCallback):
             alloc.finalize()
         alloc.apply_masks()
         self.rank_pattern = {n: m.rank_pattern() for n, m in alloc.layers.items()}
-        for m in alloc.layers.values():
-            m.prune()
-        self.final_ranks = {n: m.r for n, m in alloc.layers.items()}
+        if not alloc.access.sharded:
+            for m in alloc.layers.values():
+                m.prune()
+        # else the parameters are sharded: the layers keep init_r triplets, the masked ones zero (the same outputs);
+        # save_dir and adapter files write the allocated triplets only
+        self.final_ranks = {n: m.rank for n, m in alloc.layers.items()}
         unit = "triplets" if alloc.unit == "rank" else "parameters"
         rank_zero_info(
-            f"AdaLoRA: pruned to {sum(self.final_ranks.values())} triplets, budget {alloc.budget():,} of {alloc.target_budget:,} {unit}. "
+            f"AdaLoRA: {'pruned to' if not alloc.access.sharded else 'allocated'} {sum(self.final_ranks.values())} triplets, budget {alloc.budget():,} of {alloc.target_budget:,} {unit}. "
             f"Ranks: {self.final_ranks}"
         )
         if self.heatmap and trainer.is_global_zero:
@@ -312,7 +324,18 @@ class AdaLoRA(PEFTCallback):
         alloc = state_dict.get("allocator")
         if alloc is None:
             return
-        self._pending_state = alloc  # loaded in on_fit_start, once the schedule's length is known
+        self._pending_state = alloc
+        self._load_pending_state()  # now if on_fit_start has run: FSDP and DeepSpeed restore callbacks after it
+
+    def _load_pending_state(self) -> None:
+        """Load the checkpoint's allocator state once the schedule's length is known (``on_fit_start``)."""
+        if self._pending_state is None or not self._schedule_known or self.allocator is None:
+            return
+        saved, total = self._pending_state.get("total_steps"), self.allocator.total_steps
+        if saved is not None and saved != total:
+            rank_zero_warn(f"AdaLoRA: the checkpoint's schedule had {saved} total steps, this run has {total}; the budget schedule follows the new length.")
+        self.allocator.load_state_dict(self._pending_state)
+        self._pending_state = None
 
 
 def _short(name: str) -> str:

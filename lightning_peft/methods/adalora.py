@@ -47,12 +47,14 @@ __all__ = [
     "BUDGET_UNITS",
     "AdaLoRALinear",
     "RankAllocator",
+    "WholeTensors",
     "budget_schedule",
     "check_adalora_args",
     "check_schedule",
     "from_peft",
     "inject_adalora",
     "orthogonal_regularization",
+    "orthogonal_regularization_grads",
     "to_peft",
 ]
 
@@ -153,8 +155,9 @@ class AdaLoRALinear(LinearAdapter):
 
     @property
     def r(self) -> int:
-        """Rows physically present (``init_r`` until :meth:`prune`)."""
-        return self.adalora_e.shape[0]
+        """Rows physically present (``init_r`` until :meth:`prune`); read from the mask, whose length is also right
+        while a sharding strategy partitions the parameters."""
+        return self.rank_mask.numel()
 
     @property
     def rank(self) -> int:
@@ -188,9 +191,7 @@ class AdaLoRALinear(LinearAdapter):
 
     def orth_terms(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(||A A^T - I||_F, ||B^T B - I||_F)``, differentiable."""
-        a, b = self.adalora_a, self.adalora_b
-        eye = torch.eye(self.r, dtype=a.dtype, device=a.device)
-        return torch.linalg.matrix_norm(a @ a.t() - eye), torch.linalg.matrix_norm(b.t() @ b - eye)
+        return _orth_terms(self.adalora_a, self.adalora_b)
 
     def delta_weight(self) -> torch.Tensor:
         """``s * B (A * E)`` in the base weight's layout, in float32."""
@@ -237,10 +238,58 @@ class AdaLoRALinear(LinearAdapter):
         )
 
 
+def _orth_terms(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    eye = torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
+    return torch.linalg.matrix_norm(a @ a.t() - eye), torch.linalg.matrix_norm(b.t() @ b - eye)
+
+
 def orthogonal_regularization(layers: list[AdaLoRALinear]) -> torch.Tensor:
     """Mean over every ``A`` and ``B`` of ``||A A^T - I||_F`` / ``||B^T B - I||_F`` (as ``peft`` adds to the loss)."""
     terms = [t for layer in layers for t in layer.orth_terms()]
     return torch.stack([t.float() for t in terms]).mean()
+
+
+class WholeTensors:
+    """How :class:`RankAllocator` and :func:`orthogonal_regularization_grads` read and write whole parameters and
+    gradients. This one is for ordinary parameters; ``lightning_peft.distributed.ShardedTensors`` does the same for
+    parameters sharded by FSDP2 or DeepSpeed (collectively: every rank makes the same calls in the same order)."""
+
+    sharded = False
+
+    def value(self, p: nn.Parameter) -> torch.Tensor:
+        """The whole parameter, detached (here: a view, no copy)."""
+        return p.detach()
+
+    def grad(self, p: nn.Parameter) -> Optional[torch.Tensor]:
+        """The whole accumulated gradient, or None."""
+        return p.grad
+
+    def add_grad(self, p: nn.Parameter, g: torch.Tensor) -> None:
+        """Add the whole-tensor ``g`` to the gradient of ``p``."""
+        if p.grad is None:
+            p.grad = g.to(p.dtype)
+        else:
+            p.grad.add_(g.to(p.grad.dtype))
+
+    @torch.no_grad()
+    def write(self, p: nn.Parameter, value: torch.Tensor) -> None:
+        """Set the whole parameter to ``value`` (and whatever copy the optimizer keeps of it)."""
+        p.copy_(value)
+
+
+def orthogonal_regularization_grads(layers: list[AdaLoRALinear], weight: float, access: Optional[WholeTensors] = None) -> torch.Tensor:
+    """Add the gradient of ``weight * orthogonal_regularization(layers)`` to the ``A``/``B`` gradients (through
+    ``access``, so on whole tensors also when they are sharded); returns the weighted regularizer, detached."""
+    access = access or WholeTensors()
+    pairs = [(m.adalora_a, m.adalora_b) for m in layers]
+    leaves = [(access.value(a).requires_grad_(a.requires_grad), access.value(b).requires_grad_(b.requires_grad)) for a, b in pairs]
+    with torch.enable_grad():
+        reg = torch.stack([t.float() for a, b in leaves for t in _orth_terms(a, b)]).mean() * weight
+        trained = [(p, leaf) for pair, leaf_pair in zip(pairs, leaves) for p, leaf in zip(pair, leaf_pair) if p.requires_grad]
+        grads = torch.autograd.grad(reg, [leaf for _, leaf in trained]) if trained else []
+    for (p, _), g in zip(trained, grads):
+        access.add_grad(p, g)
+    return reg.detach()
 
 
 def inject_adalora(
@@ -308,6 +357,7 @@ class RankAllocator:
         self.finalized = False
         self.ema_ipt: dict[str, dict[str, torch.Tensor]] = {}
         self.ema_unc: dict[str, dict[str, torch.Tensor]] = {}
+        self.access = WholeTensors()  # the callback sets lightning_peft.distributed.ShardedTensors on sharded models
 
     def set_total_steps(self, total_steps: int) -> None:
         check_schedule(self.tinit, self.tfinal, total_steps)
@@ -328,7 +378,8 @@ class RankAllocator:
         for name, layer in self.layers.items():
             ipt_s, unc_s = self.ema_ipt.setdefault(name, {}), self.ema_unc.setdefault(name, {})
             for key, p in self._params(layer).items():
-                ipt = (p.float() * p.grad.float()).abs() if p.grad is not None else torch.zeros_like(p, dtype=torch.float32)
+                value, grad = self.access.value(p), self.access.grad(p)
+                ipt = (value.float() * grad.float()).abs() if grad is not None else torch.zeros_like(value, dtype=torch.float32)
                 s = ipt_s.get(key)
                 s = torch.zeros_like(ipt) if s is None else s.to(ipt.device)
                 u = unc_s.get(key)
@@ -391,8 +442,14 @@ class RankAllocator:
         self.finalized = True
 
     def apply_masks(self) -> None:
+        """Zero ``E`` of the masked triplets (through :attr:`access`: also the optimizer's copy, on sharded models)."""
+        if not self.access.sharded:
+            for layer in self.layers.values():
+                layer.apply_mask()
+            return
         for layer in self.layers.values():
-            layer.apply_mask()
+            e = layer.adalora_e
+            self.access.write(e, self.access.value(e).masked_fill(~layer.rank_mask.view(-1, 1).to(e.device), 0.0))
 
     def ranks(self) -> dict[str, int]:
         return {n: m.rank for n, m in self.layers.items()}

@@ -285,14 +285,27 @@ def test_fp16_gradients_reach_the_allocator_unscaled(tmp_path):
         assert small[n]["a"].abs().max() > 0
 
 
-def test_resume_continues_the_schedule_exactly(tmp_path):
+class LateRestore(L.pytorch.strategies.SingleDeviceStrategy):
+    """Restores the checkpoint (callbacks included) after ``on_fit_start``, as FSDP, ModelParallel and DeepSpeed do."""
+
+    @property
+    def restore_checkpoint_after_setup(self):
+        return True
+
+
+@pytest.mark.parametrize("late_restore", [False, True], ids=["restored-before-fit-start", "restored-after-fit-start"])
+def test_resume_continues_the_schedule_exactly(tmp_path, late_restore):
+    """With the restore after ``on_fit_start`` (the sharding strategies) the allocator state used to stay pending
+    and the resumed run started from fresh scores and masks."""
+
     def run(max_epochs, ckpt_path=None):
         L.seed_everything(0)
         module = TinyLM()
         ada = AdaLoRA(init_r=4, target_r=2, tinit=1, tfinal=3, delta_t=1, target_modules="all-linear", total_steps=12)
         probe = Probe(ada)
         cbs = [ada, probe, ModelCheckpoint(dirpath=tmp_path / "ck", save_top_k=-1)]
-        trainer(tmp_path, cbs, max_epochs=max_epochs, max_steps=-1, enable_checkpointing=True).fit(module, ckpt_path=ckpt_path)
+        strategy = LateRestore(device="cpu") if late_restore else "auto"
+        trainer(tmp_path, cbs, max_epochs=max_epochs, max_steps=-1, enable_checkpointing=True, strategy=strategy).fit(module, ckpt_path=ckpt_path)
         return module, ada, probe
 
     straight, ada_s, probe_s = run(max_epochs=3)
@@ -383,18 +396,15 @@ def test_config_parses_in_the_cli(minilm_path, monkeypatch):
     assert (cb["init_args"]["init_r"], cb["init_args"]["target_r"], cb["init_args"]["tfinal"]) == (12, 6, 150)
 
 
-@pytest.mark.parametrize("strategy", ["model_parallel", "fsdp", "deepspeed"])
-def test_sharding_strategies_are_refused_before_anything_changes(strategy):
-    """The allocator reads whole adapter gradients; under FSDP2 (ModelParallelStrategy) it failed on mixed
-    Tensor/DTensor arithmetic in the middle of training instead of saying so at setup."""
+def test_fsdp1_is_refused_before_anything_changes_with_the_strategies_that_work():
+    """The allocator reads whole adapter gradients, which FSDP1 keeps in flat shards mixed with the base; FSDP2 and
+    DeepSpeed are supported (tests/test_sharded.py)."""
     from types import SimpleNamespace
 
-    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+    from lightning.pytorch.strategies import FSDPStrategy
 
-    made = {"model_parallel": lambda: ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1),
-            "fsdp": FSDPStrategy, "deepspeed": lambda: DeepSpeedStrategy.__new__(DeepSpeedStrategy)}[strategy]()
     module = TinyLM()
     before = {k: v.clone() for k, v in module.state_dict().items()}
-    with pytest.raises(ValueError, match=rf"AdaLoRA does not support the {type(made).__name__}.*Use DDP or a single device"):
-        AdaLoRA(init_r=4, target_r=2, total_steps=10).setup(SimpleNamespace(strategy=made, callbacks=[]), module, "fit")
+    with pytest.raises(ValueError, match=r"AdaLoRA does not support the FSDPStrategy \(FSDP1\).*Use ModelParallelStrategy \(FSDP2\), DeepSpeedStrategy, DDP"):
+        AdaLoRA(init_r=4, target_r=2, total_steps=10).setup(SimpleNamespace(strategy=FSDPStrategy(), callbacks=[]), module, "fit")
     assert module.state_dict().keys() == before.keys()
