@@ -2,7 +2,7 @@
 
 Run by tests/test_sharded.py as ``python sharded_equivalence.py STRATEGY CKPT PHASE OUT [METHOD]`` where
 
-- STRATEGY: ``single`` (one process), ``ds2`` / ``ds3`` (DeepSpeed ZeRO-2 / ZeRO-3), ``fsdp2`` (Lightning's ModelParallelStrategy; the LightningModule builds its
+- STRATEGY: ``single`` (one process), ``ddp`` (Lightning's DDP, for the same checks), ``ds2`` / ``ds3`` (DeepSpeed ZeRO-2 / ZeRO-3), ``fsdp2`` (Lightning's ModelParallelStrategy; the LightningModule builds its
   model in ``__init__`` and shards it with ``fully_shard`` in ``configure_model``, as Lightning documents),
   ``fsdp2_mixin`` (the model built in ``configure_model``, adapters added there with ``apply_peft`` before
   ``fully_shard``), ``fsdp2_late`` (the model built and sharded in ``configure_model`` with the LoRA callback: refused);
@@ -152,6 +152,10 @@ def main() -> None:
     gpu = os.environ.get("LP_SHARDED_ACCELERATOR") == "cuda"  # GPUs: Lightning's own strategies, NCCL, bf16-mixed
     if strategy_name == "single":
         strategy, devices = "auto", 1
+    elif strategy_name == "ddp":
+        from lightning.pytorch.strategies import DDPStrategy
+
+        strategy, devices = DDPStrategy(timeout=timedelta(seconds=60)), 2
     elif strategy_name in ("ds2", "ds3"):  # DeepSpeed through a test-only subclass that skips its CUDA-only checks
         from lightning.pytorch.strategies import DeepSpeedStrategy
 
