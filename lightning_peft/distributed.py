@@ -57,13 +57,7 @@ def _gather(module: nn.Module, root: Optional[nn.Module] = None) -> dict[str, to
         with deepspeed.zero.GatheredParameters(chosen, modifier_rank=None):
             return {n: params[n].detach().to("cpu", copy=True) for n in names}
     if kind == "fsdp1":
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-        root = root if root is not None else module
-        # the adapter sits in flat parameters with frozen base weights: each unit is gathered whole
-        with FSDP.summon_full_params(root, writeback=False, recurse=True):
-            full = dict(module.named_parameters())
-            return {n: full[n].detach().to("cpu", copy=True) for n in names}
+        return _gather_fsdp1_units(module, root if root is not None else module, names)
     out = {}
     for n in names:
         p = params[n]
@@ -72,6 +66,31 @@ def _gather(module: nn.Module, root: Optional[nn.Module] = None) -> dict[str, to
         else:
             out[n] = p.detach().to("cpu", copy=True)
     return out
+
+
+def _gather_fsdp1_units(module: nn.Module, root: nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
+    """Full copies of ``module``'s parameters ``names`` under FSDP1 (``use_orig_params=True``, Lightning's default),
+    one wrapped unit at a time: the adapter shares each unit's flat parameter with frozen base weights, so a unit
+    holding one is gathered whole, copied from and released before the next; units without any are not gathered.
+    The peak is one unit, not the model. Collective: every rank makes the same calls."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    wanted = {id(p): n for n, p in module.named_parameters() if n in set(names)}
+    out: dict[str, torch.Tensor] = {}
+    units = FSDP.fsdp_modules(root)
+    for unit in units:
+        nested = {id(p) for sub in FSDP.fsdp_modules(unit) if sub is not unit for p in sub.parameters()}
+        own = [p for p in unit.parameters() if id(p) in wanted and id(p) not in nested and wanted[id(p)] not in out]
+        if not own:
+            continue
+        with FSDP.summon_full_params(unit, writeback=False, recurse=False):
+            for p in own:
+                out[wanted[id(p)]] = p.detach().to("cpu", copy=True)
+    missing = [n for n in names if n not in out]
+    if missing:  # outside every unit (not sharded): plain copies
+        params = dict(module.named_parameters())
+        out.update({n: params[n].detach().to("cpu", copy=True) for n in missing})
+    return {n: out[n] for n in names}
 
 
 def _is_dtensor(t: torch.Tensor) -> bool:

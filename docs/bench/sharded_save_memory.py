@@ -1,9 +1,13 @@
-"""Peak memory of saving a checkpoint under FSDP2 (Lightning's ModelParallelStrategy), 2 CPU processes, one file.
+"""Peak memory of saving a checkpoint under FSDP2 (Lightning's ModelParallelStrategy) or FSDP1 (FSDPStrategy, the
+decoder layers wrapped, ``state_dict_type="full"``), 2 CPU processes, one file.
 
 Lightning's own ``lightning_module_state_dict`` gathers the whole model on rank 0 for a single-file checkpoint (the
 PEFT hook then drops the base); with lightning-peft's strategy support only the adapter tensors are gathered.
-Run: ``python docs/bench/sharded_save_memory.py ours`` and ``... lightning`` (the second skips lightning-peft's
-strategy support, as if it were not there). Prints rank 0's resident-memory rise during ``trainer.save_checkpoint``
+Under FSDP1 the adapter shares each wrapped unit's flat parameter with the base, so lightning-peft gathers one unit
+at a time (those holding adapter tensors) and keeps only the adapter; Lightning's full state dict collects the whole
+model on rank 0. Run: ``python docs/bench/sharded_save_memory.py ours|lightning [fsdp2|fsdp1]`` (``lightning`` skips
+lightning-peft's strategy support, as if it were not there; FSDP1 runs through the test-only CPU subclass of
+``tests/scripts/cpu_strategies.py``). Prints rank 0's resident-memory rise during ``trainer.save_checkpoint``
 (sampled every 2 ms) and the file size.
 """
 
@@ -24,6 +28,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import lightning_peft as lp
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
 
 class Net(L.LightningModule):
     def __init__(self):
@@ -36,7 +42,7 @@ class Net(L.LightningModule):
     def configure_model(self):
         from torch.distributed.fsdp import fully_shard
 
-        if not getattr(self, "_sharded", False):
+        if isinstance(self.trainer.strategy, ModelParallelStrategy) and not getattr(self, "_sharded", False):
             self._sharded = True
             for layer in self.model.model.layers:
                 fully_shard(layer, mesh=self.device_mesh["data_parallel"])
@@ -74,21 +80,29 @@ def peak_rise(fn):
 
 
 def main():
-    mode = sys.argv[1]
+    mode, kind = sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "fsdp2"
     torch.set_num_threads(1)
-    strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1, save_distributed_checkpoint=False, timeout=timedelta(seconds=300))
+    if kind == "fsdp1":
+        from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+        from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+        from tests.scripts.cpu_strategies import CPUFSDPStrategy
+
+        strategy = CPUFSDPStrategy(auto_wrap_policy=ModuleWrapPolicy({LlamaDecoderLayer}), state_dict_type="full", timeout=timedelta(seconds=300))
+    else:
+        strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1, save_distributed_checkpoint=False, timeout=timedelta(seconds=300))
     if mode == "lightning":
         strategy.__dict__["_lightning_peft_supported"] = True  # lightning-peft leaves the strategy as Lightning made it
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_steps=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
                         callbacks=[lp.LoRA(r=16, alpha=32, target_modules="all-linear")])
     net = Net()
+    n_base = sum(p.numel() for p in net.parameters())  # before sharding (FSDP1 then shows local shards)
     trainer.fit(net)
     path = Path(tempfile.gettempdir()) / f"sharded_save_{mode}.ckpt"
     rise = peak_rise(lambda: trainer.save_checkpoint(path))
     if trainer.global_rank == 0:
-        n_base = sum(p.numel() for n, p in net.named_parameters() if not p.requires_grad)
-        print(f"{mode}: rank-0 RSS rise during save {rise / 2**20:.0f} MiB; file {path.stat().st_size / 2**20:.1f} MiB; "
+        print(f"{kind} {mode}: rank-0 RSS rise during save {rise / 2**20:.0f} MiB; file {path.stat().st_size / 2**20:.1f} MiB; "
               f"base {n_base * 4 / 2**20:.0f} MiB fp32 ({n_base:,} params), sharded over 2 ranks")
 
 

@@ -11,6 +11,10 @@ and :class:`~lightning_peft.PEFTMixin`, so that switching the strategy is all a 
   and a sharded (distributed) checkpoint holding the adapter only loads: torch's loader otherwise requires every
   base key. The check runs first, so a checkpoint missing an adapter key still fails, naming it.
 
+``FSDPStrategy`` (FSDP1): one-file checkpoints gather the adapter one wrapped unit at a time (the adapter shares each
+unit's flat parameter with the base), not the whole model on rank 0; resume checks names (FSDP1 holds flattened
+shards, so not shapes) before the strategy loads.
+
 ``DeepSpeedStrategy`` (ZeRO-1/2/3):
 
 - **Saving** leaves the frozen base out (``exclude_frozen_parameters``): otherwise ZeRO-2 writes the whole model and
@@ -57,6 +61,7 @@ def support_strategy(trainer: pl.Trainer) -> None:
     elif _is_fsdp1(strategy):
         import lightning.pytorch.strategies.fsdp as pytorch_fsdp
 
+        _support_fsdp1_saving(strategy)
         _check_before_loading(strategy, pytorch_fsdp, shapes=False, key="model")
     elif _is_deepspeed(strategy):
         _support_deepspeed(strategy)
@@ -115,6 +120,23 @@ def _support_model_parallel(strategy: Any) -> None:
     import lightning.fabric.strategies.model_parallel as fabric_model_parallel
 
     _check_before_loading(strategy, fabric_model_parallel, key="state_dict")
+
+
+def _support_fsdp1_saving(strategy: Any) -> None:
+    """One-file checkpoints (``state_dict_type="full"``): gather the adapter one wrapped unit at a time instead of
+    Lightning's full state dict, which collects the whole model on rank 0 before the PEFT hook drops the base."""
+    own_state_dict = strategy.lightning_module_state_dict
+
+    def lightning_module_state_dict() -> dict[str, Any]:
+        if not _has_adapter(strategy) or strategy._state_dict_type != "full":
+            return own_state_dict()
+        from lightning_peft.distributed import gather_adapter
+
+        module = strategy.lightning_module
+        gathered = gather_adapter(module, root=strategy.model)  # collective; keyed as state dicts spell them
+        return gathered if strategy.global_rank == 0 else {}
+
+    strategy.lightning_module_state_dict = lightning_module_state_dict
 
 
 def _check_before_loading(strategy: Any, loader_module: Any, key: str, shapes: bool = True) -> None:
