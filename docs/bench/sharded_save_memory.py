@@ -5,13 +5,15 @@ Lightning's own ``lightning_module_state_dict`` gathers the whole model on rank 
 PEFT hook then drops the base); with lightning-peft's strategy support only the adapter tensors are gathered.
 Under FSDP1 the adapter shares each wrapped unit's flat parameter with the base, so lightning-peft gathers one unit
 at a time (those holding adapter tensors) and keeps only the adapter; Lightning's full state dict collects the whole
-model on rank 0. Run: ``python docs/bench/sharded_save_memory.py ours|lightning [fsdp2|fsdp1]`` (``lightning`` skips
+model on rank 0. DeepSpeed (``ds2``/``ds3``) writes a directory of per-rank files; without lightning-peft it holds
+the frozen base too. Run: ``python docs/bench/sharded_save_memory.py ours|lightning [fsdp2|fsdp1|ds2|ds3]`` (``lightning`` skips
 lightning-peft's strategy support, as if it were not there; FSDP1 runs through the test-only CPU subclass of
 ``tests/scripts/cpu_strategies.py``). Prints rank 0's resident-memory rise during ``trainer.save_checkpoint``
 (sampled every 2 ms) and the file size.
 """
 
 import os
+import shutil
 import sys
 import tempfile
 import threading
@@ -89,6 +91,11 @@ def main():
         from tests.scripts.cpu_strategies import CPUFSDPStrategy
 
         strategy = CPUFSDPStrategy(auto_wrap_policy=ModuleWrapPolicy({LlamaDecoderLayer}), state_dict_type="full", timeout=timedelta(seconds=300))
+    elif kind in ("ds2", "ds3"):
+        from tests.scripts.cpu_strategies import CPUDeepSpeedStrategy
+
+        strategy = CPUDeepSpeedStrategy(stage=int(kind[-1]), timeout=timedelta(seconds=300))
+        strategy.config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
     else:
         strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1, save_distributed_checkpoint=False, timeout=timedelta(seconds=300))
     if mode == "lightning":
@@ -99,10 +106,14 @@ def main():
     net = Net()
     n_base = sum(p.numel() for p in net.parameters())  # before sharding (FSDP1 then shows local shards)
     trainer.fit(net)
-    path = Path(tempfile.gettempdir()) / f"sharded_save_{mode}.ckpt"
+    path = Path(tempfile.gettempdir()) / f"sharded_save_{kind}_{mode}.ckpt"
+    if trainer.global_rank == 0 and path.exists():
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    trainer.strategy.barrier()
     rise = peak_rise(lambda: trainer.save_checkpoint(path))
     if trainer.global_rank == 0:
-        print(f"{kind} {mode}: rank-0 RSS rise during save {rise / 2**20:.0f} MiB; file {path.stat().st_size / 2**20:.1f} MiB; "
+        size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
+        print(f"{kind} {mode}: rank-0 RSS rise during save {rise / 2**20:.0f} MiB; checkpoint {size / 2**20:.1f} MiB; "
               f"base {n_base * 4 / 2**20:.0f} MiB fp32 ({n_base:,} params), sharded over 2 ranks")
 
 
