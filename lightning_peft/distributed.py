@@ -23,7 +23,7 @@ from lightning_peft.core import adapter_param_names, canonical_name, peft_state,
 from lightning_peft.io import save_adapter
 from lightning_peft.methods.adalora import WholeTensors
 
-__all__ = ["ShardedTensors", "gather_adapter", "save_sharded_adapter", "sharding_of"]
+__all__ = ["FSDP1Tensors", "ShardedTensors", "gather_adapter", "save_sharded_adapter", "sharding_of"]
 
 
 def _kept(module: nn.Module) -> list[str]:
@@ -233,3 +233,83 @@ class ShardedTensors(WholeTensors):
         from torch.distributed.tensor import distribute_tensor
 
         return distribute_tensor(whole.detach(), p.device_mesh, p.placements, src_data_rank=None)
+
+
+class FSDP1Tensors(WholeTensors):
+    """:class:`ShardedTensors` for FSDP1 (``use_orig_params=True``), where a parameter is a view into its wrapped
+    unit's flat shard: calls are batched in :meth:`session`, which gathers the units holding the given parameters one
+    at a time (with their gradients) into copies on entry, serves the calls from the copies, and on exit writes the
+    changed parameters and added gradients back, again one unit at a time. ``root``: a callable returning the
+    outermost ``FullyShardedDataParallel`` (it exists only once the strategy has wrapped the model). Collective."""
+
+    sharded = True
+
+    def __init__(self, root) -> None:
+        self._root = root
+        self._units: Optional[dict[int, nn.Module]] = None
+        self._values: dict[int, torch.Tensor] = {}
+        self._grads: dict[int, Optional[torch.Tensor]] = {}
+        self._added: dict[int, torch.Tensor] = {}
+        self._written: set[int] = set()
+
+    def _unit_of(self) -> dict[int, nn.Module]:
+        if self._units is None:
+            from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+            self._units = {}
+            for unit in FSDP.fsdp_modules(self._root()):
+                nested = {id(p) for sub in FSDP.fsdp_modules(unit) if sub is not unit for p in sub.parameters()}
+                for p in unit.parameters():
+                    if id(p) not in nested:
+                        self._units.setdefault(id(p), unit)
+        return self._units
+
+    def _by_unit(self, params: list[nn.Parameter]) -> list[tuple[nn.Module, list[nn.Parameter]]]:
+        units = self._unit_of()
+        groups: dict[int, tuple[nn.Module, list[nn.Parameter]]] = {}
+        for p in params:
+            unit = units[id(p)]
+            groups.setdefault(id(unit), (unit, []))[1].append(p)
+        return list(groups.values())
+
+    @contextlib.contextmanager
+    def session(self, params: list[nn.Parameter], grads: bool = True) -> Iterator[None]:
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        groups = self._by_unit(params)
+        for unit, own in groups:
+            with FSDP.summon_full_params(unit, recurse=False, writeback=False, with_grads=grads):
+                for p in own:
+                    self._values[id(p)] = p.detach().clone()
+                    self._grads[id(p)] = None if p.grad is None else p.grad.detach().clone()
+        try:
+            yield
+            for unit, own in groups:  # the same decisions on every rank: they come from the same whole tensors
+                changed = [p for p in own if id(p) in self._written or id(p) in self._added]
+                if not changed:
+                    continue
+                with_grads = any(id(p) in self._added for p in changed)
+                with FSDP.summon_full_params(unit, recurse=False, writeback=True, with_grads=with_grads), torch.no_grad():
+                    for p in changed:
+                        if id(p) in self._written:
+                            p.copy_(self._values[id(p)])
+                        if id(p) in self._added:
+                            p.grad.add_(self._added[id(p)].to(p.grad.dtype))
+        finally:
+            self._values, self._grads, self._added, self._written = {}, {}, {}, set()
+
+    def value(self, p: nn.Parameter) -> torch.Tensor:
+        return self._values[id(p)]
+
+    def grad(self, p: nn.Parameter) -> Optional[torch.Tensor]:
+        return self._grads[id(p)]
+
+    def add_grad(self, p: nn.Parameter, g: torch.Tensor) -> None:
+        if self._grads[id(p)] is None:
+            raise RuntimeError("FSDP1Tensors.add_grad: the parameter has no gradient to add to.")
+        self._added[id(p)] = self._added[id(p)] + g if id(p) in self._added else g.detach().clone()
+        self._grads[id(p)] = self._grads[id(p)] + g.to(self._grads[id(p)].dtype)
+
+    def write(self, p: nn.Parameter, value: torch.Tensor) -> None:
+        self._values[id(p)] = value.detach().clone()
+        self._written.add(id(p))

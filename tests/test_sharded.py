@@ -1,5 +1,5 @@
 """LoRA, (IA)³, prompt tuning and AdaLoRA under Lightning's ModelParallelStrategy (FSDP2, ``fully_shard``),
-DeepSpeedStrategy (ZeRO-2, ZeRO-3), FSDPStrategy (FSDP1, decoder layers wrapped; AdaLoRA refused there) and
+DeepSpeedStrategy (ZeRO-2, ZeRO-3), FSDPStrategy (FSDP1, decoder layers wrapped) and
 DDPStrategy on 2 CPU processes (``tests/scripts/sharded_equivalence.py``; DeepSpeed
 and FSDP1 through test-only subclasses that step around their CUDA-only code, ``tests/scripts/cpu_strategies.py``): the trained adapter equals one process fed the same global batches,
 checkpoints hold the adapter only (one file, or a distributed checkpoint directory), a resumed run equals the
@@ -226,13 +226,13 @@ def single_adalora(tmp_path_factory):
 
 
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize("strategy, ckpt", [("fsdp2", "dist"), ("ds2", "file"), ("ds3", "file"), ("ddp", "file")],
-                         ids=["fsdp2", "deepspeed-zero2", "deepspeed-zero3", "ddp"])
+@pytest.mark.parametrize("strategy, ckpt", [("fsdp2", "dist"), ("ds2", "file"), ("ds3", "file"), ("fsdp1", "file"), ("ddp", "file")],
+                         ids=["fsdp2", "deepspeed-zero2", "deepspeed-zero3", "fsdp1", "ddp"])
 def test_adalora_allocates_like_one_process_keeps_adapter_only_checkpoints_resumes_exactly_and_exports(strategy, ckpt, single_adalora, tmp_path):
-    """AdaLoRA under FSDP2 and DeepSpeed: the allocator reads whole gradients and parameters gathered from the shards
-    (``lightning_peft.distributed.ShardedTensors``), so every rank computes the same masks as one process; masking
-    writes the module's parameter and the optimizer's fp32 copy (else DeepSpeed's next step restored the masked
-    entries). Resume was inexact before: these strategies restore callbacks after ``on_fit_start``, where the
+    """AdaLoRA under FSDP2, DeepSpeed and FSDP1: the allocator reads whole gradients and parameters gathered from the
+    shards (``lightning_peft.distributed.ShardedTensors``; FSDP1: ``FSDP1Tensors``, unit by unit), so every rank
+    computes the same masks as one process; masking writes the module's parameter and the optimizer's fp32 copy (else
+    DeepSpeed's next step restored the masked entries), and FSDP1 writes the regularizer's gradients back to the shards. Resume was inexact before: these strategies restore callbacks after ``on_fit_start``, where the
     allocator state used to be loaded, so a resumed run started from fresh scores and masks."""
     if strategy.startswith("ds"):
         pytest.importorskip("deepspeed")

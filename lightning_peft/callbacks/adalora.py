@@ -25,7 +25,10 @@ Under FSDP2 (``ModelParallelStrategy``) and DeepSpeed ZeRO-1/2/3 the allocator a
 adapter tensors gathered from the shards (:class:`lightning_peft.distributed.ShardedTensors`), so every rank computes
 the masks one process would; masking writes the module's parameter and the optimizer's copy. The layers are not
 pruned in place there (they keep ``init_r`` rows, the masked ones zero); the export holds the allocated triplets.
-FSDP1 is refused.
+Under FSDP1 (``use_orig_params=True``, Lightning's default) the adapter shares flat shards with the base: each step
+gathers the wrapped units that hold AdaLoRA layers, one at a time, with their gradients, and writes the regularizer's
+gradients and the masks back the same way (:class:`lightning_peft.distributed.FSDP1Tensors`): about three unit
+all-gathers per step, base weights included, which FSDP2 avoids.
 """
 
 from __future__ import annotations
@@ -182,20 +185,24 @@ class AdaLoRA(PEFTCallback):
     # -- Lightning hooks --------------------------------------------------------------------------
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        strategy = type(trainer.strategy).__name__
-        if stage == "fit" and "FSDP" in strategy:
+        strategy = trainer.strategy
+        name = type(strategy).__name__
+        if stage == "fit" and "FSDP" in name and getattr(strategy, "kwargs", {}).get("use_orig_params") is False:
             raise ValueError(
-                f"AdaLoRA does not support the {strategy} (FSDP1): its allocator reads whole adapter gradients, which FSDP1 "
-                "keeps in flat shards mixed with the base. Use ModelParallelStrategy (FSDP2), DeepSpeedStrategy, DDP or a "
-                "single device, or choose LoRA."
+                f"AdaLoRA under the {name} needs use_orig_params=True (Lightning's default): its allocator reads each "
+                "adapter tensor's gradient, which FSDP1 with use_orig_params=False only holds inside flat parameters."
             )
         if stage == "fit":
             self._schedule_known = False
         super().setup(trainer, pl_module, stage)
-        if self.allocator is not None and ("DeepSpeed" in strategy or "ModelParallel" in strategy):
+        if self.allocator is not None and ("DeepSpeed" in name or "ModelParallel" in name):
             from lightning_peft.distributed import ShardedTensors
 
             self.allocator.access = ShardedTensors()  # whole tensors gathered from the shards: the same masks on every rank
+        elif self.allocator is not None and "FSDP" in name:
+            from lightning_peft.distributed import FSDP1Tensors
+
+            self.allocator.access = FSDP1Tensors(lambda: strategy.model)  # wrapped once the strategy has set up
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -248,22 +255,28 @@ class AdaLoRA(PEFTCallback):
         access = self.allocator.access
         layers = list(self.layers.values())
         params = [p for m in layers for p in (m.adalora_a, m.adalora_e, m.adalora_b)]
-        grads = [access.grad(p) for p in params]  # (whole tensors: collective on sharded parameters)
-        if all(g is None for g in grads):
-            return  # backward was skipped (training_step returned None): the optimizer does not step either
-        if self.orth_reg_weight > 0:
-            self._last_reg = orthogonal_regularization_grads(layers, self.orth_reg_weight, access)
-        if not all(torch.isfinite(g).all() for g in grads if g is not None) or (self._last_reg is not None and not torch.isfinite(self._last_reg)):
-            return  # the GradScaler skips this step; scores must not see inf/nan
-        self.allocator.update_and_allocate(trainer.global_step)
+        with access.session(params):  # (sharded parameters: whole tensors, gathered collectively)
+            grads = [access.grad(p) for p in params]
+            if all(g is None for g in grads):
+                return  # backward was skipped (training_step returned None): the optimizer does not step either
+            if self.orth_reg_weight > 0:
+                self._last_reg = orthogonal_regularization_grads(layers, self.orth_reg_weight, access)
+            if not all(torch.isfinite(g).all() for g in grads if g is not None) or (self._last_reg is not None and not torch.isfinite(self._last_reg)):
+                return  # the GradScaler skips this step; scores must not see inf/nan
+            self.allocator.update_and_allocate(trainer.global_step)
         self._stepped = True
+
+    def _apply_masks(self) -> None:
+        assert self.allocator is not None
+        with self.allocator.access.session([m.adalora_e for m in self.layers.values()], grads=False):
+            self.allocator.apply_masks()
 
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         if not self._stepped or self.allocator is None:
             return
         self._stepped = False
-        self.allocator.apply_masks()
+        self._apply_masks()
         if self.log_ranks and trainer.loggers:
             metrics = {"adalora/budget": float(self.allocator.budget())}
             if self._last_reg is not None:
@@ -283,7 +296,7 @@ class AdaLoRA(PEFTCallback):
                 "the budget is cut to the target now, with no fine-tuning after it. Set tfinal > 0 (e.g. 20-30% of the steps)."
             )
             alloc.finalize()
-        alloc.apply_masks()
+        self._apply_masks()
         self.rank_pattern = {n: m.rank_pattern() for n, m in alloc.layers.items()}
         if not alloc.access.sharded:
             for m in alloc.layers.values():

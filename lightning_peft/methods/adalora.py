@@ -32,7 +32,9 @@ triplets are kept here).
 
 from __future__ import annotations
 
+import contextlib
 import math
+from contextlib import AbstractContextManager
 from typing import Any, Optional
 
 import torch
@@ -255,6 +257,10 @@ class WholeTensors:
     parameters sharded by FSDP2 or DeepSpeed (collectively: every rank makes the same calls in the same order)."""
 
     sharded = False
+
+    def session(self, params: list[nn.Parameter], grads: bool = True) -> AbstractContextManager:
+        """Around a batch of calls on ``params``: an implementation may gather them on entry and write back on exit."""
+        return contextlib.nullcontext()
 
     def value(self, p: nn.Parameter) -> torch.Tensor:
         """The whole parameter, detached (here: a view, no copy)."""

@@ -396,15 +396,15 @@ def test_config_parses_in_the_cli(minilm_path, monkeypatch):
     assert (cb["init_args"]["init_r"], cb["init_args"]["target_r"], cb["init_args"]["tfinal"]) == (12, 6, 150)
 
 
-def test_fsdp1_is_refused_before_anything_changes_with_the_strategies_that_work():
-    """The allocator reads whole adapter gradients, which FSDP1 keeps in flat shards mixed with the base; FSDP2 and
-    DeepSpeed are supported (tests/test_sharded.py)."""
+def test_fsdp1_without_orig_params_is_refused_with_the_fix():
+    """FSDP1 with use_orig_params=False holds the adapter only inside flat parameters; Lightning's default (True) works
+    (tests/test_sharded.py)."""
     from types import SimpleNamespace
 
     from lightning.pytorch.strategies import FSDPStrategy
 
     module = TinyLM()
     before = {k: v.clone() for k, v in module.state_dict().items()}
-    with pytest.raises(ValueError, match=r"AdaLoRA does not support the FSDPStrategy \(FSDP1\).*Use ModelParallelStrategy \(FSDP2\), DeepSpeedStrategy, DDP"):
-        AdaLoRA(init_r=4, target_r=2, total_steps=10).setup(SimpleNamespace(strategy=FSDPStrategy(), callbacks=[]), module, "fit")
+    with pytest.raises(ValueError, match=r"AdaLoRA under the FSDPStrategy needs use_orig_params=True"):
+        AdaLoRA(init_r=4, target_r=2, total_steps=10).setup(SimpleNamespace(strategy=FSDPStrategy(use_orig_params=False), callbacks=[]), module, "fit")
     assert module.state_dict().keys() == before.keys()
