@@ -397,10 +397,11 @@ def test_fsdp_and_deepspeed_are_refused_naming_the_supported_strategies():
     module = TinyLM64()
     for p in module.parameters():
         p.requires_grad_(False)
-    fake_deepspeed = type("DeepSpeedStrategy", (), {"root_device": torch.device("cpu")})()
-    module._trainer = types.SimpleNamespace(strategy=fake_deepspeed)
-    with pytest.raises(ValueError, match=r"does not support the DeepSpeedStrategy; supported strategies: .*ddp"):
-        QLoRAPrecision().convert_module(module)
+    for name in ("DeepSpeedStrategy", "ModelParallelStrategy"):  # (FSDP2: 4-bit packed weights are not DTensors)
+        fake = type(name, (), {"root_device": torch.device("cpu")})()
+        module._trainer = types.SimpleNamespace(strategy=fake)
+        with pytest.raises(ValueError, match=rf"does not support the {name}; supported strategies: .*ddp"):
+            QLoRAPrecision().convert_module(module)
 
 
 def test_missing_bitsandbytes_gives_the_install_command(monkeypatch):
