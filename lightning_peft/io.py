@@ -649,6 +649,8 @@ def _lora_record(base: nn.Module, config: dict[str, Any], adapter_name: str, inj
         "use_rslora": bool(config.get("use_rslora", False)),
         "init": "gaussian" if config.get("init_lora_weights") == "gaussian" else "kaiming",
     }
+    if config.get("use_dora"):
+        record["use_dora"] = True
     if adapter_name != "default":
         record["adapter_name"] = adapter_name
     if config.get("rank_pattern"):
@@ -670,11 +672,15 @@ def _lora_to_peft(base: nn.Module, layers: list[tuple[str, LoRALinear]], name: s
     alpha = Counter(s.alpha for s in specs.values()).most_common(1)[0][0]
     if len({s.use_rslora for s in specs.values()}) > 1:
         raise NotImplementedError(f"Adapter {name!r} mixes rsLoRA and plain LoRA scaling across modules; PEFT's format has one use_rslora.")
+    if len({s.use_dora for s in specs.values()}) > 1:
+        raise NotImplementedError(f"Adapter {name!r} is DoRA on some modules and plain LoRA on others; PEFT's format has one use_dora.")
     first = next(iter(specs.values()))
     tensors = {}
     for path, m in layers:
         tensors[f"{PEFT_PREFIX}{path}.lora_A.weight"] = m.lora_a[name].detach()
         tensors[f"{PEFT_PREFIX}{path}.lora_B.weight"] = m.lora_b[name].detach()
+        if first.use_dora:
+            tensors[f"{PEFT_PREFIX}{path}.lora_magnitude_vector"] = m.lora_magnitude[name].detach()
     config = {
         "r": r,
         "lora_alpha": alpha,
@@ -685,14 +691,13 @@ def _lora_to_peft(base: nn.Module, layers: list[tuple[str, LoRALinear]], name: s
         "target_modules": sorted(specs),
         "fan_in_fan_out": layers[0][1].fan_in_fan_out,
         "bias": "none",
-        "use_dora": False,
+        "use_dora": first.use_dora,
         "init_lora_weights": "gaussian" if first.init == "gaussian" else True,
     }
     return config, tensors
 
 
 _LORA_UNSUPPORTED = {
-    "use_dora": (False, None),
     "bias": ("none", None),
     "layers_to_transform": (None,),
     "layers_pattern": (None,),
@@ -718,6 +723,9 @@ def _lora_from_peft(base: nn.Module, config: dict[str, Any], tensors: dict[str, 
     exclude = config.get("exclude_modules")
     names = find_targets(base, targets, exclude, supported=linear_types(), method="LoRA", extend=(LoRALinear,), each_entry=False)
     modules = dict(base.named_modules())
+    use_dora = config.get("use_dora") in (True,)
+    if config.get("use_dora") not in (True, False, None):
+        raise AdapterFileError(f"field 'use_dora' must be true or false, found {config.get('use_dora')!r}.")
     expected: dict[str, tuple[int, ...]] = {}
     for n in names:
         m = modules[n]
@@ -729,12 +737,17 @@ def _lora_from_peft(base: nn.Module, config: dict[str, Any], tensors: dict[str, 
         rank = pattern_value(n, rank_pattern, r)
         expected[f"{PEFT_PREFIX}{n}.lora_A.weight"] = (rank, in_f)
         expected[f"{PEFT_PREFIX}{n}.lora_B.weight"] = (out_f, rank)
+        if use_dora:
+            expected[f"{PEFT_PREFIX}{n}.lora_magnitude_vector"] = (out_f,)
     # peft may keep the adapter name in keys (lora_A.<name>.weight); accept that spelling too
     normalized, spelled = {}, {}
     for original, value in tensors.items():
         key = original
         for part in ("lora_A", "lora_B"):
             key = key.replace(f".{part}.{adapter_name}.weight", f".{part}.weight").replace(f".{part}.default.weight", f".{part}.weight")
+        for spelling in (f".lora_magnitude_vector.{adapter_name}.weight", ".lora_magnitude_vector.default.weight", ".lora_magnitude_vector.weight"):
+            if key.endswith(spelling):
+                key = key[: -len(spelling)] + ".lora_magnitude_vector"
         if key in normalized:
             raise AdapterFileError(
                 f"the adapter file holds {spelled[key]!r} and {original!r}, two spellings of the same tensor {key!r}: it is "
@@ -743,11 +756,11 @@ def _lora_from_peft(base: nn.Module, config: dict[str, Any], tensors: dict[str, 
         normalized[key], spelled[key] = value, original
     problems = []
     for key, shape in expected.items():
+        module, part = key[len(PEFT_PREFIX):].removesuffix(".weight").rsplit(".", 1)  # (lora_A / lora_B / lora_magnitude_vector)
         if key not in normalized:
-            problems.append(f"missing {key} for module {key[len(PEFT_PREFIX):].rsplit('.', 2)[0]} (expected shape {list(shape)})")
+            problems.append(f"missing {key} for module {module} (expected shape {list(shape)})")
         elif tuple(normalized[key].shape) != shape:
-            module = key[len(PEFT_PREFIX):].rsplit(".", 2)[0]
-            problems.append(f"module {module} ({key.rsplit('.', 2)[1]}): expected shape {list(shape)}, found {list(normalized[key].shape)}")
+            problems.append(f"module {module} ({part}): expected shape {list(shape)}, found {list(normalized[key].shape)}")
     for key in sorted(set(normalized) - set(expected)):
         problems.append(f"unexpected tensor {key} (shape {list(normalized[key].shape)}): no such adapted module in this model")
     if problems:
@@ -757,13 +770,15 @@ def _lora_from_peft(base: nn.Module, config: dict[str, Any], tensors: dict[str, 
     injected = inject_lora(
         base, names, None, r=r, alpha=alpha, dropout=float(config.get("lora_dropout", 0.0) or 0.0),
         use_rslora=bool(config.get("use_rslora", False)), init=init, adapter_name=adapter_name,
-        rank_pattern=rank_pattern, alpha_pattern=alpha_pattern, strict=False,
+        rank_pattern=rank_pattern, alpha_pattern=alpha_pattern, strict=False, use_dora=use_dora,
     )
     with torch.no_grad():
         for n in injected:
             layer = base.get_submodule(n)
             layer.lora_a[adapter_name].copy_(normalized[f"{PEFT_PREFIX}{n}.lora_A.weight"])
             layer.lora_b[adapter_name].copy_(normalized[f"{PEFT_PREFIX}{n}.lora_B.weight"])
+            if use_dora:
+                layer.lora_magnitude[adapter_name].copy_(normalized[f"{PEFT_PREFIX}{n}.lora_magnitude_vector"])
     return injected
 
 

@@ -56,6 +56,7 @@ PEFT_DEFAULTS = {
     ("LoRA", "r"): ("LoraConfig", "r", None),
     ("LoRA", "dropout"): ("LoraConfig", "lora_dropout", None),
     ("LoRA", "use_rslora"): ("LoraConfig", "use_rslora", None),
+    ("LoRA", "use_dora"): ("LoraConfig", "use_dora", None),
     ("LoRA", "init"): ("LoraConfig", "init_lora_weights", {True: "kaiming", "gaussian": "gaussian"}.get),  # True: kaiming-uniform A, B = 0
     ("AdaLoRA", "init_r"): ("AdaLoraConfig", "init_r", None),
     ("AdaLoRA", "target_r"): ("AdaLoraConfig", "target_r", None),

@@ -51,32 +51,36 @@ def measure_saved_bytes(model: nn.Module, batch: torch.Tensor) -> int:
     return sum(storages.values())
 
 
-def _ours(dropout: float) -> Callable[[nn.Module], nn.Module]:
+def _ours(dropout: float, dora: bool = False) -> Callable[[nn.Module], nn.Module]:
     def build(model: nn.Module) -> nn.Module:
         from lightning_peft import LoRA
 
-        return LoRA(r=16, alpha=32, dropout=dropout, target_modules="all-linear").inject(model)
+        return LoRA(r=16, alpha=32, dropout=dropout, target_modules="all-linear", use_dora=dora).inject(model)
 
     return build
 
 
-def _peft(dropout: float) -> Callable[[nn.Module], nn.Module]:
+def _peft(dropout: float, dora: bool = False) -> Callable[[nn.Module], nn.Module]:
     def build(model: nn.Module) -> nn.Module:
         from peft import LoraConfig, get_peft_model
 
-        return get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=dropout, target_modules="all-linear"))
+        return get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=dropout, target_modules="all-linear", use_dora=dora))
 
     return build
 
 
 def saved_bytes_table(peers: bool = True, batch_size: int = 4, seq_len: int = 128) -> dict[str, int]:
-    """``{row name: bytes}`` for full fine-tuning, our LoRA (dropout 0 / 0.05) and, with ``peers``, HF PEFT."""
+    """``{row name: bytes}`` for full fine-tuning, our LoRA and DoRA (dropout 0 / 0.05) and, with ``peers``, HF PEFT's."""
     rows: dict[str, Callable[[nn.Module], nn.Module]] = {"full fine-tuning": lambda m: m}
     rows["lightning-peft LoRA, dropout 0"] = _ours(0.0)
     rows["lightning-peft LoRA, dropout 0.05"] = _ours(0.05)
+    rows["lightning-peft DoRA, dropout 0"] = _ours(0.0, dora=True)
+    rows["lightning-peft DoRA, dropout 0.05"] = _ours(0.05, dora=True)
     if peers:
         rows["HF PEFT LoRA, dropout 0"] = _peft(0.0)
         rows["HF PEFT LoRA, dropout 0.05"] = _peft(0.05)
+        rows["HF PEFT DoRA, dropout 0"] = _peft(0.0, dora=True)
+        rows["HF PEFT DoRA, dropout 0.05"] = _peft(0.05, dora=True)
     batch = torch.randint(0, 1000, (batch_size, seq_len), generator=torch.Generator().manual_seed(0))
     return {name: measure_saved_bytes(build(tiny_llama()), batch) for name, build in rows.items()}
 

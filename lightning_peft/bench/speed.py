@@ -156,6 +156,7 @@ class _Peft:
 METHODS: dict[str, BenchMethod] = {
     "full": BenchMethod(apply=lambda m: m.requires_grad_(True), save=_save_full, implementation="full fine-tuning"),
     "lora": BenchMethod(apply=_lora, save=_save_ours),
+    "dora": BenchMethod(apply=_Callback("LoRA", r=16, alpha=32, use_dora=True), save=_save_ours),
     "qlora": BenchMethod(apply=_qlora, save=_save_ours),
     "adalora": BenchMethod(apply=_Callback("AdaLoRA", init_r=12, target_r=8, total_steps=1000, heatmap=False), save=_save_ours),
     "ia3": BenchMethod(apply=_ia3, save=_save_ours),
@@ -171,6 +172,10 @@ METHODS: dict[str, BenchMethod] = {
 PEERS: dict[str, dict[str, BenchMethod]] = {
     "peft": {
         "lora": BenchMethod(apply=_peft_lora, save=_save_peft, implementation="HF PEFT"),
+        "dora": BenchMethod(
+            apply=_Peft("LoraConfig", r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", use_dora=True), save=_save_peft,
+            implementation="HF PEFT",
+        ),
         "adalora": BenchMethod(
             apply=_Peft("AdaLoraConfig", init_r=12, target_r=8, total_step=1000, target_modules="all-linear"), save=_save_peft, implementation="HF PEFT",
         ),

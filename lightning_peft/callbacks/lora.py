@@ -34,6 +34,8 @@ class LoRA(PEFTCallback):
         alpha_pattern: per-module alphas overriding ``alpha``, same keys.
         gate: put each update behind a learned gate ``sigmoid(W_g x + b_g)`` read from the layer's input (UniPELT);
             a gated update cannot be merged or exported in PEFT's format.
+        use_dora: DoRA (Liu et al., 2024): a trained magnitude per output row rescales the direction ``W + s B A``
+            (``W' = m (W + s B A) / ||W + s B A||``); merges exactly and reads/writes PEFT's ``use_dora`` format.
 
     Example::
 
@@ -41,7 +43,7 @@ class LoRA(PEFTCallback):
     """
 
     method_name = "lora"
-    recorded_when_set = ("adapter_name", "rank_pattern", "alpha_pattern", "gate")
+    recorded_when_set = ("adapter_name", "rank_pattern", "alpha_pattern", "gate", "use_dora")
 
     def __init__(
         self,
@@ -58,6 +60,7 @@ class LoRA(PEFTCallback):
         rank_pattern: Optional[dict[str, int]] = None,
         alpha_pattern: Optional[dict[str, float]] = None,
         gate: bool = False,
+        use_dora: bool = False,
     ) -> None:
         check_lora_args(r, alpha, dropout, init)
         for value in (rank_pattern or {}).values():
@@ -70,6 +73,7 @@ class LoRA(PEFTCallback):
         self.rank_pattern = dict(rank_pattern or {})
         self.alpha_pattern = {k: float(v) for k, v in (alpha_pattern or {}).items()}
         self.gate = bool(gate)
+        self.use_dora = use_dora
 
     @property
     def state_key(self) -> str:
@@ -79,5 +83,5 @@ class LoRA(PEFTCallback):
         return inject_lora(
             module, self.target_modules, self.exclude_modules, r=self.r, alpha=self.alpha, dropout=self.dropout,
             use_rslora=self.use_rslora, init=self.init, adapter_name=self.adapter_name,
-            rank_pattern=self.rank_pattern, alpha_pattern=self.alpha_pattern, gate=self.gate,
+            rank_pattern=self.rank_pattern, alpha_pattern=self.alpha_pattern, gate=self.gate, use_dora=self.use_dora,
         )

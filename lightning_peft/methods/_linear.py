@@ -88,3 +88,11 @@ class LinearAdapter(AdapterLayer):
         layer.weight = self.weight
         layer.bias = self.bias
         return layer
+
+
+def _dropout_mask(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    """A {0, 1/(1-p)} mask shaped like ``x``, the same for the same seed (forward and backward agree): the dropout of
+    the LoRA-family functions, regenerated in backward instead of keeping a dropped copy of ``x``."""
+    gen = torch.Generator(device=x.device)
+    gen.manual_seed(seed)
+    return torch.empty_like(x).bernoulli_(1.0 - p, generator=gen).mul_(1.0 / (1.0 - p))

@@ -42,7 +42,8 @@ from torch import nn
 
 from lightning_peft.core import NamedAdapters, _non_finite_problem
 from lightning_peft.methods._gate import Gate
-from lightning_peft.methods._linear import LinearAdapter, base_linear
+from lightning_peft.methods._linear import LinearAdapter, _dropout_mask, base_linear
+from lightning_peft.methods.dora import dora_linear, dora_update, dora_weight_norm
 from lightning_peft.quant import dequantize, is_quantized  # QLoRA: quantized base weights
 from lightning_peft.targeting import TargetSpec, find_targets, linear_types
 
@@ -61,13 +62,6 @@ def check_lora_args(r: int, alpha: float, dropout: float, init: str = "kaiming")
         raise ValueError(f"LoRA dropout must be in [0, 1), got dropout={dropout!r}. Use 0.0 to disable it.")
     if init not in ("kaiming", "gaussian"):
         raise ValueError(f"LoRA init must be 'kaiming' or 'gaussian', got init={init!r}.")
-
-
-def _dropout_mask(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
-    """A {0, 1/(1-p)} mask shaped like ``x``, the same for the same seed (forward and backward agree)."""
-    gen = torch.Generator(device=x.device)
-    gen.manual_seed(seed)
-    return torch.empty_like(x).bernoulli_(1.0 - p, generator=gen).mul_(1.0 / (1.0 - p))
 
 
 class _LoRAFunction(torch.autograd.Function):
@@ -181,6 +175,7 @@ class LoRASpec:
     dropout: float = 0.0
     use_rslora: bool = False
     init: str = "kaiming"
+    use_dora: bool = False
 
     @property
     def scaling(self) -> float:
@@ -206,38 +201,45 @@ class LoRALinear(LinearAdapter, NamedAdapters):
         use_rslora: rank-stabilized scaling ``alpha / sqrt(r)``.
         init: ``"kaiming"`` (uniform, as the reference implementation) or ``"gaussian"`` (std ``1/r``) for ``A``; ``B`` is zero.
         adapter_name: the name of this first adapter.
+        use_dora: DoRA (:mod:`lightning_peft.methods.dora`): a trained magnitude per output row,
+            ``lora_magnitude.<name>``, rescales the direction ``W + s B A``.
     """
 
     adapter_prefix = "lora_"
 
     def __init__(
         self, base: nn.Module, r: int = 8, alpha: float = 16.0, dropout: float = 0.0, use_rslora: bool = False,
-        init: LoRAInit = "kaiming", adapter_name: str = "default",
+        init: LoRAInit = "kaiming", adapter_name: str = "default", use_dora: bool = False,
     ) -> None:
         super().__init__(base)
         self.lora_a = nn.ParameterDict()
         self.lora_b = nn.ParameterDict()
+        self.lora_magnitude = nn.ParameterDict()  # DoRA adapters only
         self.lora_gate = nn.ModuleDict()  # optional gates, per adapter name (none by default)
         self.specs: dict[str, LoRASpec] = {}
         self._init_named_adapters()  # active, frozen, merged_adapters, sample_adapters (core.NamedAdapters)
-        self.add_adapter(adapter_name, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, init=init)
+        self._dora_norms: dict[str, torch.Tensor] = {}  # row norms of merged DoRA adapters, for unmerge
+        self.add_adapter(adapter_name, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, init=init, use_dora=use_dora)
 
     # -- named adapters -----------------------------------------------------------------------------
     def add_adapter(
         self, name: str, r: int = 8, alpha: float = 16.0, dropout: float = 0.0, use_rslora: bool = False,
-        init: LoRAInit = "kaiming", active: bool = True,
+        init: LoRAInit = "kaiming", active: bool = True, use_dora: bool = False,
     ) -> None:
         """Add a named adapter (``B = 0``: the output does not change); it is applied when ``active``."""
         check_lora_args(r, alpha, dropout, init)
-        if not isinstance(use_rslora, bool):
-            raise TypeError(f"use_rslora must be True or False, got {use_rslora!r} ({type(use_rslora).__name__}).")
+        for flag, value in (("use_rslora", use_rslora), ("use_dora", use_dora)):
+            if not isinstance(value, bool):
+                raise TypeError(f"{flag} must be True or False, got {value!r} ({type(value).__name__}).")
         _check_adapter_name(name)
         if name in self.specs:
             raise ValueError(f"This layer already has an adapter named {name!r} (adapters: {sorted(self.specs)}).")
         dtype, device = self.adapter_dtype, self.weight.device
         self.lora_a[name] = nn.Parameter(torch.empty(r, self.in_features, dtype=dtype, device=device))
         self.lora_b[name] = nn.Parameter(torch.zeros(self.out_features, r, dtype=dtype, device=device))
-        self.specs[name] = LoRASpec(r, float(alpha), float(dropout), bool(use_rslora), init)
+        if use_dora:
+            self.lora_magnitude[name] = nn.Parameter(torch.ones(self.out_features, dtype=dtype, device=device))
+        self.specs[name] = LoRASpec(r, float(alpha), float(dropout), bool(use_rslora), init, bool(use_dora))
         self.reset_lora_parameters(name)
         if active:
             self.active.append(name)
@@ -248,6 +250,8 @@ class LoRALinear(LinearAdapter, NamedAdapters):
         if name in self.merged_adapters:
             raise RuntimeError(f"Adapter {name!r} is merged into the base weights: unmerge it before deleting it.")
         del self.lora_a[name], self.lora_b[name], self.specs[name]
+        if name in self.lora_magnitude:
+            del self.lora_magnitude[name]
         if name in self.lora_gate:
             del self.lora_gate[name]
         self.active = [n for n in self.active if n != name]
@@ -275,7 +279,8 @@ class LoRALinear(LinearAdapter, NamedAdapters):
     def adapter_params(self, trainable_only: bool = False) -> list[str]:
         names = [n for n in self.specs if not (trainable_only and n in self.frozen)]
         gates = [f"lora_gate.{n}.{p}" for n in names if n in self.lora_gate for p in ("weight", "bias")]
-        return [f"lora_a.{n}" for n in names] + [f"lora_b.{n}" for n in names] + gates
+        magnitudes = [f"lora_magnitude.{n}" for n in names if n in self.lora_magnitude]
+        return [f"lora_a.{n}" for n in names] + [f"lora_b.{n}" for n in names] + magnitudes + gates
 
     def _only(self) -> LoRASpec:
         if len(self.specs) != 1:
@@ -291,6 +296,7 @@ class LoRALinear(LinearAdapter, NamedAdapters):
     dropout = property(lambda self: self._only().dropout)
     use_rslora = property(lambda self: self._only().use_rslora)
     init = property(lambda self: self._only().init)
+    use_dora = property(lambda self: self._only().use_dora)
     scaling = property(lambda self: self._only().scaling)
 
     @property
@@ -312,6 +318,14 @@ class LoRALinear(LinearAdapter, NamedAdapters):
             else:
                 nn.init.kaiming_uniform_(a, a=math.sqrt(5))
             b.zero_()
+            if name in self.lora_magnitude:  # m = ||W + s B A|| = ||W|| (B = 0): the output does not change
+                self.lora_magnitude[name].copy_(self._dora_norm(name))
+
+    def _dora_norm(self, name: str, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``||W + s B A||`` of each output row for DoRA adapter ``name`` (float32, no gradient)."""
+        w = self.dense_weight() if weight is None else weight
+        w = w.t() if self.fan_in_fan_out else w
+        return dora_weight_norm(w, self.lora_a[name], self.lora_b[name], self.specs[name].scaling)
 
     def delta_weight(self, name: Optional[str] = None) -> torch.Tensor:
         """``s * B A`` of adapter ``name`` (the only one by default) in the base weight's layout, in float32."""
@@ -326,8 +340,8 @@ class LoRALinear(LinearAdapter, NamedAdapters):
         return next(iter(self.specs))
 
     def _fusable(self, name: str) -> bool:
-        """Whether ``base + _update(x, name)`` may be computed by the fused ``_LoRAFunction`` (the same value, less
-        memory traffic). A variant whose update is not ``s * drop(x) A^T B^T`` returns False."""
+        """Whether ``base + _update(x, name)`` may be computed by one fused function (``_LoRAFunction``, or
+        ``_DoRAFunction`` for DoRA; the same value, less memory traffic). A variant without one returns False."""
         return name not in self.lora_gate
 
     def _operands(self, x: torch.Tensor, name: str, dropout: bool) -> tuple[torch.Tensor, torch.Tensor, float, float]:
@@ -341,7 +355,10 @@ class LoRALinear(LinearAdapter, NamedAdapters):
         gate only when the adapter has one; dropout only in training and when ``dropout``). Every forward path adds
         this, or the fused equivalent of it for a plain adapter."""
         a, b, s, p = self._operands(x, name, dropout)
-        if p > 0 and torch.compiler.is_compiling():
+        if name in self.lora_magnitude:  # DoRA: (k - 1) drop(x) W^T + k s drop(x) A^T B^T, k = m / ||W + s B A||
+            mask = _dropout_mask(x, p, _draw_seed()) if p > 0 else None
+            out = dora_update(x, self.weight, a, b, self.lora_magnitude[name], s, mask, self.fan_in_fan_out)
+        elif p > 0 and torch.compiler.is_compiling():
             # under torch.compile: plain ops (the compiler fuses them; a host-side seed would break the graph)
             out = (F.dropout(x, p, training=True) @ a.t()) @ b.t() * s
         else:
@@ -353,6 +370,9 @@ class LoRALinear(LinearAdapter, NamedAdapters):
         a, b, s, p = self._operands(x, name, True)
         if p > 0 and torch.compiler.is_compiling():
             return base_linear(x, weight, bias, self.fan_in_fan_out) + self._update(x, name)
+        if name in self.lora_magnitude:
+            m = self.lora_magnitude[name]
+            return dora_linear(x, weight, bias, a, b, m if m.dtype == x.dtype else m.to(x.dtype), s, p, _draw_seed() if p > 0 else 0, self.fan_in_fan_out)
         return _LoRAFunction.apply(x, weight, bias, a, b, s, p, _draw_seed() if p > 0 else 0, self.fan_in_fan_out)
 
     # -- forward ------------------------------------------------------------------------------------
@@ -383,6 +403,11 @@ class LoRALinear(LinearAdapter, NamedAdapters):
             out = out + self._update(x, name)
         for name in self.merged_adapters:  # merged into the weight but not wanted now: take the update back out
             if name not in wanted:
+                if name in self.lora_magnitude:
+                    raise RuntimeError(
+                        f"DoRA adapter {name!r} is merged into the weight, which it rescales: it cannot be switched off "
+                        "while merged. Unmerge it first (unmerge_adapters(model))."
+                    )
                 out = out - self._update(x, name, dropout=False)
         return out
 
@@ -410,7 +435,9 @@ class LoRALinear(LinearAdapter, NamedAdapters):
         gated = [n for n in self._unmerged(None) if n in self.lora_gate]
         if gated:
             return f"LoRA adapter(s) {gated} are gated (UniPELT): the gate depends on the input, so the update cannot be folded into the weight"
-        return _non_finite_problem(self, [f"{part}.{n}" for n in self._unmerged(None) for part in ("lora_a", "lora_b")])
+        return _non_finite_problem(
+            self, [f"{part}.{n}" for n in self._unmerged(None) for part in ("lora_a", "lora_b", "lora_magnitude") if part != "lora_magnitude" or n in self.lora_magnitude]
+        )
 
     @torch.no_grad()
     def merge(self, names: Optional[list[str]] = None) -> None:
@@ -423,9 +450,18 @@ class LoRALinear(LinearAdapter, NamedAdapters):
                 "folded into the base weight. Run the model unmerged."
             )
         for name in names:
-            merged = self.dense_weight() + self.delta_weight(name)
+            weight = self.dense_weight()
+            if name in self.lora_magnitude:  # W' = k (W + s B A), k = m / ||W + s B A|| per output row
+                norm = self._dora_norm(name, weight)
+                factor = self.lora_magnitude[name].to(norm.dtype) / norm
+                factor = factor.view(1, -1) if self.fan_in_fan_out else factor.view(-1, 1)
+                merged = (weight.to(norm.dtype) + self.delta_weight(name).to(norm.dtype)) * factor
+            else:
+                merged = weight + self.delta_weight(name)
             self._check_finite(merged, f"LoRA adapter {name!r} (r={self.specs[name].r})")
             self._write_weight(merged, f"LoRA adapter {name!r}")
+            if name in self.lora_magnitude:
+                self._dora_norms[name] = norm
             self.merged_adapters.append(name)
 
     @torch.no_grad()
@@ -433,11 +469,17 @@ class LoRALinear(LinearAdapter, NamedAdapters):
         """Take every merged adapter back out of the base weight (no-op when none is merged)."""
         while self.merged_adapters:
             name = self.merged_adapters.pop()
-            self._write_weight(self.dense_weight() - self.delta_weight(name), f"the unmerge of {name!r}")
+            if name in self.lora_magnitude:  # W = W' / k - s B A, with the norm of the merge
+                norm = self._dora_norms.pop(name)
+                factor = self.lora_magnitude[name].to(norm.dtype) / norm
+                factor = factor.view(1, -1) if self.fan_in_fan_out else factor.view(-1, 1)
+                self._write_weight(self.dense_weight().to(norm.dtype) / factor - self.delta_weight(name).to(norm.dtype), f"the unmerge of {name!r}")
+            else:
+                self._write_weight(self.dense_weight() - self.delta_weight(name), f"the unmerge of {name!r}")
 
     def extra_repr(self) -> str:
         adapters = ", ".join(
-            f"{n}(r={s.r}, alpha={s.alpha:g}, scaling={s.scaling:.4g}, dropout={s.dropout:g}{', gated' if n in self.lora_gate else ''})"
+            f"{n}(r={s.r}, alpha={s.alpha:g}, scaling={s.scaling:.4g}, dropout={s.dropout:g}{', dora' if s.use_dora else ''}{', gated' if n in self.lora_gate else ''})"
             for n, s in self.specs.items()
         )
         return (
@@ -492,6 +534,7 @@ def inject_lora(
     alpha_pattern: Optional[dict[str, float]] = None,
     gate: bool = False,
     strict: bool = True,
+    use_dora: bool = False,
 ) -> list[str]:
     """Wrap the matching layers of ``model`` in :class:`LoRALinear`, in place; returns their names.
 
@@ -522,7 +565,7 @@ def inject_lora(
             "Give the new adapter another name (adapter_name=...), or delete the old one first."
         )
     settings = {
-        n: dict(r=pattern_value(n, rank_pattern, r), alpha=pattern_value(n, alpha_pattern, alpha), dropout=dropout, use_rslora=use_rslora, init=init)
+        n: dict(r=pattern_value(n, rank_pattern, r), alpha=pattern_value(n, alpha_pattern, alpha), dropout=dropout, use_rslora=use_rslora, init=init, use_dora=use_dora)
         for n in names
     }
     new = {n: LoRALinear(model.get_submodule(n), adapter_name=adapter_name, **settings[n]) for n in names if not isinstance(model.get_submodule(n), LoRALinear)}
@@ -567,6 +610,9 @@ def add_weighted_adapter(
         raise ValueError(f"No LoRA adapter named {missing[0]!r} in this model; its adapters are {sorted(known)}.")
     if adapter_name in known:
         raise ValueError(f"An adapter named {adapter_name!r} already exists; choose another name.")
+    dora = sorted({a for m in layers for a in adapters if a in m.lora_magnitude})
+    if dora:
+        raise ValueError(f"add_weighted_adapter combines plain LoRA updates; {dora} are DoRA adapters, whose magnitudes do not combine linearly.")
     if combination_type == "linear":
         ranks = {m.specs[a].r for m in layers for a in adapters if a in m.specs}
         if len(ranks) != 1:
