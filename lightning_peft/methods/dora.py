@@ -31,7 +31,7 @@ import torch
 from lightning_peft.methods._linear import _dropout_mask
 from lightning_peft.quant import dequantize, is_quantized
 
-__all__ = ["dora_weight_norm", "dora_linear"]
+__all__ = ["dora_linear", "dora_update", "dora_weight_norm", "weight_sq_norms_of"]
 
 
 def _rows_first(weight: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
@@ -41,81 +41,93 @@ def _rows_first(weight: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
 
 
 @torch.no_grad()
-def dora_weight_norm(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
+def dora_weight_norm(
+    weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float, weight_sq_norms: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     """``||W + s B A||`` of each output row, in float32 (float64 for a float64 weight), without forming ``W + s B A``.
-    ``weight``: ``(out, in)``."""
+    ``weight``: ``(out, in)``; ``weight_sq_norms``: ``||W_i||^2`` if known."""
     acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
     a, b = lora_a.to(acc), lora_b.to(acc)
-    w2 = torch.linalg.vector_norm(weight, dim=1, dtype=acc).square()
+    w2 = weight_sq_norms.to(acc) if weight_sq_norms is not None else weight_sq_norms_of(weight)
     wa = (weight @ lora_a.t().to(weight.dtype)).to(acc)  # (out, r)
     cross = (b * wa).sum(1)
     bab = ((b @ (a @ a.t())) * b).sum(1)
     return (w2 + 2.0 * scaling * cross + scaling * scaling * bab).clamp_min(0.0).sqrt()
 
 
+def weight_sq_norms_of(weight: torch.Tensor) -> torch.Tensor:
+    """``||W_i||^2`` of each output row of an ``(out, in)`` weight, float32 (float64 for float64)."""
+    acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    return torch.linalg.vector_norm(weight, dim=1, dtype=acc).square()
+
+
 class _DoRAFunction(torch.autograd.Function):
-    """``base + update`` of one DoRA adapter (see the module docstring); returns the layer's output."""
+    """``base + update`` of one DoRA adapter (see the module docstring); returns the layer's output. Works on 2-D views
+    and accumulates in place where it can: each extra pass over an ``N x out`` tensor costs about as much as the
+    low-rank product."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, magnitude, scaling: float, dropout: float, seed: int, fan_in_fan_out: bool):
+    def forward(ctx, x, weight, bias, lora_a, lora_b, magnitude, scaling: float, dropout: float, seed: int, fan_in_fan_out: bool, w2):
         w = _rows_first(weight, fan_in_fan_out).to(x.dtype)
         a, b = lora_a.to(x.dtype), lora_b.to(x.dtype)
-        norm = dora_weight_norm(w, a, b, scaling)
+        norm = dora_weight_norm(w, a, b, scaling, w2)
         k = (magnitude.detach().to(norm.dtype) / norm).to(x.dtype)
-        base = x @ w.t()
+        x2 = x.reshape(-1, x.shape[-1])
         if dropout > 0:  # h = x W^T + (k - 1) drop(x) W^T + k s drop(x) A^T B^T = x W^T - drop(x) W^T + k z
-            xd = x * _dropout_mask(x, dropout, seed)
-            base_d = xd @ w.t()
+            xd = x2 * _dropout_mask(x2, dropout, seed)
             u = xd @ a.t()
-            z = base_d + scaling * (u @ b.t())
-            out = base - base_d + k * z
-            del xd, base_d
+            z = (xd @ w.t()).addmm_(u, b.t(), alpha=scaling)  # drop(x) W^T + s drop(x) A^T B^T
+            out = torch.addmm(z * k, x2, w.t()).sub_(xd @ w.t())
+            del xd
         else:  # h = k z
-            u = x @ a.t()
-            z = base + scaling * (u @ b.t())
-            out = k * z
-        del base
+            u = x2 @ a.t()
+            z = (x2 @ w.t()).addmm_(u, b.t(), alpha=scaling)  # x W^T + s x A^T B^T
+            out = z * k
         if bias is not None:
-            out = out + bias.to(out.dtype)
+            out.add_(bias.to(out.dtype))
         ctx.save_for_backward(x, weight, lora_a, lora_b, u, z, k, norm)
         ctx.bias_shape = None if bias is None else bias.shape
         ctx.settings = (scaling, dropout, seed, fan_in_fan_out)
-        return out
+        return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_out):
         x, weight, lora_a, lora_b, u, z, k, norm = ctx.saved_tensors
         scaling, dropout, seed, fan_in_fan_out = ctx.settings
         need_x, _, need_bias, need_a, need_b, need_m = ctx.needs_input_grad[:6]
-        g = grad_out
-        g2, u2 = g.reshape(-1, g.shape[-1]), u.reshape(-1, u.shape[-1])
-        gl = g * (k * scaling)  # gradient reaching the low-rank product
-        gl2 = gl.reshape(-1, gl.shape[-1])
+        g = grad_out.reshape(-1, grad_out.shape[-1])  # (N, out)
+        x2 = x.reshape(-1, x.shape[-1])
         a, b = lora_a.to(g.dtype), lora_b.to(g.dtype)
-        mask = _dropout_mask(x, dropout, seed) if dropout > 0 and (need_x or need_a) else None
-        grad_x = grad_w = grad_bias = grad_a = grad_b = grad_m = None
-        if need_m:
-            grad_m = ((g2.to(norm.dtype) * z.reshape(-1, z.shape[-1]).to(norm.dtype)).sum(0) / norm).to(lora_b.dtype)
+        mask = _dropout_mask(x2, dropout, seed) if dropout > 0 and (need_x or need_a) else None
+        grad_x = grad_bias = grad_a = grad_b = grad_m = None
+        if need_m:  # d/dm = sum over tokens of g * z / norm (the norm a constant)
+            grad_m = ((g * z).sum(0).to(norm.dtype) / norm).to(lora_b.dtype)
+        gk = g * k  # what reaches z
         if need_b:
-            grad_b = (gl2.t() @ u2).to(lora_b.dtype)
-        du = gl @ b if (need_a or need_x) else None
+            grad_b = (gk.t() @ u).mul_(scaling).to(lora_b.dtype)
+        du = (gk @ b).mul_(scaling) if (need_a or need_x) else None  # (N, r)
         if need_a:
-            xd = x * mask if mask is not None else x
-            grad_a = (du.reshape(-1, du.shape[-1]).t() @ xd.reshape(-1, x.shape[-1])).to(lora_a.dtype)
+            xd = x2 * mask if mask is not None else x2
+            grad_a = (du.t() @ xd).to(lora_a.dtype)
         if need_x:
             w = _rows_first(weight, fan_in_fan_out).to(g.dtype)
-            if dropout > 0:  # h = x W^T + (k - 1) drop(x) W^T + k s drop(x) A^T B^T
-                grad_x = g @ w + ((g * (k - 1)) @ w + du @ a) * mask
-            else:  # h = k (x W^T + s x A^T B^T)
-                grad_x = (g * k) @ w + du @ a
+            if mask is not None:  # h = x W^T - drop(x) W^T + k z(drop(x))
+                grad_x = torch.addcmul(g @ w, (gk - g) @ w + du @ a, mask)
+            else:  # h = k z(x)
+                grad_x = (gk @ w).addmm_(du, a)
+            grad_x = grad_x.view(x.shape)
         if need_bias and ctx.bias_shape is not None:
-            grad_bias = g2.sum(0)
-        return grad_x, grad_w, grad_bias, grad_a, grad_b, grad_m, None, None, None, None
+            grad_bias = g.sum(0)
+        return grad_x, None, grad_bias, grad_a, grad_b, grad_m, None, None, None, None, None
 
 
-def dora_linear(x, weight, bias, lora_a, lora_b, magnitude, scaling: float, dropout: float = 0.0, seed: int = 0, fan_in_fan_out: bool = False):
-    """Functional DoRA linear: the base layer plus one DoRA adapter (differentiable in ``x``, ``bias``, ``A``, ``B``, ``m``)."""
-    return _DoRAFunction.apply(x, weight, bias, lora_a, lora_b, magnitude, scaling, dropout, seed, fan_in_fan_out)
+def dora_linear(
+    x, weight, bias, lora_a, lora_b, magnitude, scaling: float, dropout: float = 0.0, seed: int = 0, fan_in_fan_out: bool = False,
+    weight_sq_norms: Optional[torch.Tensor] = None,
+):
+    """Functional DoRA linear: the base layer plus one DoRA adapter (differentiable in ``x``, ``bias``, ``A``, ``B``, ``m``).
+    ``weight_sq_norms``: ``||W_i||^2`` when the caller keeps them (the frozen base does not change between steps)."""
+    return _DoRAFunction.apply(x, weight, bias, lora_a, lora_b, magnitude, scaling, dropout, seed, fan_in_fan_out, weight_sq_norms)
 
 
 def dora_update(x, weight, lora_a, lora_b, magnitude, scaling: float, mask: Optional[torch.Tensor], fan_in_fan_out: bool = False):

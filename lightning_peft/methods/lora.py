@@ -43,7 +43,7 @@ from torch import nn
 from lightning_peft.core import NamedAdapters, _non_finite_problem
 from lightning_peft.methods._gate import Gate
 from lightning_peft.methods._linear import LinearAdapter, _dropout_mask, base_linear
-from lightning_peft.methods.dora import dora_linear, dora_update, dora_weight_norm
+from lightning_peft.methods.dora import dora_linear, dora_update, dora_weight_norm, weight_sq_norms_of
 from lightning_peft.quant import dequantize, is_quantized  # QLoRA: quantized base weights
 from lightning_peft.targeting import TargetSpec, find_targets, linear_types
 
@@ -321,6 +321,17 @@ class LoRALinear(LinearAdapter, NamedAdapters):
             if name in self.lora_magnitude:  # m = ||W + s B A|| = ||W|| (B = 0): the output does not change
                 self.lora_magnitude[name].copy_(self._dora_norm(name))
 
+    def _weight_sq_norms(self, weight: torch.Tensor) -> torch.Tensor:
+        """``||W_i||^2`` of the base weight ``weight`` (as the forward passes it), kept while the weight is the same
+        tensor at the same version: the frozen base does not change between steps, a merge or a load does."""
+        key = (weight.data_ptr(), weight._version, weight.dtype, tuple(weight.shape))
+        cached = self.__dict__.get("_dora_w2")
+        if cached is None or cached[0] != key:
+            w = dequantize(weight, None if not is_quantized(weight) else torch.float32)
+            cached = (key, weight_sq_norms_of((w.t() if self.fan_in_fan_out else w).detach()))
+            self.__dict__["_dora_w2"] = cached
+        return cached[1]
+
     def _dora_norm(self, name: str, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``||W + s B A||`` of each output row for DoRA adapter ``name`` (float32, no gradient)."""
         w = self.dense_weight() if weight is None else weight
@@ -372,7 +383,10 @@ class LoRALinear(LinearAdapter, NamedAdapters):
             return base_linear(x, weight, bias, self.fan_in_fan_out) + self._update(x, name)
         if name in self.lora_magnitude:
             m = self.lora_magnitude[name]
-            return dora_linear(x, weight, bias, a, b, m if m.dtype == x.dtype else m.to(x.dtype), s, p, _draw_seed() if p > 0 else 0, self.fan_in_fan_out)
+            return dora_linear(
+                x, weight, bias, a, b, m if m.dtype == x.dtype else m.to(x.dtype), s, p, _draw_seed() if p > 0 else 0, self.fan_in_fan_out,
+                self._weight_sq_norms(weight),
+            )
         return _LoRAFunction.apply(x, weight, bias, a, b, s, p, _draw_seed() if p > 0 else 0, self.fan_in_fan_out)
 
     # -- forward ------------------------------------------------------------------------------------

@@ -165,7 +165,7 @@ def test_gradcheck_in_float64(dropout, fan_in_fan_out, monkeypatch):
     m = torch.rand(5, dtype=torch.float64).add(0.5).requires_grad_()
 
     a0, b0, norm = a.detach().clone(), b.detach().clone(), dora.dora_weight_norm
-    monkeypatch.setattr(dora, "dora_weight_norm", lambda weight, _a, _b, s: norm(weight, a0, b0, s))
+    monkeypatch.setattr(dora, "dora_weight_norm", lambda weight, _a, _b, s, w2=None: norm(weight, a0, b0, s, w2))
 
     def f(x, bias, a, b, m):
         return dora_linear(x, w, bias, a, b, m, 0.8, dropout, 123, fan_in_fan_out)
@@ -244,3 +244,25 @@ def test_trains_on_an_nf4_base_like_the_dequantized_one():
     assert gq.keys() == gp.keys() and any("lora_magnitude" in k for k in gq)
     for k in gq:
         torch.testing.assert_close(gq[k], gp[k], rtol=1e-3, atol=1e-5)
+
+
+def test_the_kept_weight_norms_follow_a_changed_base_weight():
+    """``||W||^2`` is kept between forwards (the frozen base does not change while training); a base weight written
+    in place (a merge, ``load_state_dict``) or replaced is read again."""
+    layer = _dora_layer(dtype=torch.float32)
+    x = torch.randn(3, 6)
+    layer(x)
+    new = torch.randn_like(layer.weight)
+
+    def expected():
+        fresh = copy.deepcopy(layer)
+        fresh.__dict__.pop("_dora_w2", None)
+        return fresh(x)
+
+    with torch.no_grad():
+        layer.weight.copy_(new)
+    torch.testing.assert_close(layer(x), expected())
+    layer.load_state_dict({**layer.state_dict(), "weight": 2 * new})
+    torch.testing.assert_close(layer(x), expected())
+    layer.weight = nn.Parameter(3 * new, requires_grad=False)
+    torch.testing.assert_close(layer(x), expected())
