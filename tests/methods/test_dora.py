@@ -266,3 +266,40 @@ def test_the_kept_weight_norms_follow_a_changed_base_weight():
     torch.testing.assert_close(layer(x), expected())
     layer.weight = nn.Parameter(3 * new, requires_grad=False)
     torch.testing.assert_close(layer(x), expected())
+
+
+def test_the_callback_trains_the_magnitude_resumes_exactly_and_the_checkpoint_loads_back(tmp_path):
+    """Through the Trainer: the magnitude trains with A and B, sits in the adapter-only checkpoint, a resumed run
+    equals the uninterrupted one, and ``load_adapter_checkpoint`` rebuilds DoRA from the checkpoint's record."""
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from tests.callbacks.helpers import TinyLM
+
+    def fit(epochs, ckpt_path=None):
+        L.seed_everything(0)
+        module = TinyLM(opt="trainable")
+        trainer = L.Trainer(
+            accelerator="cpu", max_epochs=epochs, logger=False, enable_progress_bar=False, enable_model_summary=False,
+            num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=tmp_path,
+            callbacks=[lp.LoRA(r=4, alpha=8, target_modules="all-linear", use_dora=True), ModelCheckpoint(dirpath=tmp_path / "ck", save_top_k=-1)],
+        )
+        trainer.fit(module, ckpt_path=ckpt_path)
+        return {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+
+    start = TinyLM()
+    lp.LoRA(r=4, alpha=8, target_modules="all-linear", use_dora=True).inject(start)
+    magnitude0 = {n: p.detach().clone() for n, p in start.named_parameters() if "lora_magnitude" in n}
+    straight = fit(2)
+    assert magnitude0 and all((straight[n] - v).abs().max() > 0 for n, v in magnitude0.items())  # the magnitudes trained
+    ckpt = torch.load(tmp_path / "ck" / "epoch=0-step=4.ckpt", weights_only=False)
+    assert set(ckpt["state_dict"]) == set(straight)  # the adapter only, magnitudes included
+    assert ckpt["lightning_peft"]["methods"][0]["use_dora"] is True
+    resumed = fit(2, ckpt_path=tmp_path / "ck" / "epoch=0-step=4.ckpt")
+    for n, v in straight.items():
+        torch.testing.assert_close(resumed[n], v, rtol=0, atol=0)
+    loaded = lp.load_adapter_checkpoint(TinyLM(), tmp_path / "ck" / "epoch=1-step=8.ckpt")
+    for n, p in loaded.named_parameters():
+        if n in straight:
+            torch.testing.assert_close(p.detach(), straight[n], rtol=0, atol=0)
+    assert all(m.use_dora for m in loaded.modules() if isinstance(m, LoRALinear))
