@@ -7,7 +7,9 @@ from lightning_peft.bench import inference, quality, speed
 from lightning_peft.bench.common import METHOD_ALIASES, method_names
 from lightning_peft.callbacks.base import PEFTCallback
 
-NOT_A_CALLBACK = {"full": "full fine-tuning", "qlora": "LoRA on a 4-bit base (the QLoRAPrecision plugin)"}
+NOT_A_CALLBACK = {
+    "full": "full fine-tuning", "qlora": "LoRA on a 4-bit base (the QLoRAPrecision plugin)", "dora": "LoRA(use_dora=True), a variant of the LoRA callback",
+}
 
 
 @pytest.mark.parametrize("table", [speed.METHODS, quality.METHODS, dict.fromkeys(inference.METHOD_NAMES[1:])], ids=["speed", "quality", "inference"])
