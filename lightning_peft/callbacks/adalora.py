@@ -49,6 +49,7 @@ from lightning_peft.callbacks.base import PEFTCallback
 from lightning_peft.methods.adalora import (
     AdaLoRALinear,
     RankAllocator,
+    WholeTensors,
     check_adalora_args,
     check_schedule,
     inject_adalora,
@@ -195,18 +196,25 @@ class AdaLoRA(PEFTCallback):
         if stage == "fit":
             self._schedule_known = False
         super().setup(trainer, pl_module, stage)
-        if self.allocator is not None and ("DeepSpeed" in name or "ModelParallel" in name):
+
+    @staticmethod
+    def _access_for(strategy: Any) -> WholeTensors:
+        """How the allocator reads whole tensors under ``strategy`` (chosen at fit start, once ``configure_model`` ran)."""
+        name = type(strategy).__name__
+        if "DeepSpeed" in name or "ModelParallel" in name:
             from lightning_peft.distributed import ShardedTensors
 
-            self.allocator.access = ShardedTensors()  # whole tensors gathered from the shards: the same masks on every rank
-        elif self.allocator is not None and "FSDP" in name:
+            return ShardedTensors()  # whole tensors gathered from the shards: the same masks on every rank
+        if "FSDP" in name:
             from lightning_peft.distributed import FSDP1Tensors
 
-            self.allocator.access = FSDP1Tensors(lambda: strategy.model)  # wrapped once the strategy has set up
+            return FSDP1Tensors(lambda: strategy.model)
+        return WholeTensors()
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         assert self.allocator is not None, "AdaLoRA: setup did not inject the adapters"
+        self.allocator.access = self._access_for(trainer.strategy)
         total = self.total_steps
         if total is None:
             estimated = trainer.estimated_stepping_batches

@@ -74,6 +74,8 @@ class LoRA(PEFTCallback):
         self.alpha_pattern = {k: float(v) for k, v in (alpha_pattern or {}).items()}
         self.gate = bool(gate)
         self.use_dora = use_dora
+        if gate is True and use_dora is True:
+            raise ValueError("LoRA: gate=True (UniPELT) gates plain LoRA updates; it cannot be combined with use_dora=True. Choose one.")
 
     @property
     def state_key(self) -> str:

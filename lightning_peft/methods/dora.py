@@ -73,33 +73,38 @@ class _DoRAFunction(torch.autograd.Function):
         norm = dora_weight_norm(w, a, b, scaling, w2)
         k = (magnitude.detach().to(norm.dtype) / norm).to(x.dtype)
         x2 = x.reshape(-1, x.shape[-1])
+        # the output is made in its final shape and filled through a 2-D view: a custom Function's output that is a
+        # view cannot be modified in place by the model afterwards (Falcon's ``mlp_output += attention_output``)
+        out = torch.empty(*x.shape[:-1], w.shape[0], dtype=x.dtype, device=x.device)
+        out2 = out.view(-1, w.shape[0])
         if dropout > 0:  # h = x W^T + (k - 1) drop(x) W^T + k s drop(x) A^T B^T = x W^T - drop(x) W^T + k z
             xd = x2 * _dropout_mask(x2, dropout, seed)
             u = xd @ a.t()
             z = (xd @ w.t()).addmm_(u, b.t(), alpha=scaling)  # drop(x) W^T + s drop(x) A^T B^T
-            out = torch.addmm(z * k, x2, w.t()).sub_(xd @ w.t())
+            torch.mul(z, k, out=out2)
+            out2.addmm_(x2, w.t()).sub_(xd @ w.t())
             del xd
         else:  # h = k z
             u = x2 @ a.t()
             z = (x2 @ w.t()).addmm_(u, b.t(), alpha=scaling)  # x W^T + s x A^T B^T
-            out = z * k
+            torch.mul(z, k, out=out2)
         if bias is not None:
-            out.add_(bias.to(out.dtype))
+            out2.add_(bias.to(out.dtype))
         ctx.save_for_backward(x, weight, lora_a, lora_b, u, z, k, norm)
         ctx.bias_shape = None if bias is None else bias.shape
         ctx.settings = (scaling, dropout, seed, fan_in_fan_out)
-        return out.view(*x.shape[:-1], out.shape[-1])
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
         x, weight, lora_a, lora_b, u, z, k, norm = ctx.saved_tensors
         scaling, dropout, seed, fan_in_fan_out = ctx.settings
-        need_x, _, need_bias, need_a, need_b, need_m = ctx.needs_input_grad[:6]
+        need_x, need_w, need_bias, need_a, need_b, need_m = ctx.needs_input_grad[:6]
         g = grad_out.reshape(-1, grad_out.shape[-1])  # (N, out)
         x2 = x.reshape(-1, x.shape[-1])
         a, b = lora_a.to(g.dtype), lora_b.to(g.dtype)
         mask = _dropout_mask(x2, dropout, seed) if dropout > 0 and (need_x or need_a) else None
-        grad_x = grad_bias = grad_a = grad_b = grad_m = None
+        grad_x = grad_w = grad_bias = grad_a = grad_b = grad_m = None
         if need_m:  # d/dm = sum over tokens of g * z / norm (the norm a constant)
             grad_m = ((g * z).sum(0).to(norm.dtype) / norm).to(lora_b.dtype)
         gk = g * k  # what reaches z
@@ -116,9 +121,16 @@ class _DoRAFunction(torch.autograd.Function):
             else:  # h = k z(x)
                 grad_x = (gk @ w).addmm_(du, a)
             grad_x = grad_x.view(x.shape)
+        if need_w:  # a trained base weight (the norm a constant here too): h = k z(x), or x W^T - drop(x) W^T + k z(drop(x))
+            if dropout > 0:
+                xd = x2 * _dropout_mask(x2, dropout, seed)
+                grad_w = g.t() @ x2 + (gk - g).t() @ xd
+            else:
+                grad_w = gk.t() @ x2
+            grad_w = (grad_w.t() if fan_in_fan_out else grad_w).to(weight.dtype)
         if need_bias and ctx.bias_shape is not None:
             grad_bias = g.sum(0)
-        return grad_x, None, grad_bias, grad_a, grad_b, grad_m, None, None, None, None, None
+        return grad_x, grad_w, grad_bias, grad_a, grad_b, grad_m, None, None, None, None, None
 
 
 def dora_linear(

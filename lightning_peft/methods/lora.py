@@ -234,6 +234,11 @@ class LoRALinear(LinearAdapter, NamedAdapters):
         _check_adapter_name(name)
         if name in self.specs:
             raise ValueError(f"This layer already has an adapter named {name!r} (adapters: {sorted(self.specs)}).")
+        if use_dora and self.merged_adapters:
+            raise ValueError(
+                f"A DoRA adapter takes its magnitude from the base weight, which holds merged adapter(s) {self.merged_adapters} "
+                "now: unmerge them first (unmerge_adapters(model))."
+            )
         dtype, device = self.adapter_dtype, self.weight.device
         self.lora_a[name] = nn.Parameter(torch.empty(r, self.in_features, dtype=dtype, device=device))
         self.lora_b[name] = nn.Parameter(torch.zeros(self.out_features, r, dtype=dtype, device=device))
@@ -267,6 +272,8 @@ class LoRALinear(LinearAdapter, NamedAdapters):
         self._check_known(name)
         if name in self.merged_adapters:
             raise RuntimeError(f"Adapter {name!r} is merged into the base weight: unmerge it before gating it.")
+        if name in self.lora_magnitude:
+            raise ValueError(f"Adapter {name!r} is a DoRA adapter: gates (UniPELT) are for plain LoRA updates. Use use_dora=False with gate=True.")
         if name not in self.lora_gate:
             a = self.lora_a[name]
             self.lora_gate[name] = Gate(self.in_features, 1, dtype=a.dtype, device=a.device)
@@ -321,14 +328,16 @@ class LoRALinear(LinearAdapter, NamedAdapters):
             if name in self.lora_magnitude:  # m = ||W + s B A|| = ||W|| (B = 0): the output does not change
                 self.lora_magnitude[name].copy_(self._dora_norm(name))
 
-    def _weight_sq_norms(self, weight: torch.Tensor) -> torch.Tensor:
-        """``||W_i||^2`` of the base weight ``weight`` (as the forward passes it), kept while the weight is the same
-        tensor at the same version: the frozen base does not change between steps, a merge or a load does."""
+    def _weight_sq_norms(self) -> torch.Tensor:
+        """``||W_i||^2`` of the base weight parameter, kept while it is the same tensor at the same version: the frozen
+        base does not change between steps; a load (``copy_``) bumps the version, and merges clear it."""
+        weight = self.weight
         key = (weight.data_ptr(), weight._version, weight.dtype, tuple(weight.shape))
         cached = self.__dict__.get("_dora_w2")
         if cached is None or cached[0] != key:
-            w = dequantize(weight, None if not is_quantized(weight) else torch.float32)
-            cached = (key, weight_sq_norms_of((w.t() if self.fan_in_fan_out else w).detach()))
+            with torch.no_grad():
+                w = dequantize(weight, None if not is_quantized(weight) else torch.float32)
+                cached = (key, weight_sq_norms_of(w.t() if self.fan_in_fan_out else w))
             self.__dict__["_dora_w2"] = cached
         return cached[1]
 
@@ -385,7 +394,7 @@ class LoRALinear(LinearAdapter, NamedAdapters):
             m = self.lora_magnitude[name]
             return dora_linear(
                 x, weight, bias, a, b, m if m.dtype == x.dtype else m.to(x.dtype), s, p, _draw_seed() if p > 0 else 0, self.fan_in_fan_out,
-                self._weight_sq_norms(weight),
+                self._weight_sq_norms(),
             )
         return _LoRAFunction.apply(x, weight, bias, a, b, s, p, _draw_seed() if p > 0 else 0, self.fan_in_fan_out)
 
@@ -417,6 +426,11 @@ class LoRALinear(LinearAdapter, NamedAdapters):
             out = out + self._update(x, name)
         for name in self.merged_adapters:  # merged into the weight but not wanted now: take the update back out
             if name not in wanted:
+                if any(n in self.lora_magnitude for n in wanted if n not in self.merged_adapters):
+                    raise RuntimeError(
+                        f"Adapter {name!r} is merged into the weight and switched off, while a DoRA adapter, which rescales "
+                        "the whole weight, is applied: the two do not separate. Unmerge first (unmerge_adapters(model))."
+                    )
                 if name in self.lora_magnitude:
                     raise RuntimeError(
                         f"DoRA adapter {name!r} is merged into the weight, which it rescales: it cannot be switched off "
@@ -463,6 +477,13 @@ class LoRALinear(LinearAdapter, NamedAdapters):
                 f"LoRA adapter(s) {gated} are gated (UniPELT): the gate depends on the input, so the update cannot be "
                 "folded into the base weight. Run the model unmerged."
             )
+        dora = [n for n in names if n in self.lora_magnitude]
+        if dora and (len(names) > 1 or self.merged_adapters):
+            raise ValueError(
+                f"DoRA adapter(s) {dora} rescale the base weight and are defined on it alone: merge a DoRA adapter only when no "
+                f"other adapter of the layer is merged or merged with it (merging {names}, merged already {self.merged_adapters}). "
+                "Activate the DoRA adapter alone (set_active_adapters) and merge it, or run unmerged."
+            )
         for name in names:
             weight = self.dense_weight()
             if name in self.lora_magnitude:  # W' = k (W + s B A), k = m / ||W + s B A|| per output row
@@ -476,6 +497,7 @@ class LoRALinear(LinearAdapter, NamedAdapters):
             self._write_weight(merged, f"LoRA adapter {name!r}")
             if name in self.lora_magnitude:
                 self._dora_norms[name] = norm
+            self.__dict__.pop("_dora_w2", None)
             self.merged_adapters.append(name)
 
     @torch.no_grad()
@@ -484,12 +506,13 @@ class LoRALinear(LinearAdapter, NamedAdapters):
         while self.merged_adapters:
             name = self.merged_adapters.pop()
             if name in self.lora_magnitude:  # W = W' / k - s B A, with the norm of the merge
-                norm = self._dora_norms.pop(name)
+                norm = self._dora_norms.pop(name).to(self.weight.device)
                 factor = self.lora_magnitude[name].to(norm.dtype) / norm
                 factor = factor.view(1, -1) if self.fan_in_fan_out else factor.view(-1, 1)
                 self._write_weight(self.dense_weight().to(norm.dtype) / factor - self.delta_weight(name).to(norm.dtype), f"the unmerge of {name!r}")
             else:
                 self._write_weight(self.dense_weight() - self.delta_weight(name), f"the unmerge of {name!r}")
+            self.__dict__.pop("_dora_w2", None)
 
     def extra_repr(self) -> str:
         adapters = ", ".join(
@@ -566,6 +589,8 @@ def inject_lora(
     """
     check_lora_args(r, alpha, dropout, init)
     _check_adapter_name(adapter_name)
+    if gate and use_dora:
+        raise ValueError("gate=True (UniPELT) gates plain LoRA updates; it cannot be combined with use_dora=True. Choose one.")
     for key, value in (rank_pattern or {}).items():
         check_lora_args(value, alpha, dropout, init)
     for key, value in (alpha_pattern or {}).items():

@@ -408,3 +408,21 @@ def test_fsdp1_without_orig_params_is_refused_with_the_fix():
     with pytest.raises(ValueError, match=r"AdaLoRA under the FSDPStrategy needs use_orig_params=True"):
         AdaLoRA(init_r=4, target_r=2, total_steps=10).setup(SimpleNamespace(strategy=FSDPStrategy(use_orig_params=False), callbacks=[]), module, "fit")
     assert module.state_dict().keys() == before.keys()
+
+
+def test_the_whole_tensor_access_is_chosen_at_fit_start_after_configure_model(tmp_path):
+    """A model built in ``configure_model`` gets its adapters after ``setup``: the strategy's access object must
+    still be chosen (it used to be picked in setup, when the allocator did not exist yet, leaving the one for
+    unsharded parameters under DeepSpeed: ZeRO-2's gradients were then never read)."""
+    from lightning.pytorch.strategies import SingleDeviceStrategy
+
+    from lightning_peft.distributed import ShardedTensors
+    from tests.callbacks.helpers import TinyLMConfigureModel
+
+    class FakeDeepSpeedStrategy(SingleDeviceStrategy):  # named like DeepSpeed; ShardedTensors passes plain tensors through
+        pass
+
+    ada = AdaLoRA(init_r=4, target_r=2, tinit=1, tfinal=1, total_steps=4, heatmap=False, log_ranks=False)
+    trainer(tmp_path, [ada], max_steps=4, strategy=FakeDeepSpeedStrategy(device="cpu")).fit(TinyLMConfigureModel())
+    assert isinstance(ada.allocator.access, ShardedTensors)
+    assert ada.allocator.step == 3 and ada.allocator.finalized  # every optimizer step went through it

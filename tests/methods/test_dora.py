@@ -164,13 +164,14 @@ def test_gradcheck_in_float64(dropout, fan_in_fan_out, monkeypatch):
     b = torch.randn(5, 2, dtype=torch.float64, requires_grad=True)
     m = torch.rand(5, dtype=torch.float64).add(0.5).requires_grad_()
 
-    a0, b0, norm = a.detach().clone(), b.detach().clone(), dora.dora_weight_norm
-    monkeypatch.setattr(dora, "dora_weight_norm", lambda weight, _a, _b, s, w2=None: norm(weight, a0, b0, s, w2))
+    w0, a0, b0, norm = w.clone(), a.detach().clone(), b.detach().clone(), dora.dora_weight_norm
+    monkeypatch.setattr(dora, "dora_weight_norm", lambda weight, _a, _b, s, w2=None: norm(w0.t() if fan_in_fan_out else w0, a0, b0, s))
 
-    def f(x, bias, a, b, m):
+    def f(x, bias, a, b, m, w):
         return dora_linear(x, w, bias, a, b, m, 0.8, dropout, 123, fan_in_fan_out)
 
-    assert torch.autograd.gradcheck(f, (x, bias, a, b, m))
+    assert torch.autograd.gradcheck(f, (x, bias, a, b, m, w))  # frozen base: no weight gradient
+    assert torch.autograd.gradcheck(f, (x, bias, a, b, m, w.clone().requires_grad_()))  # a trained base weight too
 
 
 def test_nothing_weight_sized_is_kept_for_backward():
@@ -303,3 +304,65 @@ def test_the_callback_trains_the_magnitude_resumes_exactly_and_the_checkpoint_lo
         if n in straight:
             torch.testing.assert_close(p.detach(), straight[n], rtol=0, atol=0)
     assert all(m.use_dora for m in loaded.modules() if isinstance(m, LoRALinear))
+
+
+def test_a_model_that_adds_into_the_output_in_place_trains():
+    """Falcon does ``mlp_output += attention_output`` on a linear layer's output: the fused function's output must
+    not be a view made inside it (autograd forbids modifying those in place)."""
+    from tests.methods.sst2_helpers import tiny_decoder
+
+    model = tiny_decoder("falcon").train()
+    lp.LoRA(r=4, alpha=8, target_modules="all-linear", use_dora=True).inject(model)
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    model(input_ids=ids, labels=ids).loss.backward()
+    grads = [p.grad for n, p in model.named_parameters() if "lora_magnitude" in n]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def test_runs_under_autocast_in_inference_mode_as_lightning_validates():
+    model = tiny_llama(seed=0).eval()
+    lp.LoRA(r=4, target_modules="all-linear", use_dora=True).inject(model)
+    _randomize_adapters(model)
+    ids = torch.randint(1, 100, (2, 7))
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        got = model(input_ids=ids).logits
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got.float(), expected, rtol=0.1, atol=0.25)  # bf16
+
+
+def test_combinations_that_do_not_separate_are_refused_before_anything_changes():
+    layer = LoRALinear(nn.Linear(6, 5), r=2, use_dora=True)
+    layer.add_adapter("plain", r=2)
+    _randomize_adapters(layer)
+    weight = layer.weight.detach().clone()
+    with pytest.raises(ValueError, match=r"merge a DoRA adapter only when no other adapter of the layer is merged or merged with it"):
+        layer.merge()  # both active
+    assert torch.equal(layer.weight, weight) and not layer.merged_adapters
+    layer.merge(["plain"])
+    with pytest.raises(ValueError, match=r"merge a DoRA adapter only when.*merged already \['plain'\]"):
+        layer.merge(["default"])
+    with pytest.raises(ValueError, match=r"takes its magnitude from the base weight, which holds merged adapter\(s\) \['plain'\]"):
+        layer.add_adapter("other", r=2, use_dora=True)
+    layer.active = ["default"]  # the merged plain adapter switched off while DoRA is applied unmerged
+    with pytest.raises(RuntimeError, match=r"'plain' is merged into the weight and switched off, while a DoRA adapter"):
+        layer(torch.randn(2, 6))
+    with pytest.raises(ValueError, match="DoRA adapter: gates"):
+        layer.add_gate("default")
+    with pytest.raises(ValueError, match="cannot be combined with use_dora=True"):
+        lp.LoRA(gate=True, use_dora=True)
+    model = tiny_llama(seed=0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="cannot be combined with use_dora=True"):
+        lp.methods.lora.inject_lora(model, ["q_proj"], gate=True, use_dora=True)
+    assert model.state_dict().keys() == before.keys()
+
+
+def test_gradients_reach_a_trained_base_weight_as_in_the_definition(monkeypatch):
+    layer = _dora_layer()
+    layer.weight.requires_grad_(True)
+    x = torch.randn(4, 6, dtype=torch.float64)
+    fused = torch.autograd.grad(layer(x).square().sum(), layer.weight)[0]
+    monkeypatch.setattr(LoRALinear, "_fusable", lambda self, name: False)
+    torch.testing.assert_close(fused, torch.autograd.grad(layer(x).square().sum(), layer.weight)[0])
