@@ -214,7 +214,7 @@ class AdaLoRA(PEFTCallback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         assert self.allocator is not None, "AdaLoRA: setup did not inject the adapters"
-        self.allocator.access = self._access_for(trainer.strategy)
+        self.allocator.access = self._access_for(getattr(trainer, "strategy", None))
         total = self.total_steps
         if total is None:
             estimated = trainer.estimated_stepping_batches
