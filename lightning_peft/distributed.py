@@ -75,14 +75,10 @@ def _gather_fsdp1_units(module: nn.Module, root: nn.Module, names: list[str]) ->
     The peak is one unit, not the model. Collective: every rank makes the same calls."""
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
-    wanted = {id(p): n for n, p in module.named_parameters() if n in set(names)}
+    chosen = set(names)
+    wanted = {id(p): n for n, p in module.named_parameters() if n in chosen}
     out: dict[str, torch.Tensor] = {}
-    units = FSDP.fsdp_modules(root)
-    for unit in units:
-        nested = {id(p) for sub in FSDP.fsdp_modules(unit) if sub is not unit for p in sub.parameters()}
-        own = [p for p in unit.parameters() if id(p) in wanted and id(p) not in nested and wanted[id(p)] not in out]
-        if not own:
-            continue
+    for unit, own in _fsdp1_units_holding([p for p in module.parameters() if id(p) in wanted], root):
         with FSDP.summon_full_params(unit, writeback=False, recurse=False):
             for p in own:
                 out[wanted[id(p)]] = p.detach().to("cpu", copy=True)
@@ -91,6 +87,33 @@ def _gather_fsdp1_units(module: nn.Module, root: nn.Module, names: list[str]) ->
         params = dict(module.named_parameters())
         out.update({n: params[n].detach().to("cpu", copy=True) for n in missing})
     return {n: out[n] for n in names}
+
+
+def _fsdp1_owners(root: nn.Module) -> dict[int, nn.Module]:
+    """``{id(parameter): the innermost FSDP1 unit whose flat parameter holds it}`` under ``root``."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    owners: dict[int, nn.Module] = {}
+    for unit in FSDP.fsdp_modules(root):
+        nested = {id(p) for sub in FSDP.fsdp_modules(unit) if sub is not unit for p in sub.parameters()}
+        for p in unit.parameters():
+            if id(p) not in nested:
+                owners.setdefault(id(p), unit)
+    return owners
+
+
+def _fsdp1_units_holding(
+    params: list[nn.Parameter], root: nn.Module, owners: Optional[dict[int, nn.Module]] = None,
+) -> list[tuple[nn.Module, list[nn.Parameter]]]:
+    """``params`` grouped by the FSDP1 unit that holds them, units in first-seen order (the same on every rank);
+    parameters outside every unit are left out."""
+    owners = _fsdp1_owners(root) if owners is None else owners
+    groups: dict[int, tuple[nn.Module, list[nn.Parameter]]] = {}
+    for p in params:
+        unit = owners.get(id(p))
+        if unit is not None:
+            groups.setdefault(id(unit), (unit, []))[1].append(p)
+    return list(groups.values())
 
 
 def _is_dtensor(t: torch.Tensor) -> bool:
@@ -252,25 +275,10 @@ class FSDP1Tensors(WholeTensors):
         self._added: dict[int, torch.Tensor] = {}
         self._written: set[int] = set()
 
-    def _unit_of(self) -> dict[int, nn.Module]:
-        if self._units is None:
-            from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-            self._units = {}
-            for unit in FSDP.fsdp_modules(self._root()):
-                nested = {id(p) for sub in FSDP.fsdp_modules(unit) if sub is not unit for p in sub.parameters()}
-                for p in unit.parameters():
-                    if id(p) not in nested:
-                        self._units.setdefault(id(p), unit)
-        return self._units
-
     def _by_unit(self, params: list[nn.Parameter]) -> list[tuple[nn.Module, list[nn.Parameter]]]:
-        units = self._unit_of()
-        groups: dict[int, tuple[nn.Module, list[nn.Parameter]]] = {}
-        for p in params:
-            unit = units[id(p)]
-            groups.setdefault(id(unit), (unit, []))[1].append(p)
-        return list(groups.values())
+        if self._units is None:
+            self._units = _fsdp1_owners(self._root())
+        return _fsdp1_units_holding(params, self._root(), self._units)
 
     @contextlib.contextmanager
     def session(self, params: list[nn.Parameter], grads: bool = True) -> Iterator[None]:
