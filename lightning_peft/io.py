@@ -25,6 +25,7 @@ loading it onto a different base is refused unless ``check_base=False``.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -56,7 +57,7 @@ from lightning_peft.core import (
     peft_state,
     sharding_of,
 )
-from lightning_peft.methods.lora import LoRALinear, inject_lora, pattern_value
+from lightning_peft.methods.lora import LoRALinear, _factors, from_weight, inject_lora, pattern_value
 from lightning_peft.quant import weight_shape
 from lightning_peft.targeting import find_targets, linear_types
 
@@ -647,7 +648,7 @@ def _lora_record(base: nn.Module, config: dict[str, Any], adapter_name: str, inj
         "alpha": float(config["lora_alpha"]),
         "dropout": float(config.get("lora_dropout", 0.0) or 0.0),
         "use_rslora": bool(config.get("use_rslora", False)),
-        "init": "gaussian" if config.get("init_lora_weights") == "gaussian" else "kaiming",
+        "init": _lora_init(config),
     }
     if config.get("use_dora"):
         record["use_dora"] = True
@@ -661,6 +662,18 @@ def _lora_record(base: nn.Module, config: dict[str, Any], adapter_name: str, inj
 
 
 # -- LoRA ------------------------------------------------------------------------------------------------
+_BASE_CHANGING_INITS = ("corda", "loftq", "lora_ga")  # peft inits that change the base weights in ways not reproduced here
+
+
+def _lora_init(config: dict[str, Any]) -> str:
+    """Our ``init`` for a PEFT config's ``init_lora_weights``: PiSSA/OLoRA are recomputed from the base (peft does the
+    same when it loads such a directory); the others only set the starting values the saved tensors replace."""
+    value = config.get("init_lora_weights", True)
+    if isinstance(value, str) and from_weight(value.lower()):
+        return value.lower()
+    return "gaussian" if value == "gaussian" else "kaiming"
+
+
 def _lora_to_peft(base: nn.Module, layers: list[tuple[str, LoRALinear]], name: str):
     if any(name in m.lora_gate for _, m in layers):
         raise NotImplementedError(
@@ -668,6 +681,14 @@ def _lora_to_peft(base: nn.Module, layers: list[tuple[str, LoRALinear]], name: s
             "instead (the callbacks keep the adapter, gates included)."
         )
     specs = {path: m.specs[name] for path, m in layers}
+    initial = {path for path, m in layers if name in m.lora_init_a}
+    if initial and len(initial) != len(layers):
+        raise NotImplementedError(f"Adapter {name!r} starts from the base weight (PiSSA/OLoRA) on some modules only; PEFT's format has one init_lora_weights.")
+    if initial:  # written as plain LoRA of rank 2r, [B | -B0] [A ; A0], at the same scaling: it loads on the original base
+        specs = {
+            path: dataclasses.replace(s, r=2 * s.r, alpha=s.alpha * (math.sqrt(2) if s.use_rslora else 2), init="kaiming")
+            for path, s in specs.items()
+        }
     r = Counter(s.r for s in specs.values()).most_common(1)[0][0]
     alpha = Counter(s.alpha for s in specs.values()).most_common(1)[0][0]
     if len({s.use_rslora for s in specs.values()}) > 1:
@@ -677,8 +698,9 @@ def _lora_to_peft(base: nn.Module, layers: list[tuple[str, LoRALinear]], name: s
     first = next(iter(specs.values()))
     tensors = {}
     for path, m in layers:
-        tensors[f"{PEFT_PREFIX}{path}.lora_A.weight"] = m.lora_a[name].detach()
-        tensors[f"{PEFT_PREFIX}{path}.lora_B.weight"] = m.lora_b[name].detach()
+        a_blocks, b_blocks = _factors(m, name)
+        tensors[f"{PEFT_PREFIX}{path}.lora_A.weight"] = torch.cat([t.detach() for t in a_blocks], 0)
+        tensors[f"{PEFT_PREFIX}{path}.lora_B.weight"] = torch.cat([t.detach() for t in b_blocks], 1)
         if first.use_dora:
             tensors[f"{PEFT_PREFIX}{path}.lora_magnitude_vector"] = m.lora_magnitude[name].detach()
     config = {
@@ -726,6 +748,21 @@ def _lora_from_peft(base: nn.Module, config: dict[str, Any], tensors: dict[str, 
     use_dora = config.get("use_dora") in (True,)
     if config.get("use_dora") not in (True, False, None):
         raise AdapterFileError(f"field 'use_dora' must be true or false, found {config.get('use_dora')!r}.")
+    init_value = config.get("init_lora_weights", True)
+    if isinstance(init_value, str) and init_value.lower().startswith(_BASE_CHANGING_INITS):
+        raise NotImplementedError(
+            f"This LoRA adapter was initialised with init_lora_weights={init_value!r}, which changes the base weights in a "
+            "way lightning-peft does not reproduce. In peft, save it converted to plain LoRA "
+            "(save_pretrained(..., path_initial_model_for_weight_conversion=...)) and load that."
+        )
+    init = _lora_init(config)
+    if init.startswith("pissa_niter_"):
+        warnings.warn(
+            f"This adapter was initialised with init_lora_weights={init_value!r}: loading it recomputes a randomized SVD of "
+            "the base weights, so its outputs differ slightly from the trained model's. Adapters saved by lightning-peft "
+            "are converted to plain LoRA and load exactly.",
+            stacklevel=3,
+        )
     expected: dict[str, tuple[int, ...]] = {}
     for n in names:
         m = modules[n]
@@ -766,7 +803,6 @@ def _lora_from_peft(base: nn.Module, config: dict[str, Any], tensors: dict[str, 
     if problems:
         listed = "\n  ".join(problems[:20])
         raise AdapterFileError(f"the adapter's tensors do not fit this model ({len(problems)} problem(s)):\n  {listed}")
-    init = "gaussian" if config.get("init_lora_weights") == "gaussian" else "kaiming"
     injected = inject_lora(
         base, names, None, r=r, alpha=alpha, dropout=float(config.get("lora_dropout", 0.0) or 0.0),
         use_rslora=bool(config.get("use_rslora", False)), init=init, adapter_name=adapter_name,

@@ -49,7 +49,7 @@ def _same(a, b):
         (dict(dropout=-math.inf), ValueError, r"LoRA dropout must be in \[0, 1\), got dropout=-inf"),
         (dict(r=True), ValueError, r"LoRA rank r must be a positive integer, got r=True"),
         (dict(gate=1), TypeError, r"gate=1 \(int\) must be True or False"),
-        (dict(init="xavier"), ValueError, r"LoRA init must be 'kaiming' or 'gaussian', got init='xavier'"),
+        (dict(init="xavier"), ValueError, r"LoRA init must be 'kaiming', 'gaussian', 'pissa', 'pissa_niter_K' .* or 'olora', got init='xavier'"),
         (dict(rank_pattern={"q_proj": 2.5}), ValueError, r"LoRA rank r must be a positive integer, got r=2.5"),
         (dict(rank_pattern={"q_proj": "4"}), ValueError, r"LoRA rank r must be a positive integer, got r='4'"),
         (dict(save_dir=3), TypeError, r"LoRA: save_dir=3 \(int\) must be a string or None"),

@@ -82,6 +82,12 @@ def _dora():
     return LoRA(r=8, alpha=16, target_modules="all-linear", trainable_modules=["classifier"], use_dora=True)
 
 
+def _pissa():
+    from lightning_peft.callbacks.lora import LoRA
+
+    return LoRA(r=8, alpha=16, target_modules="all-linear", trainable_modules=["classifier"], init="pissa")
+
+
 def _adalora():
     from lightning_peft.callbacks.adalora import AdaLoRA
 
@@ -166,6 +172,7 @@ METHODS: dict[str, tuple[Optional[Callable[[], Any]], float, str]] = {
     "full": (None, 5e-5, "full fine-tuning"),
     "lora": (_lora, 1e-3, "LoRA r=8, all linear"),
     "dora": (_dora, 1e-3, "DoRA r=8, all linear"),
+    "pissa": (_pissa, 1e-3, "LoRA r=8 all linear, PiSSA init"),
     "adalora": (_adalora, 1e-3, "AdaLoRA r 12 -> LoRA r=8 params, all linear, alpha 2048, orth 0.1"),
     "houlsby": (_houlsby, 1e-3, "Houlsby, bottleneck 24"),
     "parallel_adapter": (_parallel, 1e-3, "parallel adapter (FFN), bottleneck 24, s=4"),

@@ -157,6 +157,7 @@ METHODS: dict[str, BenchMethod] = {
     "full": BenchMethod(apply=lambda m: m.requires_grad_(True), save=_save_full, implementation="full fine-tuning"),
     "lora": BenchMethod(apply=_lora, save=_save_ours),
     "dora": BenchMethod(apply=_Callback("LoRA", r=16, alpha=32, use_dora=True), save=_save_ours),
+    "pissa": BenchMethod(apply=_Callback("LoRA", r=16, alpha=32, init="pissa"), save=_save_ours),
     "qlora": BenchMethod(apply=_qlora, save=_save_ours),
     "adalora": BenchMethod(apply=_Callback("AdaLoRA", init_r=12, target_r=8, total_steps=1000, heatmap=False), save=_save_ours),
     "ia3": BenchMethod(apply=_ia3, save=_save_ours),
@@ -174,6 +175,10 @@ PEERS: dict[str, dict[str, BenchMethod]] = {
         "lora": BenchMethod(apply=_peft_lora, save=_save_peft, implementation="HF PEFT"),
         "dora": BenchMethod(
             apply=_Peft("LoraConfig", r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", use_dora=True), save=_save_peft,
+            implementation="HF PEFT",
+        ),
+        "pissa": BenchMethod(
+            apply=_Peft("LoraConfig", r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", init_lora_weights="pissa"), save=_save_peft,
             implementation="HF PEFT",
         ),
         "adalora": BenchMethod(

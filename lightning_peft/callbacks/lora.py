@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal, Optional, Union
+from typing import Optional, Union
 
 from torch import nn
 
@@ -24,7 +24,12 @@ class LoRA(PEFTCallback):
             names / dotted suffixes (``["q_proj", "v_proj"]``, ``["query", "value"]`` for BERT).
         exclude_modules: modules to leave alone, same forms.
         use_rslora: rank-stabilized scaling ``alpha / sqrt(r)``.
-        init: initialisation of ``A``: ``"kaiming"`` (uniform) or ``"gaussian"``; ``B`` starts at zero.
+        init: initialisation: ``"kaiming"`` (``A`` uniform, the default) or ``"gaussian"``, both with ``B = 0``; or, from the
+            base weight, ``"pissa"`` (principal singular vectors, Meng et al., 2024), ``"pissa_niter_K"`` (the same from a
+            randomized SVD with ``K`` subspace iterations: faster on large layers) or ``"olora"`` (QR, Büyükakyüz, 2024).
+            PiSSA/OLoRA start ``A, B`` at a part of ``W`` and train the base's residual; the base weights are not
+            changed (the initial product is kept and subtracted), and the export is plain LoRA that loads on the
+            original base.
         trainable_modules: base modules trained in full and saved with the adapter, e.g. ``["classifier"]``.
         save_dir: write the adapter there in Hugging Face PEFT's format at the end of ``fit``.
         adapter_name: name of this adapter; a model that already carries LoRA adapters gets it as an
@@ -53,7 +58,7 @@ class LoRA(PEFTCallback):
         target_modules: Union[str, list[str]] = "all-linear",
         exclude_modules: Optional[Union[str, list[str]]] = None,
         use_rslora: bool = False,
-        init: Literal["kaiming", "gaussian"] = "kaiming",
+        init: str = "kaiming",
         trainable_modules: Optional[list[str]] = None,
         save_dir: Optional[str] = None,
         adapter_name: str = "default",

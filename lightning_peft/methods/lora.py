@@ -6,7 +6,19 @@ A frozen linear map ``W`` (out x in) gains a trainable low-rank update::
     s = alpha / r            (LoRA)
     s = alpha / sqrt(r)      (rsLoRA)
 
-so the model is unchanged at step 0 and only ``A`` and ``B`` train. ``merge()`` folds ``s * B A`` into
+so the model is unchanged at step 0 and only ``A`` and ``B`` train.
+
+Initialisation from the base weight (``init="pissa"``, ``"pissa_niter_K"``, ``"olora"``; PiSSA, Meng et al., 2024;
+OLoRA, Büyükakyüz, 2024): ``A`` and ``B`` start at ``A0, B0`` taken from ``W`` (its top-r singular part, or its QR
+factors) and the adapter trains ``W``'s principal part while the rest stays frozen::
+
+    h = x W^T + b + s * dropout(x) A^T B^T - s * x A0^T B0^T
+
+Hugging Face PEFT writes the residual ``W - s B0 A0`` into the base weight; here the base weight is left as it is and
+the frozen ``A0, B0`` (``lora_init_a``/``lora_init_b``, saved with the adapter) subtract the initial product: the same
+function, and the base stays the original model (switching the adapter off, deleting it, another adapter, a quantized
+or sharded base all see ``W``), at the cost of one more rank-r product per layer. The update ``s (B A - B0 A0)`` is
+plain LoRA of rank ``2r``, ``[B | -B0] [A ; A0]``: how it is exported (PEFT's "conversion to LoRA"). ``merge()`` folds ``s * B A`` into
 ``W`` for inference at no extra cost; ``unmerge()`` takes it back out.
 
 Gate (optional, off by default; UniPELT, Mao et al., 2022): :meth:`LoRALinear.add_gate` puts the update of an
@@ -47,9 +59,18 @@ from lightning_peft.methods.dora import dora_linear, dora_update, dora_weight_no
 from lightning_peft.quant import dequantize, is_quantized  # QLoRA: quantized base weights
 from lightning_peft.targeting import TargetSpec, find_targets, linear_types
 
-__all__ = ["LoRALinear", "LoRASpec", "add_weighted_adapter", "check_lora_args", "inject_lora", "lora_linear", "pattern_value"]
+__all__ = ["LoRALinear", "LoRASpec", "add_weighted_adapter", "check_lora_args", "from_weight", "inject_lora", "lora_linear", "pattern_value"]
 
-LoRAInit = Literal["kaiming", "gaussian"]
+LoRAInit = str
+"""``"kaiming"``, ``"gaussian"`` (``B = 0``), or from the base weight: ``"pissa"``, ``"pissa_niter_K"``, ``"olora"``."""
+
+_FROM_WEIGHT = re.compile(r"pissa|pissa_niter_(\d+)|olora")
+
+
+def from_weight(init: str) -> bool:
+    """Whether ``init`` starts ``A, B`` from the base weight (PiSSA, OLoRA): the adapter then keeps its initial
+    product and subtracts it, so that the model is unchanged at step 0 while the base weights stay as they are."""
+    return _FROM_WEIGHT.fullmatch(init) is not None
 
 
 def check_lora_args(r: int, alpha: float, dropout: float, init: str = "kaiming") -> None:
@@ -60,8 +81,11 @@ def check_lora_args(r: int, alpha: float, dropout: float, init: str = "kaiming")
         raise ValueError(f"LoRA alpha must be a finite number > 0, got alpha={alpha!r}. A common choice is alpha = 2 * r.")
     if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0.0 <= dropout < 1.0:
         raise ValueError(f"LoRA dropout must be in [0, 1), got dropout={dropout!r}. Use 0.0 to disable it.")
-    if init not in ("kaiming", "gaussian"):
-        raise ValueError(f"LoRA init must be 'kaiming' or 'gaussian', got init={init!r}.")
+    if not isinstance(init, str) or not (init in ("kaiming", "gaussian") or from_weight(init)):
+        raise ValueError(
+            f"LoRA init must be 'kaiming', 'gaussian', 'pissa', 'pissa_niter_K' (K subspace iterations of a randomized SVD, "
+            f"e.g. 'pissa_niter_4') or 'olora', got init={init!r}."
+        )
 
 
 class _LoRAFunction(torch.autograd.Function):
@@ -199,7 +223,8 @@ class LoRALinear(LinearAdapter, NamedAdapters):
         alpha: scale numerator: ``s = alpha / r`` (or ``alpha / sqrt(r)`` with ``use_rslora``).
         dropout: dropout probability on the adapter's input.
         use_rslora: rank-stabilized scaling ``alpha / sqrt(r)``.
-        init: ``"kaiming"`` (uniform, as the reference implementation) or ``"gaussian"`` (std ``1/r``) for ``A``; ``B`` is zero.
+        init: ``"kaiming"`` (uniform, as the reference implementation) or ``"gaussian"`` (std ``1/r``) for ``A``, ``B`` zero;
+            or ``"pissa"``, ``"pissa_niter_K"``, ``"olora"``: from the base weight (see the module docstring).
         adapter_name: the name of this first adapter.
         use_dora: DoRA (:mod:`lightning_peft.methods.dora`): a trained magnitude per output row,
             ``lora_magnitude.<name>``, rescales the direction ``W + s B A``.
@@ -215,6 +240,9 @@ class LoRALinear(LinearAdapter, NamedAdapters):
         self.lora_a = nn.ParameterDict()
         self.lora_b = nn.ParameterDict()
         self.lora_magnitude = nn.ParameterDict()  # DoRA adapters only
+        # PiSSA/OLoRA adapters only: the initial A0, B0 (frozen), whose update is subtracted (see _initial_update)
+        self.lora_init_a = nn.ParameterDict()
+        self.lora_init_b = nn.ParameterDict()
         self.lora_gate = nn.ModuleDict()  # optional gates, per adapter name (none by default)
         self.specs: dict[str, LoRASpec] = {}
         self._init_named_adapters()  # active, frozen, merged_adapters, sample_adapters (core.NamedAdapters)
@@ -234,6 +262,11 @@ class LoRALinear(LinearAdapter, NamedAdapters):
         _check_adapter_name(name)
         if name in self.specs:
             raise ValueError(f"This layer already has an adapter named {name!r} (adapters: {sorted(self.specs)}).")
+        if use_dora and from_weight(init):
+            raise ValueError(
+                f"init={init!r} with use_dora=True is not supported: DoRA's magnitude is read from the base weight, which "
+                "PiSSA/OLoRA split. Use one of them."
+            )
         if use_dora and self.merged_adapters:
             raise ValueError(
                 f"A DoRA adapter takes its magnitude from the base weight, which holds merged adapter(s) {self.merged_adapters} "
@@ -244,6 +277,10 @@ class LoRALinear(LinearAdapter, NamedAdapters):
         self.lora_b[name] = nn.Parameter(torch.zeros(self.out_features, r, dtype=dtype, device=device))
         if use_dora:
             self.lora_magnitude[name] = nn.Parameter(torch.ones(self.out_features, dtype=dtype, device=device))
+        if from_weight(init):
+            self._check_weight_readable(init, r)
+            self.lora_init_a[name] = nn.Parameter(torch.empty(r, self.in_features, dtype=dtype, device=device), requires_grad=False)
+            self.lora_init_b[name] = nn.Parameter(torch.empty(self.out_features, r, dtype=dtype, device=device), requires_grad=False)
         self.specs[name] = LoRASpec(r, float(alpha), float(dropout), bool(use_rslora), init, bool(use_dora))
         self.reset_lora_parameters(name)
         if active:
@@ -255,8 +292,9 @@ class LoRALinear(LinearAdapter, NamedAdapters):
         if name in self.merged_adapters:
             raise RuntimeError(f"Adapter {name!r} is merged into the base weights: unmerge it before deleting it.")
         del self.lora_a[name], self.lora_b[name], self.specs[name]
-        if name in self.lora_magnitude:
-            del self.lora_magnitude[name]
+        for extra in (self.lora_magnitude, self.lora_init_a, self.lora_init_b):
+            if name in extra:
+                del extra[name]
         if name in self.lora_gate:
             del self.lora_gate[name]
         self.active = [n for n in self.active if n != name]
@@ -274,6 +312,11 @@ class LoRALinear(LinearAdapter, NamedAdapters):
             raise RuntimeError(f"Adapter {name!r} is merged into the base weight: unmerge it before gating it.")
         if name in self.lora_magnitude:
             raise ValueError(f"Adapter {name!r} is a DoRA adapter: gates (UniPELT) are for plain LoRA updates. Use use_dora=False with gate=True.")
+        if name in self.lora_init_a:
+            raise ValueError(
+                f"Adapter {name!r} starts from the base weight (init={self.specs[name].init!r}): gates (UniPELT) are for "
+                "adapters that start at zero. Use init='kaiming' with gate=True."
+            )
         if name not in self.lora_gate:
             a = self.lora_a[name]
             self.lora_gate[name] = Gate(self.in_features, 1, dtype=a.dtype, device=a.device)
@@ -287,7 +330,9 @@ class LoRALinear(LinearAdapter, NamedAdapters):
         names = [n for n in self.specs if not (trainable_only and n in self.frozen)]
         gates = [f"lora_gate.{n}.{p}" for n in names if n in self.lora_gate for p in ("weight", "bias")]
         magnitudes = [f"lora_magnitude.{n}" for n in names if n in self.lora_magnitude]
-        return [f"lora_a.{n}" for n in names] + [f"lora_b.{n}" for n in names] + magnitudes + gates
+        # the initial A0, B0 of PiSSA/OLoRA adapters are saved with the adapter but never trained
+        initial = [] if trainable_only else [f"lora_init_{p}.{n}" for n in names if n in self.lora_init_a for p in ("a", "b")]
+        return [f"lora_a.{n}" for n in names] + [f"lora_b.{n}" for n in names] + magnitudes + gates + initial
 
     def _only(self) -> LoRASpec:
         if len(self.specs) != 1:
@@ -320,6 +365,11 @@ class LoRALinear(LinearAdapter, NamedAdapters):
         if a.is_meta:
             return
         with torch.no_grad():
+            if from_weight(spec.init):
+                a0, b0 = self._from_weight(spec)
+                for target, value in ((a, a0), (b, b0), (self.lora_init_a[name], a0), (self.lora_init_b[name], b0)):
+                    target.copy_(value)
+                return
             if spec.init == "gaussian":
                 nn.init.normal_(a, std=1.0 / spec.r)
             else:
@@ -327,6 +377,49 @@ class LoRALinear(LinearAdapter, NamedAdapters):
             b.zero_()
             if name in self.lora_magnitude:  # m = ||W + s B A|| = ||W|| (B = 0): the output does not change
                 self.lora_magnitude[name].copy_(self._dora_norm(name))
+
+    def _check_weight_readable(self, init: str, r: int) -> None:
+        weight = self.weight
+        if type(weight).__name__ == "DTensor" or hasattr(weight, "ds_id"):
+            raise ValueError(
+                f"init={init!r} starts the adapter from the whole base weight, which is sharded here: add the adapter before "
+                "the model is sharded (the LoRA callback does; with FSDP2, call apply_peft before fully_shard)."
+            )
+        if r > min(self.in_features, self.out_features):
+            raise ValueError(
+                f"init={init!r} takes r={r} components of a {self.out_features}x{self.in_features} weight, which has at most "
+                f"{min(self.in_features, self.out_features)}: use a smaller r (rank_pattern for this module)."
+            )
+
+    def _from_weight(self, spec: LoRASpec) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A0, B0)`` from the base weight ``W`` (out x in): PiSSA, ``s B0 A0`` = the top-r singular part of ``W``,
+        ``A0 = sqrt(S_r / s) V_r^T``, ``B0 = U_r sqrt(S_r / s)`` (a randomized SVD with ``niter`` iterations for
+        ``pissa_niter_K``); OLoRA, ``W = Q R``: ``A0 = R[:r]``, ``B0 = Q[:, :r]``. As Hugging Face PEFT computes them,
+        in float32 (float64 for a float64 base)."""
+        w = self.dense_weight()
+        if self.weight.dtype == torch.float64:
+            w = self.weight.detach()
+        w = w.t() if self.fan_in_fan_out else w
+        r = spec.r
+        if spec.init == "olora":
+            q, rr = torch.linalg.qr(w)
+            return rr[:r].contiguous(), q[:, :r].contiguous()
+        if spec.init == "pissa":
+            u, sv, vh = torch.linalg.svd(w, full_matrices=False)
+            u, sv, vh = u[:, :r], sv[:r], vh[:r]
+        else:
+            u, sv, v = torch.svd_lowrank(w, q=r, niter=int(spec.init.rsplit("_", 1)[1]))
+            vh = v.t()
+        root = torch.sqrt(sv / spec.scaling)
+        return (root[:, None] * vh).contiguous(), (u * root[None, :]).contiguous()
+
+    def _initial_update(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """``s x A0^T B0^T``: the update a PiSSA/OLoRA adapter started with, subtracted from its update (no dropout), so
+        the model equals the base at step 0 and the base weights themselves stay unchanged."""
+        a0, b0 = self.lora_init_a[name], self.lora_init_b[name]
+        if a0.dtype != x.dtype:
+            a0, b0 = a0.to(x.dtype), b0.to(x.dtype)
+        return _LoRADeltaFunction.apply(x, a0, b0, self.specs[name].scaling, 0.0, 0)
 
     def _weight_sq_norms(self) -> torch.Tensor:
         """``||W_i||^2`` of the base weight parameter, kept while it is the same tensor at the same version: the frozen
@@ -352,7 +445,10 @@ class LoRALinear(LinearAdapter, NamedAdapters):
         if name is None:
             name = self._only_name()
         self._check_known(name)
-        delta = (self.lora_b[name].float() @ self.lora_a[name].float()) * self.specs[name].scaling  # (out, in)
+        delta = self.lora_b[name].float() @ self.lora_a[name].float()  # (out, in)
+        if name in self.lora_init_a:  # PiSSA/OLoRA: the update is s (B A - B0 A0)
+            delta -= self.lora_init_b[name].float() @ self.lora_init_a[name].float()
+        delta *= self.specs[name].scaling
         return delta.t() if self.fan_in_fan_out else delta
 
     def _only_name(self) -> str:
@@ -383,6 +479,8 @@ class LoRALinear(LinearAdapter, NamedAdapters):
             out = (F.dropout(x, p, training=True) @ a.t()) @ b.t() * s
         else:
             out = _LoRADeltaFunction.apply(x, a, b, s, p, _draw_seed() if p > 0 else 0)
+        if name in self.lora_init_a:
+            out = out - self._initial_update(x, name)
         return out * self.lora_gate[name](x) if name in self.lora_gate else out
 
     def _base_plus_update(self, x: torch.Tensor, weight, bias, name: str) -> torch.Tensor:
@@ -396,7 +494,8 @@ class LoRALinear(LinearAdapter, NamedAdapters):
                 x, weight, bias, a, b, m if m.dtype == x.dtype else m.to(x.dtype), s, p, _draw_seed() if p > 0 else 0, self.fan_in_fan_out,
                 self._weight_sq_norms(),
             )
-        return _LoRAFunction.apply(x, weight, bias, a, b, s, p, _draw_seed() if p > 0 else 0, self.fan_in_fan_out)
+        out = _LoRAFunction.apply(x, weight, bias, a, b, s, p, _draw_seed() if p > 0 else 0, self.fan_in_fan_out)
+        return out - self._initial_update(x, name) if name in self.lora_init_a else out
 
     # -- forward ------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -516,7 +615,8 @@ class LoRALinear(LinearAdapter, NamedAdapters):
 
     def extra_repr(self) -> str:
         adapters = ", ".join(
-            f"{n}(r={s.r}, alpha={s.alpha:g}, scaling={s.scaling:.4g}, dropout={s.dropout:g}{', dora' if s.use_dora else ''}{', gated' if n in self.lora_gate else ''})"
+            f"{n}(r={s.r}, alpha={s.alpha:g}, scaling={s.scaling:.4g}, dropout={s.dropout:g}{', dora' if s.use_dora else ''}"
+            f"{', init=' + s.init if from_weight(s.init) else ''}{', gated' if n in self.lora_gate else ''})"
             for n, s in self.specs.items()
         )
         return (
@@ -591,6 +691,10 @@ def inject_lora(
     _check_adapter_name(adapter_name)
     if gate and use_dora:
         raise ValueError("gate=True (UniPELT) gates plain LoRA updates; it cannot be combined with use_dora=True. Choose one.")
+    if gate and from_weight(init):
+        raise ValueError(f"gate=True (UniPELT) gates adapters that start at zero; it cannot be combined with init={init!r}. Choose one.")
+    if use_dora and from_weight(init):
+        raise ValueError(f"init={init!r} with use_dora=True is not supported: DoRA's magnitude is read from the base weight, which PiSSA/OLoRA split. Use one of them.")
     for key, value in (rank_pattern or {}).items():
         check_lora_args(value, alpha, dropout, init)
     for key, value in (alpha_pattern or {}).items():
@@ -617,6 +721,13 @@ def inject_lora(
         for name in names:
             model.get_submodule(name).add_gate(adapter_name)
     return names
+
+
+def _factors(layer: LoRALinear, name: str) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The ``A`` and ``B`` blocks whose product ``[B | -B0] [A ; A0]`` is adapter ``name``'s update over ``s``."""
+    if name in layer.lora_init_a:
+        return [layer.lora_a[name], layer.lora_init_a[name]], [layer.lora_b[name], -layer.lora_init_b[name]]
+    return [layer.lora_a[name]], [layer.lora_b[name]]
 
 
 @torch.no_grad()
@@ -653,14 +764,17 @@ def add_weighted_adapter(
     if dora:
         raise ValueError(f"add_weighted_adapter combines plain LoRA updates; {dora} are DoRA adapters, whose magnitudes do not combine linearly.")
     if combination_type == "linear":
+        initial = sorted({a for m in layers for a in adapters if a in m.lora_init_a})
+        if initial:
+            raise ValueError(f"combination_type='linear' needs adapters that start at zero; {initial} start from the base weight (PiSSA/OLoRA): use 'cat'.")
         ranks = {m.specs[a].r for m in layers for a in adapters if a in m.specs}
         if len(ranks) != 1:
             raise ValueError(f"combination_type='linear' needs adapters of one rank, found ranks {sorted(ranks)}; use 'cat'.")
     for m in layers:
         present = [(a, w) for a, w in zip(adapters, weights) if a in m.specs]
-        if combination_type == "cat":
-            a_new = torch.cat([m.lora_a[a].float() * (w * m.specs[a].scaling) for a, w in present], 0)
-            b_new = torch.cat([m.lora_b[a].float() for a, _ in present], 1)
+        if combination_type == "cat":  # PiSSA/OLoRA adapters: s (B A - B0 A0) = s [B | -B0] [A ; A0]
+            a_new = torch.cat([t.float() * (w * m.specs[a].scaling) for a, w in present for t in _factors(m, a)[0]], 0)
+            b_new = torch.cat([t.float() for a, _ in present for t in _factors(m, a)[1]], 1)
         else:
             a_new = sum(m.lora_a[a].float() * math.copysign(math.sqrt(abs(w * m.specs[a].scaling)), w * m.specs[a].scaling) for a, w in present)
             b_new = sum(m.lora_b[a].float() * math.sqrt(abs(w * m.specs[a].scaling)) for a, w in present)

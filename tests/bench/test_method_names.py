@@ -9,6 +9,7 @@ from lightning_peft.callbacks.base import PEFTCallback
 
 NOT_A_CALLBACK = {
     "full": "full fine-tuning", "qlora": "LoRA on a 4-bit base (the QLoRAPrecision plugin)", "dora": "LoRA(use_dora=True), a variant of the LoRA callback",
+    "pissa": "LoRA(init='pissa'), a variant of the LoRA callback",
 }
 
 
