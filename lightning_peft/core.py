@@ -316,7 +316,7 @@ def merge_adapters(model: nn.Module) -> nn.Module:
     is never left half-merged.
     """
     layers = list(adapter_modules(model))
-    problems = _merge_problems(layers)
+    problems = _merge_problems(layers, model)
     if problems:
         listed = "\n  ".join(sorted({f"{name}: {problem}" for name, _, problem in problems})[:10])
         kind = NotImplementedError if any(not m.mergeable for _, m in layers) else ValueError  # a method vs its values
@@ -328,9 +328,20 @@ def merge_adapters(model: nn.Module) -> nn.Module:
     return model
 
 
-def _merge_problems(layers: list[tuple[str, AdapterLayer]]) -> list[tuple[str, AdapterLayer, str]]:
-    """``(name, layer, why)`` for every layer that cannot merge now (:meth:`AdapterLayer.merge_problem`)."""
-    return [(name or type(m).__name__, m, problem) for name, m in layers if (problem := m.merge_problem())]
+def _merge_problems(layers: list[tuple[str, AdapterLayer]], model: nn.Module) -> list[tuple[str, AdapterLayer, str]]:
+    """``(name, layer, why)`` for every layer that cannot merge now (:meth:`AdapterLayer.merge_problem`, or a base
+    weight that other modules share: tied input and output embeddings)."""
+    problems = [(name or type(m).__name__, m, problem) for name, m in layers if (problem := m.merge_problem())]
+    holders: dict[int, list[str]] = {}
+    for pname, p in model.named_parameters(remove_duplicate=False):
+        holders.setdefault(id(p), []).append(pname)
+    for name, m in layers:
+        weight = getattr(m, "weight", None)
+        pending = [a for a in m.active if a not in m.merged_adapters] if isinstance(m, NamedAdapters) else [] if m.merged else ["default"]
+        others = [h for h in holders.get(id(weight), []) if h.rpartition(".")[0] != name] if isinstance(weight, nn.Parameter) else []
+        if m.mergeable and pending and others and not any(n == name for n, _, _ in problems):
+            problems.append((name, m, f"its base weight is shared with {others[:3]} (tied weights): merging would change those modules too"))
+    return problems
 
 
 def _merge_all(layers: list[tuple[str, AdapterLayer]]) -> None:
@@ -470,7 +481,7 @@ def unload(model: nn.Module, merge: bool = False) -> nn.Module:
     if merge:
         # the same check as merge_adapters, for every layer before any changes (a gated LoRA layer is of a mergeable
         # type, but cannot merge)
-        problems = _merge_problems(layers)
+        problems = _merge_problems(layers, model)
         if problems:
             cannot = sorted({type(m).__name__ for _, m, _ in problems})
             name, _, why = problems[0]

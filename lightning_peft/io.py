@@ -57,7 +57,7 @@ from lightning_peft.core import (
     peft_state,
     sharding_of,
 )
-from lightning_peft.methods.lora import LoRALinear, _factors, from_weight, inject_lora, pattern_value
+from lightning_peft.methods.lora import LoRALinear, _factors, _layer_class as _lora_layer_class, _layer_classes as _lora_layer_classes, from_weight, inject_lora, pattern_value
 from lightning_peft.quant import weight_shape
 from lightning_peft.targeting import find_targets, linear_types
 
@@ -699,8 +699,9 @@ def _lora_to_peft(base: nn.Module, layers: list[tuple[str, LoRALinear]], name: s
     tensors = {}
     for path, m in layers:
         a_blocks, b_blocks = _factors(m, name)
-        tensors[f"{PEFT_PREFIX}{path}.lora_A.weight"] = torch.cat([t.detach() for t in a_blocks], 0)
-        tensors[f"{PEFT_PREFIX}{path}.lora_B.weight"] = torch.cat([t.detach() for t in b_blocks], 1)
+        a_shape, b_shape = m.peft_shapes(m, specs[path].r)
+        tensors[f"{PEFT_PREFIX}{path}.{m.peft_parts[0]}"] = torch.cat([t.detach() for t in a_blocks], 0).reshape(a_shape)
+        tensors[f"{PEFT_PREFIX}{path}.{m.peft_parts[1]}"] = torch.cat([t.detach() for t in b_blocks], 1).reshape(b_shape)
         if first.use_dora:
             tensors[f"{PEFT_PREFIX}{path}.lora_magnitude_vector"] = m.lora_magnitude[name].detach()
     config = {
@@ -711,7 +712,7 @@ def _lora_to_peft(base: nn.Module, layers: list[tuple[str, LoRALinear]], name: s
         "lora_dropout": first.dropout,
         "use_rslora": first.use_rslora,
         "target_modules": sorted(specs),
-        "fan_in_fan_out": layers[0][1].fan_in_fan_out,
+        "fan_in_fan_out": any(m.fan_in_fan_out for _, m in layers if m.wraps_linear),
         "bias": "none",
         "use_dora": first.use_dora,
         "init_lora_weights": "gaussian" if first.init == "gaussian" else True,
@@ -743,7 +744,9 @@ def _lora_from_peft(base: nn.Module, config: dict[str, Any], tensors: dict[str, 
     targets = config["target_modules"]
     targets = targets if isinstance(targets, str) else list(targets)
     exclude = config.get("exclude_modules")
-    names = find_targets(base, targets, exclude, supported=linear_types(), method="LoRA", extend=(LoRALinear,), each_entry=False)
+    classes = _lora_layer_classes()
+    supported = tuple(t for c in classes for t in c.supported_types())
+    names = find_targets(base, targets, exclude, supported=supported, method="LoRA", extend=(LoRALinear,), each_entry=False, recomputes_linear=True)
     modules = dict(base.named_modules())
     use_dora = config.get("use_dora") in (True,)
     if config.get("use_dora") not in (True, False, None):
@@ -764,16 +767,16 @@ def _lora_from_peft(base: nn.Module, config: dict[str, Any], tensors: dict[str, 
             stacklevel=3,
         )
     expected: dict[str, tuple[int, ...]] = {}
+    parts: dict[str, tuple[str, str]] = {}  # module -> its A and B keys' suffixes
     for n in names:
         m = modules[n]
-        if isinstance(m, LoRALinear):
-            in_f, out_f = m.in_features, m.out_features
-        else:
-            w = m.weight
-            in_f, out_f = (w.shape[0], w.shape[1]) if not isinstance(m, nn.Linear) else (w.shape[1], w.shape[0])
+        cls = type(m) if isinstance(m, LoRALinear) else _lora_layer_class(m, classes)
         rank = pattern_value(n, rank_pattern, r)
-        expected[f"{PEFT_PREFIX}{n}.lora_A.weight"] = (rank, in_f)
-        expected[f"{PEFT_PREFIX}{n}.lora_B.weight"] = (out_f, rank)
+        a_shape, b_shape = cls.peft_shapes(m, rank)
+        parts[n] = cls.peft_parts
+        expected[f"{PEFT_PREFIX}{n}.{cls.peft_parts[0]}"] = a_shape
+        expected[f"{PEFT_PREFIX}{n}.{cls.peft_parts[1]}"] = b_shape
+        out_f = b_shape[0]
         if use_dora:
             expected[f"{PEFT_PREFIX}{n}.lora_magnitude_vector"] = (out_f,)
     # peft may keep the adapter name in keys (lora_A.<name>.weight); accept that spelling too
@@ -782,6 +785,10 @@ def _lora_from_peft(base: nn.Module, config: dict[str, Any], tensors: dict[str, 
         key = original
         for part in ("lora_A", "lora_B"):
             key = key.replace(f".{part}.{adapter_name}.weight", f".{part}.weight").replace(f".{part}.default.weight", f".{part}.weight")
+        for part in ("lora_embedding_A", "lora_embedding_B"):
+            for spelling in (f".{part}.{adapter_name}", f".{part}.default"):
+                if key.endswith(spelling):
+                    key = key[: -len(spelling)] + f".{part}"
         for spelling in (f".lora_magnitude_vector.{adapter_name}.weight", ".lora_magnitude_vector.default.weight", ".lora_magnitude_vector.weight"):
             if key.endswith(spelling):
                 key = key[: -len(spelling)] + ".lora_magnitude_vector"
@@ -811,8 +818,9 @@ def _lora_from_peft(base: nn.Module, config: dict[str, Any], tensors: dict[str, 
     with torch.no_grad():
         for n in injected:
             layer = base.get_submodule(n)
-            layer.lora_a[adapter_name].copy_(normalized[f"{PEFT_PREFIX}{n}.lora_A.weight"])
-            layer.lora_b[adapter_name].copy_(normalized[f"{PEFT_PREFIX}{n}.lora_B.weight"])
+            a_part, b_part = parts[n]
+            layer.lora_a[adapter_name].copy_(normalized[f"{PEFT_PREFIX}{n}.{a_part}"].reshape(layer.lora_a[adapter_name].shape))
+            layer.lora_b[adapter_name].copy_(normalized[f"{PEFT_PREFIX}{n}.{b_part}"].reshape(layer.lora_b[adapter_name].shape))
             if use_dora:
                 layer.lora_magnitude[adapter_name].copy_(normalized[f"{PEFT_PREFIX}{n}.lora_magnitude_vector"])
     return injected

@@ -39,17 +39,30 @@ class LinearAdapter(AdapterLayer):
     """
 
     mergeable = True
+    wraps_linear = True  # a linear layer (the QLoRA plugin quantizes its weight); False: a linear map only in disguise
 
     def __init__(self, base: nn.Module) -> None:
-        if not isinstance(base, linear_types()):
-            raise TypeError(f"{type(self).__name__} wraps nn.Linear or transformers Conv1D, got {type(base).__name__}.")
+        if not isinstance(base, self.supported_types()):
+            names = " or ".join(t.__name__ for t in self.supported_types())
+            raise TypeError(f"{type(self).__name__} wraps {names}, got {type(base).__name__}.")
         super().__init__()
-        self.fan_in_fan_out = not isinstance(base, nn.Linear)
-        shape = weight_shape(base.weight)  # the logical shape, also of a quantized weight
-        self.in_features, self.out_features = (shape[0], shape[1]) if self.fan_in_fan_out else (shape[1], shape[0])
+        self.in_features, self.out_features, self.fan_in_fan_out = self._geometry(base)
         self._base_type = type(base)
         self.weight = base.weight
-        self.bias = base.bias
+        self.bias = getattr(base, "bias", None)
+
+    @classmethod
+    def supported_types(cls) -> tuple[type[nn.Module], ...]:
+        """The module types this layer wraps."""
+        return linear_types()
+
+    @staticmethod
+    def _geometry(base: nn.Module) -> tuple[int, int, bool]:
+        """``(in_features, out_features, fan_in_fan_out)`` of the linear map ``base`` computes: ``nn.Linear`` stores its
+        weight ``(out, in)``, HF ``Conv1D`` ``(in, out)``."""
+        fan_in_fan_out = not isinstance(base, nn.Linear)
+        shape = weight_shape(base.weight)  # the logical shape, also of a quantized weight
+        return (shape[0], shape[1], True) if fan_in_fan_out else (shape[1], shape[0], False)
 
     @property
     def adapter_dtype(self) -> torch.dtype:

@@ -59,7 +59,10 @@ from lightning_peft.methods.dora import dora_linear, dora_update, dora_weight_no
 from lightning_peft.quant import dequantize, is_quantized  # QLoRA: quantized base weights
 from lightning_peft.targeting import TargetSpec, find_targets, linear_types
 
-__all__ = ["LoRALinear", "LoRASpec", "add_weighted_adapter", "check_lora_args", "from_weight", "inject_lora", "lora_linear", "pattern_value"]
+__all__ = [
+    "LoRALinear", "LoRASpec", "add_weighted_adapter", "check_lora_args", "from_weight", "inject_lora", "lora_linear", "pattern_value",
+    "register_layer_class",
+]
 
 LoRAInit = str
 """``"kaiming"``, ``"gaussian"`` (``B = 0``), or from the base weight: ``"pissa"``, ``"pissa_niter_K"``, ``"olora"``."""
@@ -231,6 +234,7 @@ class LoRALinear(LinearAdapter, NamedAdapters):
     """
 
     adapter_prefix = "lora_"
+    peft_parts = ("lora_A.weight", "lora_B.weight")  # the keys of A and B in a PEFT file, after the module path
 
     def __init__(
         self, base: nn.Module, r: int = 8, alpha: float = 16.0, dropout: float = 0.0, use_rslora: bool = False,
@@ -451,6 +455,13 @@ class LoRALinear(LinearAdapter, NamedAdapters):
         delta *= self.specs[name].scaling
         return delta.t() if self.fan_in_fan_out else delta
 
+    @classmethod
+    def peft_shapes(cls, module: nn.Module, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """The shapes of ``A`` and ``B`` in a PEFT file for a rank-``r`` adapter on ``module`` (this layer, or the plain
+        module it would wrap); the tensors here hold the same values as ``(r, in_features)`` and ``(out_features, r)``."""
+        in_f, out_f = (module.in_features, module.out_features) if isinstance(module, LoRALinear) else cls._geometry(module)[:2]
+        return (r, in_f), (out_f, r)
+
     def _only_name(self) -> str:
         self._only()
         return next(iter(self.specs))
@@ -520,7 +531,7 @@ class LoRALinear(LinearAdapter, NamedAdapters):
             out = self._base_plus_update(x, weight, bias, fused)
             add.remove(fused)
         else:
-            out = base_linear(x, weight, bias, self.fan_in_fan_out)
+            out = self._base_out(x, weight, bias)
         for name in add:
             out = out + self._update(x, name)
         for name in self.merged_adapters:  # merged into the weight but not wanted now: take the update back out
@@ -538,6 +549,10 @@ class LoRALinear(LinearAdapter, NamedAdapters):
                 out = out - self._update(x, name, dropout=False)
         return out
 
+    def _base_out(self, x: torch.Tensor, weight, bias) -> torch.Tensor:
+        """The base layer's output (a variant of another geometry overrides it: embeddings, convolutions)."""
+        return base_linear(x, weight, bias, self.fan_in_fan_out)
+
     def _routed_forward(self, x: torch.Tensor, weight, bias) -> torch.Tensor:
         names = self.sample_adapters
         if self.merged_adapters:
@@ -547,7 +562,7 @@ class LoRALinear(LinearAdapter, NamedAdapters):
                 f"adapter_names has {len(names)} entries but the batch has {x.shape[0]} rows: give one adapter "
                 "name (or None for the base model) per sample."
             )
-        out = base_linear(x, weight, bias, self.fan_in_fan_out)
+        out = self._base_out(x, weight, bias)
         for name in dict.fromkeys(n for n in names if n is not None and n in self.specs):
             rows = torch.tensor([i for i, n in enumerate(names) if n == name], device=x.device)
             out = out.index_add(0, rows, self._update(x.index_select(0, rows), name))
@@ -699,7 +714,16 @@ def inject_lora(
         check_lora_args(value, alpha, dropout, init)
     for key, value in (alpha_pattern or {}).items():
         check_lora_args(r, value, dropout, init)
-    names = find_targets(model, target_modules, exclude_modules, supported=linear_types(), method="LoRA", extend=(LoRALinear,), each_entry=strict)
+    classes = _layer_classes()
+    # "all-linear" stays linear: embeddings and convolutions are adapted when named
+    linear_only = isinstance(target_modules, str) and target_modules == "all-linear"
+    supported = classes[-1].supported_types() if linear_only else tuple(t for c in classes for t in c.supported_types())
+    names = find_targets(
+        model, target_modules, exclude_modules, supported=supported, method="LoRA", extend=(LoRALinear,), each_entry=strict,
+        recomputes_linear=True,
+    )
+    if linear_only:
+        names = [n for n in names if not isinstance(model.get_submodule(n), classes[:-1])]
     check_patterns(names, {"rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern}, require_match=strict)
     clash = [n for n in names if isinstance(model.get_submodule(n), LoRALinear) and adapter_name in model.get_submodule(n).specs]
     if clash:
@@ -711,15 +735,23 @@ def inject_lora(
         n: dict(r=pattern_value(n, rank_pattern, r), alpha=pattern_value(n, alpha_pattern, alpha), dropout=dropout, use_rslora=use_rslora, init=init, use_dora=use_dora)
         for n in names
     }
-    new = {n: LoRALinear(model.get_submodule(n), adapter_name=adapter_name, **settings[n]) for n in names if not isinstance(model.get_submodule(n), LoRALinear)}
+    new = {
+        n: _layer_class(model.get_submodule(n), classes)(model.get_submodule(n), adapter_name=adapter_name, **settings[n])
+        for n in names if not isinstance(model.get_submodule(n), LoRALinear)
+    }
+    if gate:  # before anything is swapped in: a layer that cannot be gated fails here
+        not_linear = [n for n in names if n not in new and not model.get_submodule(n).wraps_linear]
+        if not_linear:
+            raise ValueError(f"Gates (UniPELT) are for LoRA on linear layers, not on {not_linear[0]!r} ({type(model.get_submodule(not_linear[0])).__name__}).")
+        for layer in new.values():
+            layer.add_gate(adapter_name)
     for name in names:
         if name in new:
             model.set_submodule(name, new[name])
         else:
             model.get_submodule(name).add_adapter(adapter_name, **settings[name])
-    if gate:
-        for name in names:
-            model.get_submodule(name).add_gate(adapter_name)
+            if gate:
+                model.get_submodule(name).add_gate(adapter_name)
     return names
 
 
@@ -728,6 +760,26 @@ def _factors(layer: LoRALinear, name: str) -> tuple[list[torch.Tensor], list[tor
     if name in layer.lora_init_a:
         return [layer.lora_a[name], layer.lora_init_a[name]], [layer.lora_b[name], -layer.lora_init_b[name]]
     return [layer.lora_a[name]], [layer.lora_b[name]]
+
+
+_LAYER_CLASSES: list[type[LoRALinear]] = []
+
+
+def register_layer_class(cls: type[LoRALinear]) -> type[LoRALinear]:
+    """Make ``inject_lora`` wrap ``cls.supported_types()`` in ``cls``, a :class:`LoRALinear` of another geometry
+    (:mod:`lightning_peft.methods.lora_layers` registers embeddings and convolutions; importing
+    ``lightning_peft.methods`` imports it)."""
+    _LAYER_CLASSES.insert(0, cls)
+    return cls
+
+
+def _layer_classes() -> tuple[type[LoRALinear], ...]:
+    """The LoRA layer classes, the plain linear one last."""
+    return (*_LAYER_CLASSES, LoRALinear)
+
+
+def _layer_class(module: nn.Module, classes: tuple[type[LoRALinear], ...]) -> type[LoRALinear]:
+    return next(c for c in classes if isinstance(module, c.supported_types()))
 
 
 @torch.no_grad()

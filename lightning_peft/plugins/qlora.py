@@ -180,7 +180,7 @@ class QLoRAPrecision(Precision):
         others = [n for n, m in module.named_modules() if isinstance(m, AdapterLayer) and not isinstance(m, LinearAdapter)]
         plan, skipped, done = [], {"trainable": 0, "head or ignored": 0, "shared weight": 0, "other adapter": 0}, 0
         for name, layer in module.named_modules():
-            wraps_linear = isinstance(layer, LinearAdapter)
+            wraps_linear = isinstance(layer, LinearAdapter) and layer.wraps_linear
             if not (wraps_linear and not layer.fan_in_fan_out) and not (type(layer) is nn.Linear or isinstance(layer, QuantLinear)):
                 continue
             weight = layer.weight
