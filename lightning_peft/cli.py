@@ -144,6 +144,18 @@ def _build_model(config_path: Path) -> Any:
     init_args = spec.get("init_args") or {}
     if not isinstance(init_args, dict):
         raise ValueError(f"{config_path}: model.init_args must be a mapping, found {type(init_args).__name__}.")
+    if init_args.get("from_config") is True:
+        # a base with random weights: rebuilt only from the run's seed, as LightningCLI seeded before building it
+        seed = config.get("seed_everything")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(
+                f"{config_path}: the model was built with from_config=True (random weights) and the run has no integer "
+                f"seed_everything (found {seed!r}), so its base cannot be rebuilt: an export would hold other weights than "
+                "training used. Train with seed_everything: <int> (or from a saved model directory, from_config: false)."
+            )
+        from lightning.fabric.utilities.seed import seed_everything
+
+        seed_everything(seed, verbose=False)
     model = cls(**init_args)
     model.configure_model()
     return model

@@ -55,3 +55,45 @@ def test_export_without_a_config_says_what_to_pass(tmp_path, monkeypatch):
     torch.save({}, ckpt)
     with pytest.raises(FileNotFoundError, match="No config.yaml found beside .* Pass the run's config with --config"):
         main(["export", "--ckpt_path", str(ckpt), "--out", str(tmp_path / "o")])
+
+
+def test_a_random_base_from_config_is_rebuilt_from_the_run_seed(tmp_path, shared_data):
+    """A CausalLM built with from_config=True has random base weights: export rebuilds them from the run's
+    seed_everything, so the merged model equals the trained one (and two exports are the same); without an integer
+    seed the export is refused instead of writing other weights."""
+    import yaml
+    from transformers import AutoModelForCausalLM
+
+    from lightning_peft import merge_adapters
+    from lightning_peft.cli import PEFTCLI
+
+    args = [
+        "fit", "--config", "configs/lora_causal_lm.yaml", f"--trainer.default_root_dir={tmp_path}", "--trainer.enable_checkpointing=true",
+        "--trainer.max_steps=2", "--trainer.enable_progress_bar=false", f"--data.init_args.train_file={shared_data / 'instructions' / 'alpaca_data_1k_sample.json'}",
+        "--data.init_args.max_rows=16", "--data.init_args.batch_size=4", f"--trainer.callbacks.init_args.save_dir={tmp_path / 'fit_adapter'}",
+    ]
+    import lightning_peft.tasks  # noqa: F401
+
+    cli = PEFTCLI(lightning_peft.tasks.CausalLM, lightning_peft.tasks.InstructionData, subclass_mode_model=True, subclass_mode_data=True,
+                  save_config_kwargs={"overwrite": True}, args=args)
+    ckpt = next((tmp_path / "checkpoints").glob("*.ckpt"))
+    trained = cli.model.eval()
+    merge_adapters(trained)
+    ids = torch.tensor([[5, 9, 14, 3, 7]])
+    expected = trained.model(input_ids=ids).logits
+    for out in ("merged", "again"):
+        main(["export", "--ckpt_path", str(ckpt), "--out", str(tmp_path / out), "--merged=true"])
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", local_files_only=True).eval()
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "again", local_files_only=True).eval()
+    torch.testing.assert_close(plain(input_ids=ids).logits, expected, atol=1e-5, rtol=1e-5)
+    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), again.state_dict().values()))
+
+    config = tmp_path / "lightning_logs" / "version_0" / "config.yaml"
+    if not config.is_file():
+        config = next(tmp_path.rglob("config.yaml"))
+    unseeded = yaml.safe_load(config.read_text())
+    unseeded["seed_everything"] = None
+    (tmp_path / "unseeded.yaml").write_text(yaml.safe_dump(unseeded))
+    with pytest.raises(ValueError, match="from_config=True .* no integer seed_everything"):
+        main(["export", "--ckpt_path", str(ckpt), "--config", str(tmp_path / "unseeded.yaml"), "--out", str(tmp_path / "x"), "--merged=true"])
+    assert not (tmp_path / "x").exists()
