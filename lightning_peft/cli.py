@@ -90,20 +90,36 @@ def main(args: Optional[list[str]] = None) -> None:
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
+        parser_kwargs={"epilog": _COMMANDS},
         args=args,
     )
 
 
-_BENCHES = {"speed": "speed", "quality": "quality", "saved-bytes": "saved_bytes", "precision": "precision", "inference": "inference"}
+_BENCHES = {
+    "speed": ("speed", "trainable parameters, memory and step time of methods side by side (and HF PEFT's)"),
+    "quality": ("quality", "dev accuracy of methods on a GLUE task (SST-2, MRPC, RTE, CoLA), several seeds"),
+    "saved-bytes": ("saved_bytes", "bytes saved for backward per token, ours and HF PEFT's"),
+    "precision": ("precision", "LoRA over bf16, int8 and NF4 bases: memory, speed, agreement"),
+    "inference": ("inference", "inference overhead of unmerged adapters"),
+}
+
+_COMMANDS = (
+    "More sub-commands: export (a checkpoint's adapter in Hugging Face PEFT's format, or a merged model: lightning-peft "
+    "export --help); bench (side-by-side measurements: speed, quality, saved-bytes, precision, inference: lightning-peft "
+    "bench --help)."
+)
 
 
 def bench_main(args: list[str]) -> None:
     """``lightning-peft bench speed|quality|saved-bytes|precision|inference ...``: the side-by-side measurements in ``lightning_peft.bench``."""
     if not args or args[0] not in _BENCHES:
         names = "|".join(_BENCHES)
-        print(f"usage: lightning-peft bench {{{names}}} [--help]", file=sys.stderr)
-        raise SystemExit(2)
-    importlib.import_module(f"lightning_peft.bench.{_BENCHES[args[0]]}").main(args[1:])
+        listed = "\n".join(f"  {name:<13} {what}" for name, (_, what) in _BENCHES.items())
+        asked = bool(args) and args[0] in ("-h", "--help")
+        unknown = "" if asked or not args else f"lightning-peft bench: unknown benchmark {args[0]!r}\n"
+        print(f"{unknown}usage: lightning-peft bench {{{names}}} [--help]\n\nbenchmarks:\n{listed}", file=sys.stdout if asked else sys.stderr)
+        raise SystemExit(0 if asked else 2)
+    importlib.import_module(f"lightning_peft.bench.{_BENCHES[args[0]][0]}").main(args[1:])
 
 
 def _find_run_config(ckpt_path: Path) -> Path:

@@ -412,7 +412,7 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str, scored_on: str = "d
 
 
 def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
-    parser = argparse.ArgumentParser(prog="python -m lightning_peft.bench.quality", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="lightning-peft bench quality", description=__doc__.split("\n\n")[0])
     parser.add_argument("--task", default="sst2", choices=list(TASKS))
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {list(METHODS)}")
     parser.add_argument("--seeds", type=int, default=1, help="how many seeds per method")

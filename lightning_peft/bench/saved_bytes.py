@@ -86,7 +86,7 @@ def saved_bytes_table(peers: bool = True, batch_size: int = 4, seq_len: int = 12
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="lightning-peft bench saved-bytes", description=__doc__.split("\n")[0])
     parser.add_argument("--no-peers", action="store_true", help="skip Hugging Face PEFT rows")
     args = parser.parse_args(argv)
     table = saved_bytes_table(peers=not args.no_peers)

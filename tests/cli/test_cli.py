@@ -107,3 +107,22 @@ def test_every_shipped_config_fits_one_step(name, tmp_path, shared_data, minilm_
     main(args)
     if callbacks:
         assert (tmp_path / "adapter" / "adapter_config.json").is_file() or any((tmp_path / "adapter").rglob("*.ckpt")), list((tmp_path / "adapter").rglob("*"))
+
+
+def test_help_names_every_sub_command_and_each_bench_its_own_prog(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert all(cmd in out for cmd in ("fit", "validate", "test", "predict", "export", "bench"))
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "--help"])
+    out = capsys.readouterr().out
+    assert exc.value.code == 0 and all(name in out for name in ("speed", "quality", "saved-bytes", "precision", "inference"))
+    with pytest.raises(SystemExit) as exc:
+        main(["bench"])
+    assert exc.value.code == 2 and "benchmarks:" in capsys.readouterr().err
+    for name in ("speed", "quality", "saved-bytes", "precision", "inference"):
+        with pytest.raises(SystemExit):
+            main(["bench", name, "--help"])
+        assert capsys.readouterr().out.startswith(f"usage: lightning-peft bench {name} "), name
