@@ -59,6 +59,7 @@ TOKENIZER_DIR = "<tokenizer dir>"
 
 #: valid non-default values where the annotation and default do not give one (module names are the tiny models')
 VALUES: dict[tuple[str, str], Any] = {
+    ("lora", "init"): "pissa",
     ("adalora", "total_steps"): 10,  # the stand-in fit has 4 optimizer steps: the default takes those
     ("adalora", "target_modules"): ["q_proj", "v_proj"],
     ("adalora", "exclude_modules"): ["o_proj"],
