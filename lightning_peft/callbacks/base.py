@@ -257,6 +257,10 @@ class PEFTCallback(Callback):
         self._refuse_training_merged_adapters(pl_module)
         # training starts: from here on the adapters hold trained values, which a later error must not take away
         _TrainerCallInjection.commit(pl_module)
+        # the adapter's settings beside the module's hyperparameters (hparams.yaml, TensorBoard's hparams)
+        methods = [dict(m) for m in peft_state(pl_module)["methods"]]
+        for logger in trainer.loggers:
+            logger.log_hyperparams({"lightning_peft": methods})
 
     @staticmethod
     def _refuse_training_merged_adapters(pl_module: pl.LightningModule) -> None:

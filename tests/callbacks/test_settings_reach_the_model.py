@@ -413,3 +413,23 @@ def test_a_setting_that_would_be_ignored_is_refused_with_the_fix():
         PromptTuning(tokenizer="tok")
     with pytest.raises(ValueError, match=r"unfreeze_lr_factor=0.5 .* there is no unfreeze_schedule.* Give unfreeze_schedule"):
         Selective(unfreeze_lr_factor=0.5)
+
+
+def test_the_adapter_settings_reach_the_loggers_hparams(tmp_path):
+    """The settings of every injected method are logged as hyperparameters (``hparams.yaml`` beside the metrics)."""
+    import lightning as L
+    import yaml
+    from lightning.pytorch.loggers import CSVLogger
+
+    from lightning_peft import LoRA
+    from tests.callbacks.helpers import TinyLM
+
+    logger = CSVLogger(tmp_path, name="run")
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=1, logger=logger, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+        num_sanity_val_steps=0, limit_val_batches=0, callbacks=[LoRA(r=4, alpha=8, target_modules=["q_proj"], rank_pattern={"q_proj": 2})],
+    )
+    trainer.fit(TinyLM())
+    hparams = yaml.safe_load((tmp_path / "run" / "version_0" / "hparams.yaml").read_text())
+    (lora,) = hparams["lightning_peft"]
+    assert (lora["method"], lora["r"], lora["alpha"], lora["target_modules"], lora["rank_pattern"]) == ("lora", 4, 8.0, ["q_proj"], {"q_proj": 2})
