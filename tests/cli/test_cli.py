@@ -126,3 +126,12 @@ def test_help_names_every_sub_command_and_each_bench_its_own_prog(capsys):
         with pytest.raises(SystemExit):
             main(["bench", name, "--help"])
         assert capsys.readouterr().out.startswith(f"usage: lightning-peft bench {name} "), name
+
+
+@pytest.mark.parametrize("name", _CONFIGS)
+def test_every_shipped_config_keeps_what_it_trains(name):
+    """A config writes its adapter: a PEFT-format save_dir, or (for the methods without that format) checkpoints."""
+    cfg = yaml.safe_load((REPO / "configs" / name).read_text())
+    trainer = cfg["trainer"]
+    saves = any("save_dir" in (c.get("init_args") or {}) for c in trainer.get("callbacks", []))
+    assert saves or trainer.get("enable_checkpointing") is True, f"{name} trains an adapter and writes nothing"
