@@ -75,6 +75,10 @@ def main(args: Optional[list[str]] = None) -> None:
     """Entry point of the ``lightning-peft`` console script (offline: no model hub)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    # `--model mymodule.MyLit` for a module in the working directory, as `python -m` would find it; appended, so a
+    # file there cannot shadow an installed package
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.append(os.getcwd())
     import lightning_peft.tasks  # noqa: F401  (registers the task classes for short class_path names)
 
     argv = sys.argv[1:] if args is None else list(args)

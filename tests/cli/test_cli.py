@@ -149,3 +149,22 @@ def test_the_causal_lm_config_validates_and_logs_within_its_steps(tmp_path, shar
     rows = list(csv.DictReader(next(tmp_path.rglob("metrics.csv")).open()))
     assert any(r["val_loss"] for r in rows) and sum(bool(r["train_loss"]) for r in rows) >= 2
     assert (tmp_path / "adapter" / "adapter_config.json").is_file()
+
+
+def test_a_module_in_the_working_directory_is_importable_by_the_console_script(tmp_path):
+    """`lightning-peft fit --model mymodule.MyLit` from the folder holding mymodule.py, without PYTHONPATH=."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    (tmp_path / "my_lit_module.py").write_text(
+        "import lightning as L\nimport torch\n\n\nclass MyLit(L.LightningModule):\n"
+        "    def __init__(self, width: int = 3):\n        super().__init__()\n        self.layer = torch.nn.Linear(width, 1)\n"
+    )
+    script = shutil.which("lightning-peft") or str(Path(sys.executable).parent / "lightning-peft")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    run = subprocess.run([script, "fit", "--model", "my_lit_module.MyLit", "--model.width", "5", "--print_config"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "class_path: my_lit_module.MyLit" in run.stdout and "width: 5" in run.stdout
