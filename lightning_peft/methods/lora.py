@@ -505,6 +505,11 @@ class LoRALinear(LinearAdapter, NamedAdapters):
                 x, weight, bias, a, b, m if m.dtype == x.dtype else m.to(x.dtype), s, p, _draw_seed() if p > 0 else 0, self.fan_in_fan_out,
                 self._weight_sq_norms(),
             )
+        if name in self.lora_init_a and p == 0:
+            # PiSSA/OLoRA without dropout: the update and the subtracted start are one rank-2r product [B | -B0] [A ; A0]
+            a0, b0 = self.lora_init_a[name], self.lora_init_b[name]
+            a, b = torch.cat([a, a0.to(a.dtype)]), torch.cat([b, -b0.to(b.dtype)], 1)
+            return _LoRAFunction.apply(x, weight, bias, a, b, s, 0.0, 0, self.fan_in_fan_out)
         out = _LoRAFunction.apply(x, weight, bias, a, b, s, p, _draw_seed() if p > 0 else 0, self.fan_in_fan_out)
         return out - self._initial_update(x, name) if name in self.lora_init_a else out
 

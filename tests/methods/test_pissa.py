@@ -168,15 +168,15 @@ def test_switching_off_deleting_merging_and_combining_see_the_original_base():
     # the update is s (B A - B0 A0): a weighted 'cat' combination of weight 1 reproduces it
     add_weighted_adapter(model, ["default"], [1.0], "combined", combination_type="cat")
     lp.set_active_adapters(model, ["combined"])
-    torch.testing.assert_close(model(input_ids=ids).logits, trained, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model(input_ids=ids).logits, trained, rtol=1e-4, atol=5e-5)
     with pytest.raises(ValueError, match="start from the base weight.*use 'cat'"):
         add_weighted_adapter(model, ["default"], [1.0], "lin", combination_type="linear")
     lp.set_active_adapters(model, ["default"])
     unmerged = copy.deepcopy(model)
     lp.merge_adapters(model)
-    torch.testing.assert_close(model(input_ids=ids).logits, trained, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model(input_ids=ids).logits, trained, rtol=1e-4, atol=5e-5)
     lp.unmerge_adapters(model)
-    torch.testing.assert_close(model(input_ids=ids).logits, trained, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model(input_ids=ids).logits, trained, rtol=1e-4, atol=5e-5)
     for layer in _lora_layers(unmerged).values():
         layer.delete_adapter("default")
         layer.delete_adapter("combined")
@@ -247,3 +247,24 @@ def test_trains_on_an_nf4_base_from_the_dequantized_weight():
     start = layer.specs["default"].scaling * layer.lora_init_b["default"] @ layer.lora_init_a["default"]
     torch.testing.assert_close(torch.linalg.svdvals(start)[:4], s0, rtol=1e-4, atol=1e-4)  # the top-4 part of the dequantized W
     torch.testing.assert_close(quantized(input_ids=ids).logits, before, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_the_fused_path_is_base_plus_the_definition(dropout, monkeypatch):
+    """The forward's fused path (one rank-2r product without dropout) equals ``base + _update`` (the definition: the
+    update minus the initial product), values and gradients, dropout masks included (float64)."""
+    from lightning_peft.methods import lora as lora_mod
+
+    torch.manual_seed(0)
+    layer = LoRALinear(torch.nn.Linear(6, 5).double(), r=2, alpha=4, dropout=dropout, init="pissa").train()
+    _randomize_adapters(layer)
+    x = torch.randn(3, 4, 6, dtype=torch.float64, requires_grad=True)
+    seeds = iter([11, 11])
+    monkeypatch.setattr(lora_mod, "_draw_seed", lambda: next(seeds))
+    fused = layer(x)
+    grads = torch.autograd.grad(fused.square().sum(), [x, layer.lora_a["default"], layer.lora_b["default"]])
+    definition = layer.base_forward(x) + layer._update(x, "default")
+    want = torch.autograd.grad(definition.square().sum(), [x, layer.lora_a["default"], layer.lora_b["default"]])
+    torch.testing.assert_close(fused, definition, rtol=1e-12, atol=1e-12)
+    for g, w in zip(grads, want):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
