@@ -27,6 +27,7 @@ _EXPORTS: dict[str, str] = {
     ),
     **dict.fromkeys(["AdapterFileError", "load_adapter", "save_adapter"], "lightning_peft.io"),
     **dict.fromkeys(["LoRALinear", "add_weighted_adapter"], "lightning_peft.methods.lora"),
+    **dict.fromkeys(["apply_loraplus", "loraplus_param_groups"], "lightning_peft.methods.loraplus"),
     "PEFTMixin": "lightning_peft.mixin",
     "QLoRAPrecision": "lightning_peft.plugins",
 }
@@ -83,5 +84,6 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     )
     from lightning_peft.io import AdapterFileError, load_adapter, save_adapter
     from lightning_peft.methods.lora import LoRALinear, add_weighted_adapter
+    from lightning_peft.methods.loraplus import apply_loraplus, loraplus_param_groups
     from lightning_peft.mixin import PEFTMixin
     from lightning_peft.plugins import QLoRAPrecision

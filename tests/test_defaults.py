@@ -117,6 +117,7 @@ DOCUMENTED = [
     ("LoRA", "rank_pattern", None, CB + "lora.py", "per-module ranks overriding ``r``"),
     ("LoRA", "alpha_pattern", None, CB + "lora.py", "per-module alphas overriding ``alpha``"),
     ("LoRA", "gate", False, "lightning_peft/methods/lora.py", "Gate (optional, off by default"),
+    ("LoRA", "loraplus_lr_ratio", None, CB + "lora.py", "None (the default): one learning rate"),
     ("AdaLoRA", "budget", "rank", CB + "adalora.py", "``\"rank\"`` (the paper's and Hugging Face PEFT's)"),
     ("AdaLoRA", "log_ranks", True, CB + "adalora.py", "log the budget and each layer's rank to the Trainer's loggers after every optimizer step"),
     ("AdaLoRA", "heatmap", True, CB + "adalora.py", "at the end of training write ``adalora_ranks.png``"),

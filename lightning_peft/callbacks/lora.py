@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
+import lightning.pytorch as pl
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
+from typing_extensions import override
 
 from lightning_peft.callbacks.base import PEFTCallback
 from lightning_peft.methods.lora import check_lora_args, inject_lora
+from lightning_peft.methods.loraplus import apply_loraplus, check_loraplus_ratio
 
 __all__ = ["LoRA"]
+
+_NOT_RESUMED = object()  # no checkpoint was loaded into the callback for this fit
 
 
 class LoRA(PEFTCallback):
@@ -41,14 +47,25 @@ class LoRA(PEFTCallback):
             a gated update cannot be merged or exported in PEFT's format.
         use_dora: DoRA (Liu et al., 2024): a trained magnitude per output row rescales the direction ``W + s B A``
             (``W' = m (W + s B A) / ||W + s B A||``); merges exactly and reads/writes PEFT's ``use_dora`` format.
+        loraplus_lr_ratio: LoRA+ (Hayou et al., 2024): the ``B`` matrices (and, as in Hugging Face PEFT, every trainable
+            1-D parameter) train at this many times the learning rate of the rest, e.g. 4-16 (the larger, the smaller the
+            learning rate must be: at the quickstart's 1e-3, 16 diverged and 4 trained). At fit start the first
+            optimizer's parameter groups are split (:func:`~lightning_peft.methods.loraplus.apply_loraplus`: same
+            settings, ``lr`` times the ratio) and its LR schedulers follow. None (the default): one learning rate.
+            An optimizer setting, not part of the adapter: not recorded with it, but a resume must use the same value.
+            Under DeepSpeed build the groups in ``configure_optimizers`` with ``loraplus_param_groups`` instead.
 
     Example::
 
         trainer = L.Trainer(callbacks=[LoRA(r=8, alpha=16, target_modules=["q_proj", "v_proj"])])
+        trainer = L.Trainer(callbacks=[LoRA(r=8, loraplus_lr_ratio=16)])  # LoRA+
     """
 
     method_name = "lora"
     recorded_when_set = ("adapter_name", "rank_pattern", "alpha_pattern", "gate", "use_dora")
+    # the optimizer's setting, not the adapter's: a checkpoint's record rebuilds the adapter without it, and adapters
+    # trained with and without LoRA+ are the same kind of file
+    not_recorded = ("loraplus_lr_ratio",)
 
     def __init__(
         self,
@@ -66,8 +83,11 @@ class LoRA(PEFTCallback):
         alpha_pattern: Optional[dict[str, float]] = None,
         gate: bool = False,
         use_dora: bool = False,
+        loraplus_lr_ratio: Optional[float] = None,
     ) -> None:
         check_lora_args(r, alpha, dropout, init)
+        if loraplus_lr_ratio is not None:
+            check_loraplus_ratio(loraplus_lr_ratio, "LoRA")
         for value in (rank_pattern or {}).values():
             check_lora_args(value, alpha, dropout, init)
         for value in (alpha_pattern or {}).values():
@@ -79,6 +99,8 @@ class LoRA(PEFTCallback):
         self.alpha_pattern = {k: float(v) for k, v in (alpha_pattern or {}).items()}
         self.gate = bool(gate)
         self.use_dora = use_dora
+        self.loraplus_lr_ratio = None if loraplus_lr_ratio is None else float(loraplus_lr_ratio)
+        self._resumed_ratio: Any = _NOT_RESUMED  # the ratio of the checkpoint a fit resumes from
         if gate is True and use_dora is True:
             raise ValueError("LoRA: gate=True (UniPELT) gates plain LoRA updates; it cannot be combined with use_dora=True. Choose one.")
 
@@ -92,3 +114,49 @@ class LoRA(PEFTCallback):
             use_rslora=self.use_rslora, init=self.init, adapter_name=self.adapter_name,
             rank_pattern=self.rank_pattern, alpha_pattern=self.alpha_pattern, gate=self.gate, use_dora=self.use_dora,
         )
+
+    # -- LoRA+ ------------------------------------------------------------------------------------
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit" and self.loraplus_lr_ratio is not None and "DeepSpeed" in type(trainer.strategy).__name__:
+            raise RuntimeError(
+                f"LoRA(loraplus_lr_ratio={self.loraplus_lr_ratio}) does not support the DeepSpeed strategy: its engine wraps "
+                "the optimizer before the callback could split the parameter groups. Drop loraplus_lr_ratio and build the "
+                "groups in configure_optimizers: torch.optim.AdamW(lightning_peft.loraplus_param_groups(self, lr=..., "
+                f"loraplus_lr_ratio={self.loraplus_lr_ratio}))."
+            )
+        super().setup(trainer, pl_module, stage)
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_fit_start(trainer, pl_module)
+        resumed, self._resumed_ratio = self._resumed_ratio, _NOT_RESUMED
+        if resumed is not _NOT_RESUMED and resumed != self.loraplus_lr_ratio:
+            # the optimizer state restored after this hook holds the checkpoint's groups and learning rates
+            def name(ratio: Optional[float]) -> str:
+                return "without LoRA+" if ratio is None else f"with loraplus_lr_ratio={ratio}"
+
+            raise ValueError(
+                f"LoRA: the checkpoint was trained {name(resumed)}, and this callback has loraplus_lr_ratio="
+                f"{self.loraplus_lr_ratio}; its optimizer state (parameter groups and learning rates) belongs to the former. "
+                f"Resume with loraplus_lr_ratio={resumed}, or start a new fit from the adapter (load_adapter_checkpoint) to change it."
+            )
+        if self.loraplus_lr_ratio is None:
+            return
+        if not trainer.optimizers:
+            raise RuntimeError(f"LoRA(loraplus_lr_ratio={self.loraplus_lr_ratio}): the Trainer has no optimizer to split; configure_optimizers must return one.")
+        if len(trainer.optimizers) > 1:
+            rank_zero_warn(f"LoRA: {len(trainer.optimizers)} optimizers; loraplus_lr_ratio splits the groups of the first one only.")
+        optimizer = trainer.optimizers[0]
+        schedulers = [c.scheduler for c in trainer.lr_scheduler_configs if getattr(c.scheduler, "optimizer", None) is optimizer]
+        groups = apply_loraplus(optimizer, pl_module, self.loraplus_lr_ratio, schedulers)
+        rank_zero_info(f"LoRA+: parameter groups {groups} of {len(optimizer.param_groups)} train at {self.loraplus_lr_ratio} x the learning rate.")
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "loraplus_lr_ratio": self.loraplus_lr_ratio}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._resumed_ratio = state_dict.get("loraplus_lr_ratio")  # checked at fit start: validate/test do not care

@@ -49,6 +49,8 @@ SKIPPED: dict[Union[str, tuple[str, str]], str] = {
     ("adalora", "log_ranks"): "logs the budget and ranks to the Trainer's loggers; not part of the adapter (not in config())",
     ("adalora", "heatmap"): "writes a picture and a JSON of the final ranks beside the checkpoints; not part of the adapter (not in config())",
     ("unipelt", "log_gates"): "logs the gates' mean values to the Trainer's loggers; not part of the adapter (not in config())",
+    ("lora", "loraplus_lr_ratio"): "an optimizer setting (B's learning rate), not part of the adapter (not in config()); "
+    "tests/callbacks/test_loraplus_callback.py checks the groups it makes",
 }
 
 #: the tiny model each method is injected into (Llama has no biases, so BitFit takes GPT-2)
