@@ -337,7 +337,8 @@ def _merge_problems(layers: list[tuple[str, AdapterLayer]], model: nn.Module) ->
         holders.setdefault(id(p), []).append(pname)
     for name, m in layers:
         weight = getattr(m, "weight", None)
-        pending = [a for a in m.active if a not in m.merged_adapters] if isinstance(m, NamedAdapters) else [] if m.merged else ["default"]
+        # something left to fold into the weight: an active adapter not merged yet (one unnamed adapter: not merged)
+        pending = any(a not in m.merged_adapters for a in m.active) if isinstance(m, NamedAdapters) else not m.merged
         others = [h for h in holders.get(id(weight), []) if h.rpartition(".")[0] != name] if isinstance(weight, nn.Parameter) else []
         if m.mergeable and pending and others and not any(n == name for n, _, _ in problems):
             problems.append((name, m, f"its base weight is shared with {others[:3]} (tied weights): merging would change those modules too"))

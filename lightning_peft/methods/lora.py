@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_peft.core import NamedAdapters, _non_finite_problem
+from lightning_peft.core import NamedAdapters, _non_finite_problem, sharding_of
 from lightning_peft.methods._gate import Gate
 from lightning_peft.methods._linear import LinearAdapter, _dropout_mask, base_linear
 from lightning_peft.methods.dora import dora_linear, dora_update, dora_weight_norm, weight_sq_norms_of
@@ -383,8 +383,7 @@ class LoRALinear(LinearAdapter, NamedAdapters):
                 self.lora_magnitude[name].copy_(self._dora_norm(name))
 
     def _check_weight_readable(self, init: str, r: int) -> None:
-        weight = self.weight
-        if type(weight).__name__ == "DTensor" or hasattr(weight, "ds_id"):
+        if sharding_of(self) is not None:
             raise ValueError(
                 f"init={init!r} starts the adapter from the whole base weight, which is sharded here: add the adapter before "
                 "the model is sharded (the LoRA callback does; with FSDP2, call apply_peft before fully_shard)."
@@ -400,9 +399,7 @@ class LoRALinear(LinearAdapter, NamedAdapters):
         ``A0 = sqrt(S_r / s) V_r^T``, ``B0 = U_r sqrt(S_r / s)`` (a randomized SVD with ``niter`` iterations for
         ``pissa_niter_K``); OLoRA, ``W = Q R``: ``A0 = R[:r]``, ``B0 = Q[:, :r]``. As Hugging Face PEFT computes them,
         in float32 (float64 for a float64 base)."""
-        w = self.dense_weight()
-        if self.weight.dtype == torch.float64:
-            w = self.weight.detach()
+        w = self.weight.detach() if self.weight.dtype == torch.float64 else self.dense_weight()
         w = w.t() if self.fan_in_fan_out else w
         r = spec.r
         if spec.init == "olora":
@@ -507,8 +504,8 @@ class LoRALinear(LinearAdapter, NamedAdapters):
             )
         if name in self.lora_init_a and p == 0:
             # PiSSA/OLoRA without dropout: the update and the subtracted start are one rank-2r product [B | -B0] [A ; A0]
-            a0, b0 = self.lora_init_a[name], self.lora_init_b[name]
-            a, b = torch.cat([a, a0.to(a.dtype)]), torch.cat([b, -b0.to(b.dtype)], 1)
+            a_blocks, b_blocks = _factors(self, name)
+            a, b = torch.cat([t.to(a.dtype) for t in a_blocks]), torch.cat([t.to(b.dtype) for t in b_blocks], 1)
             return _LoRAFunction.apply(x, weight, bias, a, b, s, 0.0, 0, self.fan_in_fan_out)
         out = _LoRAFunction.apply(x, weight, bias, a, b, s, p, _draw_seed() if p > 0 else 0, self.fan_in_fan_out)
         return out - self._initial_update(x, name) if name in self.lora_init_a else out

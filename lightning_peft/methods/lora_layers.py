@@ -139,15 +139,12 @@ class LoRAConv(_NotLinear):
         return self._conv(x, weight, bias)
 
     def _update(self, x: torch.Tensor, name: str, dropout: bool = True) -> torch.Tensor:
-        m = self._base_module
-        a, b, spec = self.lora_a[name], self.lora_b[name], self.specs[name]
-        if a.dtype != x.dtype:
-            a, b = a.to(x.dtype), b.to(x.dtype)
-        p = spec.dropout if dropout and self.training else 0.0
+        m, r = self._base_module, self.specs[name].r
+        a, b, s, p = self._operands(x, name, dropout)
         xd = F.dropout(x, p, training=True) if p > 0 else x
         ones = (1,) * len(m.kernel_size)
-        h = self._conv(xd, a.view(spec.r, m.in_channels, *m.kernel_size))  # (N, r, ...)
-        return self._conv(h, b.view(self.out_features, spec.r, *ones), stride=ones, padding=0) * spec.scaling
+        h = self._conv(xd, a.view(r, m.in_channels, *m.kernel_size))  # (N, r, ...)
+        return self._conv(h, b.view(self.out_features, r, *ones), stride=ones, padding=0) * s
 
     def delta_weight(self, name: Optional[str] = None) -> torch.Tensor:
         return super().delta_weight(name).view(self.weight.shape)
