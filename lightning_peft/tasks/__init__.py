@@ -3,25 +3,31 @@
 from lightning_peft.tasks._hf import load_tokenizer, resolve_model_path
 from lightning_peft.tasks.causal_lm import CausalLM
 from lightning_peft.tasks.classification import SequenceClassifier
-from lightning_peft.tasks.data import (
+from lightning_peft.tasks.data import ResumableLoader, TextClassificationData, read_table
+from lightning_peft.tasks.instruction import (
     ALPACA_PROMPT,
     ALPACA_PROMPT_NO_INPUT,
+    CHATML_TEMPLATE,
     InstructionData,
-    ResumableLoader,
-    TextClassificationData,
+    PromptFormatter,
     alpaca_prompt,
-    read_table,
+    pack_examples,
 )
+from lightning_peft.tasks.writer import PredictionWriter
 
 __all__ = [
     "ALPACA_PROMPT",
     "ALPACA_PROMPT_NO_INPUT",
+    "CHATML_TEMPLATE",
     "CausalLM",
     "InstructionData",
+    "PredictionWriter",
+    "PromptFormatter",
     "ResumableLoader",
     "SequenceClassifier",
     "TextClassificationData",
     "alpaca_prompt",
+    "pack_examples",
     "load_tokenizer",
     "read_table",
     "resolve_model_path",

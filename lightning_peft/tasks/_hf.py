@@ -119,3 +119,55 @@ def check_vocab_fits(tokenizer: Any, model: Any, owner: str) -> None:
             " so some token ids have no embedding. Use the tokenizer that belongs to the model"
             " (`tokenizer_name_or_path`) or a model config with vocab_size >= the tokenizer's size."
         )
+
+
+def enable_gradient_checkpointing(model: Any, owner: str) -> None:
+    """Turn on activation (gradient) checkpointing in a Hugging Face model, non-reentrant.
+
+    Each checkpointed layer keeps only its inputs in the forward pass and runs again in the backward pass to
+    rebuild its activations: less memory for about one more forward pass. Non-reentrant ``torch.utils.checkpoint``
+    (``use_reentrant=False``) needs no input that requires grad, so it works with a frozen base; it recomputes the
+    layer's ``forward`` as the layer is *then*, so adapters a PEFT callback injects after this call (in ``setup``)
+    are recomputed too; and it restores the RNG state, so dropout draws the same masks the second time.
+    Checkpointing is active in training mode only (``model.train()``, with gradients enabled).
+
+    transformers 5 names this ``activation_checkpointing_enable`` (``gradient_checkpointing_enable`` is its
+    deprecated alias); older versions have only the latter. Both are handled here.
+
+    Raises:
+        ValueError: If the model's class does not support it (``supports_gradient_checkpointing`` is False).
+    """
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ValueError(
+            f"{owner}: gradient_checkpointing=True, but {type(model).__name__} does not support gradient checkpointing"
+            " (its supports_gradient_checkpointing is False). Set gradient_checkpointing=False, or use a model whose"
+            " Hugging Face class supports it."
+        )
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def check_checkpointing_fits_adapters(module: Any, owner: str) -> None:
+    """Refuse key/value prefixes under activation checkpointing, before training starts.
+
+    Prefix tuning, P-tuning v2 and the prefixes of MAM and UniPELT reach every attention layer through the model's
+    key/value cache, and a Hugging Face layer that checkpoints drops the cache (``cache=None``): training would stop
+    at a shape mismatch deep in attention. Adapters are injected after ``__init__`` (a PEFT callback's ``setup``), so
+    this runs at fit start. Whatever turned checkpointing on (the task's flag or a direct
+    ``gradient_checkpointing_enable``) is looked at through the modules' ``gradient_checkpointing`` flags.
+    """
+    if not any(getattr(m, "gradient_checkpointing", False) is True for m in module.modules()):
+        return
+    from lightning_peft.core import adapter_modules
+    from lightning_peft.methods._prompt import SoftPromptLayer
+
+    prefixes = [name for name, layer in adapter_modules(module) if isinstance(layer, SoftPromptLayer) and not layer.inserts_tokens]
+    if prefixes:
+        raise ValueError(
+            f"{owner}: gradient checkpointing cannot train the key/value prefixes {prefixes} (prefix tuning, P-tuning v2,"
+            " MAM, UniPELT): they reach each layer through the key/value cache, which Hugging Face's checkpointed layers"
+            " drop. Set gradient_checkpointing=False, or use a method without prefixes (LoRA, IA3, prompt tuning, adapters)."
+        )

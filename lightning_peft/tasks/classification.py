@@ -9,8 +9,15 @@ import torch
 from torchmetrics.classification import Accuracy, F1Score, MatthewsCorrCoef
 
 from lightning_peft.mixin import PEFTMixin
-from lightning_peft.tasks._hf import check_vocab_fits, load_tokenizer, resolve_model_path
+from lightning_peft.tasks._hf import (
+    check_checkpointing_fits_adapters,
+    check_vocab_fits,
+    enable_gradient_checkpointing,
+    load_tokenizer,
+    resolve_model_path,
+)
 from lightning_peft.tasks._optim import adamw_with_linear_schedule, check_schedule_args
+from lightning_peft.validation import check_value
 
 _MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
@@ -33,6 +40,10 @@ class SequenceClassifier(PEFTMixin, L.LightningModule):
         warmup_ratio: Fraction of the training steps with a linear warmup; the rate then decays
             linearly to 0 at the last step.
         tokenizer_name_or_path: Tokenizer directory; None uses ``model_name_or_path``.
+        gradient_checkpointing: Recompute each layer's activations in the backward pass instead of keeping
+            them (less memory, about one more forward pass per step). Non-reentrant, so it works with a frozen
+            base and adapters; the model's class must support it. Key/value prefixes (prefix tuning, P-tuning v2,
+            MAM, UniPELT) are refused at fit start: checkpointed layers drop the cache they come through.
 
     Example::
 
@@ -49,8 +60,10 @@ class SequenceClassifier(PEFTMixin, L.LightningModule):
         weight_decay: float = 0.01,
         warmup_ratio: float = 0.06,
         tokenizer_name_or_path: Optional[str] = None,
+        gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
+        check_value("SequenceClassifier", "gradient_checkpointing", gradient_checkpointing, bool)
         if num_labels < 2:
             raise ValueError(
                 f"SequenceClassifier: num_labels must be >= 2 (cross-entropy over classes), got {num_labels}."
@@ -68,6 +81,8 @@ class SequenceClassifier(PEFTMixin, L.LightningModule):
         # from_pretrained returns the model in eval mode; Lightning keeps the mode it finds at fit start,
         # so without this dropout would stay off during training.
         self.model.train()
+        if gradient_checkpointing:
+            enable_gradient_checkpointing(self.model, "SequenceClassifier")
         self.tokenizer = load_tokenizer(tokenizer_name_or_path or path)
         check_vocab_fits(self.tokenizer, self.model, "SequenceClassifier")
 
@@ -81,6 +96,10 @@ class SequenceClassifier(PEFTMixin, L.LightningModule):
         inputs = {k: batch[k] for k in _MODEL_INPUTS if k in batch}
         return self.model(**inputs, labels=batch.get("labels"))
 
+    def on_fit_start(self) -> None:
+        # the adapters exist now (a PEFT callback injects them in setup): refuse those checkpointing would cut off
+        check_checkpointing_fits_adapters(self, "SequenceClassifier")
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self(batch).loss
         self.log("train_loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
@@ -90,7 +109,9 @@ class SequenceClassifier(PEFTMixin, L.LightningModule):
         out = self(batch)
         preds = out.logits.argmax(dim=-1)  # (B,)
         size = batch["input_ids"].shape[0]
-        self.log(f"{stage}_loss", out.loss, batch_size=size)
+        # Averaged over every process's examples at epoch end, as the metrics below sync themselves: without it,
+        # under DDP each rank would log (and checkpoint on) its own share's loss.
+        self.log(f"{stage}_loss", out.loss, batch_size=size, sync_dist=True)
         for name in ("acc", "f1", "mcc"):
             metric = getattr(self, f"{stage}_{name}")
             metric.update(preds, batch["labels"])
@@ -102,12 +123,34 @@ class SequenceClassifier(PEFTMixin, L.LightningModule):
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._eval_step(batch, "test")
 
-    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
-        """Return ``{"preds": (B,) class ids, "probs": (B, num_labels) softmax probabilities}``."""
+    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, Any]:
+        """Predict the class of each example.
+
+        Returns:
+            ``{"label": (B,) predicted class ids (argmax of the logits), "probs": (B, num_labels) softmax
+            probabilities}``, and ``"label_name"``, the predicted classes' names (B strings), when the Trainer's
+            DataModule has ``label_names``. :class:`~lightning_peft.tasks.PredictionWriter` writes one JSON line
+            per example from it.
+        """
         inputs = {k: batch[k] for k in _MODEL_INPUTS if k in batch}
-        probs = self.model(**inputs).logits.float().softmax(dim=-1)
-        return {"preds": probs.argmax(dim=-1), "probs": probs}
+        logits = self.model(**inputs).logits.float()  # (B, num_labels)
+        label = logits.argmax(dim=-1)  # (B,)
+        out: dict[str, Any] = {"label": label, "probs": logits.softmax(dim=-1)}
+        names = _label_names(getattr(self._trainer, "datamodule", None))
+        if names:
+            out["label_name"] = [names[i] for i in label.tolist()]
+        return out
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
         return adamw_with_linear_schedule(self, hp.learning_rate, hp.weight_decay, hp.warmup_ratio)
+
+
+def _label_names(datamodule: Any) -> Optional[list[str]]:
+    """The class names a DataModule declares (``label_names``, as an attribute or a hyperparameter), else None."""
+    if datamodule is None:
+        return None
+    names = getattr(datamodule, "label_names", None)
+    if names is None:
+        names = getattr(datamodule, "hparams", {}).get("label_names")
+    return list(names) if names else None

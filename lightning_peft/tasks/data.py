@@ -1,4 +1,4 @@
-"""DataModules for the tasks: text classification tables and Alpaca-style instruction data.
+"""Reading tables, the loaders the DataModules share (dynamic padding, resumable shuffling), text classification.
 
 Both tokenize once in ``setup`` and pad each batch to its own longest sequence (dynamic padding),
 on the right. The tokenizer is the LightningModule's ``tokenizer`` unless one is given.
@@ -16,19 +16,11 @@ from typing import Any, Callable, Literal, Optional
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from lightning_peft.tasks._hf import ensure_pad_token, load_tokenizer
 
-__all__ = [
-    "ALPACA_PROMPT",
-    "ALPACA_PROMPT_NO_INPUT",
-    "InstructionData",
-    "TextClassificationData",
-    "alpaca_prompt",
-    "read_table",
-]
+__all__ = ["ResumableLoader", "TextClassificationData", "read_table"]
 
 TableFormat = Literal["auto", "tsv", "csv", "jsonl", "json"]
 _SUFFIX_FORMATS = {".tsv": "tsv", ".csv": "csv", ".jsonl": "jsonl", ".json": "json"}
@@ -484,166 +476,3 @@ class TextClassificationData(L.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader | list:
         return self._eval_loader("predict")
-
-
-# ----------------------------------------------------------------------------------------------
-# Instruction tuning
-
-# The Stanford Alpaca templates (github.com/tatsu-lab/stanford_alpaca, train.py).
-ALPACA_PROMPT = (
-    "Below is an instruction that describes a task, paired with an input that provides further context. "
-    "Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
-)
-ALPACA_PROMPT_NO_INPUT = (
-    "Below is an instruction that describes a task. "
-    "Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Response:\n"
-)
-
-
-def alpaca_prompt(instruction: str, input: str = "") -> str:
-    """The Alpaca prompt for one example: the template with an input if ``input`` is not blank."""
-    if input.strip():
-        return ALPACA_PROMPT.format(instruction=instruction, input=input)
-    return ALPACA_PROMPT_NO_INPUT.format(instruction=instruction)
-
-
-class InstructionData(L.LightningDataModule):
-    """Alpaca-style instruction tuning data (JSON list or JSONL of instruction/input/output).
-
-    Each example is ``[bos] + tokens(prompt + output) + [eos]`` with the Alpaca prompt template.
-    ``labels`` equal ``input_ids`` on the response (and eos) and are -100 on the prompt and on
-    padding, so the loss covers only the response. The prompt's length is that of the prompt
-    tokenized alone. bos is added if the tokenizer defines one; eos is its eos token, else its sep
-    token (BERT-style vocabularies). Examples are truncated to ``max_length``; those left with no
-    response token are dropped (with a warning). Batches are right-padded to their longest example.
-
-    Args:
-        train_file: JSON (a list of objects) or JSONL file of examples.
-        val_file: Validation file; None splits ``val_fraction`` of ``train_file`` off instead.
-        instruction_column: Field with the instruction.
-        input_column: Field with the optional input (context); a missing or blank field selects the
-            template without input.
-        output_column: Field with the response to learn.
-        max_length: Examples are truncated to this many tokens.
-        batch_size: Training batch size.
-        eval_batch_size: Validation batch size; None uses ``batch_size``.
-        num_workers: DataLoader worker processes.
-        val_fraction: Fraction of ``train_file`` held out for validation when ``val_file`` is None
-            (at least one example); 0 disables validation.
-        max_rows: Use a random subset of this many rows of ``train_file`` (drawn with ``seed``,
-            before the validation split); None uses all.
-        seed: Seed of the subset, the validation split and the per-epoch shuffle.
-        tokenizer_name_or_path: Tokenizer directory; None uses the LightningModule's ``tokenizer``.
-    """
-
-    def __init__(
-        self,
-        train_file: str,
-        val_file: Optional[str] = None,
-        instruction_column: str = "instruction",
-        input_column: str = "input",
-        output_column: str = "output",
-        max_length: int = 256,
-        batch_size: int = 8,
-        eval_batch_size: Optional[int] = None,
-        num_workers: int = 0,
-        val_fraction: float = 0.05,
-        max_rows: Optional[int] = None,
-        seed: int = 0,
-        tokenizer_name_or_path: Optional[str] = None,
-    ) -> None:
-        super().__init__()
-        owner = type(self).__name__
-        _check_loader_args(owner, batch_size, eval_batch_size, num_workers, max_length)
-        if not 0.0 <= val_fraction < 1.0:
-            raise ValueError(f"{owner}: val_fraction must be in [0, 1), got {val_fraction}.")
-        if max_rows is not None and max_rows < 1:
-            raise ValueError(f"{owner}: max_rows must be >= 1 or None (all rows), got {max_rows}.")
-        self.save_hyperparameters(ignore=["tokenizer_name_or_path"] if tokenizer_name_or_path is None else [])  # as in TextClassificationData
-        self.tokenizer = load_tokenizer(tokenizer_name_or_path) if tokenizer_name_or_path else None
-        self.datasets: dict[str, _ListDataset] = {}
-
-    def setup(self, stage: Optional[str] = None) -> None:
-        if "train" in self.datasets:
-            return
-        hp = self.hparams
-        self.tokenizer = _resolve_tokenizer(self, self.tokenizer)
-        ensure_pad_token(self.tokenizer)
-        rows = self._read(hp.train_file)
-        order = list(range(len(rows)))
-        random.Random(hp.seed).shuffle(order)
-        if hp.max_rows is not None:
-            order = order[: hp.max_rows]
-        if hp.val_file is not None:
-            val_rows, train_idx = self._read(hp.val_file), order
-        else:
-            n_val = max(1, round(len(order) * hp.val_fraction)) if hp.val_fraction > 0 and len(order) > 1 else 0
-            val_rows, train_idx = [rows[i] for i in order[:n_val]], order[n_val:]
-        self.datasets["train"] = self._tokenize([rows[i] for i in train_idx], hp.train_file)
-        if val_rows:
-            self.datasets["val"] = self._tokenize(val_rows, hp.val_file or hp.train_file)
-
-    def _read(self, file: str) -> list[dict[str, Any]]:
-        hp = self.hparams
-        rows = read_table(file)
-        if not rows:
-            raise ValueError(f"{file!r} has no examples.")
-        required = [hp.instruction_column, hp.output_column]
-        for i, row in enumerate(rows, start=1):
-            missing = [c for c in required if c not in row]
-            if missing:
-                raise ValueError(
-                    f"{file!r} example {i} lacks the field(s) {missing}. Fields found: {list(row)}; expected:"
-                    f" {required} (+ optional {hp.input_column!r}). Set instruction_column / output_column /"
-                    " input_column to the file's field names."
-                )
-        return rows
-
-    def _tokenize(self, rows: list[dict[str, Any]], file: str) -> _ListDataset:
-        hp, tok = self.hparams, self.tokenizer
-        prompts = [alpaca_prompt(str(r[hp.instruction_column]), str(r.get(hp.input_column) or "")) for r in rows]
-        fulls = [p + str(r[hp.output_column]) for p, r in zip(prompts, rows)]
-        prompt_ids = tok(prompts, add_special_tokens=False)["input_ids"]
-        full_ids = tok(fulls, add_special_tokens=False)["input_ids"]
-        bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
-        eos_id = tok.eos_token_id if tok.eos_token_id is not None else tok.sep_token_id
-        eos = [eos_id] if eos_id is not None else []
-        if not eos:
-            rank_zero_warn("The tokenizer has no eos or sep token: examples end without an end-of-sequence token.")
-
-        examples, dropped = [], 0
-        for p_ids, f_ids in zip(prompt_ids, full_ids):
-            ids = (bos + f_ids + eos)[: hp.max_length]
-            n_prompt = min(len(bos) + len(p_ids), len(ids))
-            labels = [-100] * n_prompt + ids[n_prompt:]
-            if n_prompt == len(ids):
-                dropped += 1
-                continue
-            examples.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels})
-        if not examples:
-            raise ValueError(
-                f"No example from {file!r} fits in max_length={hp.max_length} tokens with its response."
-                " Raise max_length."
-            )
-        if dropped:
-            rank_zero_warn(
-                f"{dropped} of {len(rows)} examples from {file!r} have no response token left after truncating to"
-                f" max_length={hp.max_length} and were dropped. Raise max_length to keep them."
-            )
-        return _ListDataset(examples)
-
-    def train_dataloader(self) -> DataLoader:
-        hp = self.hparams
-        return _loader(self.datasets["train"], hp.batch_size, True, hp.seed, hp.num_workers, self._collate(), _trained_batches(self))
-
-    def val_dataloader(self) -> DataLoader | list:
-        if "val" not in self.datasets:
-            return []  # val_fraction=0 and no val_file: Lightning then skips validation
-        hp = self.hparams
-        size = hp.eval_batch_size or hp.batch_size
-        return _loader(self.datasets["val"], size, False, hp.seed, hp.num_workers, self._collate())
-
-    def _collate(self) -> _PadCollator:
-        return _PadCollator(self.tokenizer.pad_token_id)

@@ -98,7 +98,7 @@ def test_classifier_fit_validate_test_predict(minilm_dir, sst_files):
     probs = torch.cat([p["probs"] for p in preds])
     # The logged metrics equal their definitions on the predictions (MCC: Matthews' correlation).
     labels = torch.cat([b["labels"] for b in data.val_dataloader()])
-    pred = torch.cat([p["preds"] for p in preds])
+    pred = torch.cat([p["label"] for p in preds])
     tp, tn = float(((pred == 1) & (labels == 1)).sum()), float(((pred == 0) & (labels == 0)).sum())
     fp, fn = float(((pred == 1) & (labels == 0)).sum()), float(((pred == 0) & (labels == 1)).sum())
     denom = ((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn)) ** 0.5
@@ -106,7 +106,7 @@ def test_classifier_fit_validate_test_predict(minilm_dir, sst_files):
     assert val["val_mcc"] == pytest.approx((tp * tn - fp * fn) / denom if denom else 0.0, abs=1e-6)
     assert probs.shape == (len(SENTENCES), 2)
     torch.testing.assert_close(probs.sum(-1), torch.ones(len(SENTENCES)))
-    assert torch.equal(torch.cat([p["preds"] for p in preds]), probs.argmax(-1))
+    assert torch.equal(torch.cat([p["label"] for p in preds]), probs.argmax(-1))
 
 
 class _FreezeAllButClassifier(L.Callback):
