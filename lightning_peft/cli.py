@@ -43,7 +43,7 @@ __all__ = [
 #: The folder of the configs shipped in the package (``lightning-peft fit --config quickstart``).
 SHIPPED_CONFIGS = Path(__file__).resolve().parent / "configs"
 #: The ``init_args`` keys of ``model`` and ``data`` that name inputs: relative values are read from the config's folder.
-CONFIG_INPUT_KEYS = ("model_name_or_path", "tokenizer_name_or_path", "train_file", "val_file", "test_file", "predict_file")
+CONFIG_INPUT_KEYS = ("model_name_or_path", "tokenizer_name_or_path", "train_file", "val_file", "test_file", "predict_file", "chat_template")
 _SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
 
@@ -62,7 +62,7 @@ def resolve_config_arg(value: str) -> str:
     Raises:
         ValueError: For a bare name that is neither a file here nor a shipped config; the message lists the shipped ones.
     """
-    if not re.fullmatch(r"[\w.-]+", value) or Path(value).exists():
+    if not re.fullmatch(r"[\w.-]+", value) or Path(value).is_file():
         return value
     shipped = SHIPPED_CONFIGS / (value if value.endswith(".yaml") else f"{value}.yaml")
     if shipped.is_file():
@@ -209,14 +209,20 @@ class PEFTCLI(LightningCLI):
         before = copy.deepcopy(self.config[sub].get("model")) if sub else None
         super()._parse_ckpt_path()
         after = self.config[sub].get("model") if sub else None
-        if not isinstance(before, Namespace) or not isinstance(after, Namespace) or before.get("class_path") != after.get("class_path"):
+        if not isinstance(before, Namespace) or not isinstance(after, Namespace):
             return
         given, loaded = before.get("init_args"), after.get("init_args")
         if not isinstance(given, Namespace) or not isinstance(loaded, Namespace):
             return
-        module_name, _, name = str(before.class_path).rpartition(".")
+
+        def resolve(class_path: Any) -> Any:  # lightning_peft.tasks.CausalLM and ...tasks.causal_lm.CausalLM alike
+            module_name, _, name = str(class_path).rpartition(".")
+            return getattr(importlib.import_module(module_name), name)
+
         try:
-            cls = getattr(importlib.import_module(module_name), name)
+            cls = resolve(before.class_path)
+            if cls is not resolve(after.class_path):
+                return
             defaults = {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items()}
         except (ImportError, AttributeError, TypeError, ValueError):
             return

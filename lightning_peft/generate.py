@@ -17,11 +17,9 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 __all__ = ["chat_main", "generate_main"]
-
-_FORMATS = ("auto", "instruction", "chat")
 
 
 def _parser(prog: str, description: str):
@@ -31,13 +29,25 @@ def _parser(prog: str, description: str):
     parser.add_argument("--config", type=Optional[str], default=None, help="The run's config: a config file or a shipped config's name (default: the config.yaml LightningCLI saved beside --ckpt_path).")
     parser.add_argument("--adapter", type=Optional[str], default=None, help="A PEFT-format adapter directory (what save_dir or `lightning-peft export` wrote).")
     parser.add_argument("--ckpt_path", type=Optional[str], default=None, help="A Lightning checkpoint of the run (instead of --adapter).")
-    parser.add_argument("--format", type=str, default="auto", help="Prompt formatting: instruction, chat, or auto (chat if the data config sets chat_template or its train_file holds `messages`).")
+    parser.add_argument("--format", type=Literal["auto", "instruction", "chat"], default="auto", help="Prompt formatting: instruction, chat, or auto (chat if the data config sets chat_template or its train_file holds `messages`).")
     parser.add_argument("--system", type=Optional[str], default=None, help="Chat: a system message before the user's.")
     parser.add_argument("--max_new_tokens", type=int, default=64, help="Most tokens generated per response.")
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy decoding; > 0: sampling at this temperature.")
     parser.add_argument("--top_p", type=float, default=1.0, help="Nucleus sampling (with temperature > 0).")
     parser.add_argument("--seed", type=int, default=0, help="Seed of sampling.")
+    parser.add_argument("--device", type=str, default="auto", help="Where the model runs: auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
+    parser.add_argument("--dtype", type=Literal["float32", "bfloat16", "float16"], default="float32", help="The model's dtype for generation.")
     return parser
+
+
+def _place(module: Any, device: str, dtype: str) -> None:
+    import torch
+
+    target = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    try:
+        module.to(device=torch.device(target), dtype=getattr(torch, dtype))
+    except (RuntimeError, AssertionError) as err:
+        raise ValueError(f"--device {device!r} / --dtype {dtype!r}: the model cannot be placed there ({err}).") from None
 
 
 def _load(cfg: Any) -> tuple[Any, Any, Path]:
@@ -80,10 +90,7 @@ def _load(cfg: Any) -> tuple[Any, Any, Path]:
 def _formatter(module: Any, data_args: dict[str, Any], config_path: Path, fmt: str):
     from lightning_peft.cli import resolve_config_paths
     from lightning_peft.tasks import PromptFormatter, load_tokenizer
-    from lightning_peft.tasks.data import read_table
 
-    if fmt not in _FORMATS:
-        raise ValueError(f"--format must be one of {list(_FORMATS)}, got {fmt!r}.")
     data_args = resolve_config_paths(data_args, config_path.parent)
     keys = ("prompt_template", "chat_template", "instruction_column", "input_column", "output_column", "messages_column")
     tokenizer = load_tokenizer(data_args["tokenizer_name_or_path"]) if data_args.get("tokenizer_name_or_path") else module.tokenizer
@@ -91,11 +98,30 @@ def _formatter(module: Any, data_args: dict[str, Any], config_path: Path, fmt: s
     if fmt == "auto":
         chat = data_args.get("chat_template") is not None
         train_file = data_args.get("train_file")
-        if not chat and isinstance(train_file, str) and Path(train_file).is_file():
-            rows = read_table(train_file)
-            chat = bool(rows) and formatter.is_chat(rows[0])
+        if not chat:
+            if not (isinstance(train_file, str) and Path(train_file).is_file()):
+                raise ValueError(
+                    f"--format auto cannot tell instruction from chat prompts: {config_path} sets no chat_template and its"
+                    f" train_file {train_file!r} cannot be read here. Pass --format chat or --format instruction (as the"
+                    " model was trained)."
+                )
+            chat = formatter.is_chat(_first_row(train_file))
         fmt = "chat" if chat else "instruction"
     return formatter, fmt == "chat"
+
+
+def _first_row(path: str) -> dict[str, Any]:
+    from lightning_peft.tasks.data import read_table
+
+    if path.endswith(".jsonl"):  # the first row only, not the whole training file
+        with open(path, encoding="utf-8-sig") as f:
+            for line in f:
+                if line.strip():
+                    row = json.loads(line)
+                    return row if isinstance(row, dict) else {}
+        return {}
+    rows = read_table(path)
+    return rows[0] if rows else {}
 
 
 def _row(text: str, chat: bool, formatter: Any, system: Optional[str]) -> dict[str, Any]:
@@ -109,8 +135,8 @@ def generate_main(args: list[str]) -> list[dict[str, Any]]:
     """``lightning-peft generate``: responses to prompts from the command line or a file."""
     import torch
 
-    from lightning_peft.tasks.generation import check_generation_args, generate_ids
     from lightning_peft.tasks.data import read_table
+    from lightning_peft.tasks.generation import check_generation_args, generate_ids, strip_stop
 
     parser = _parser("lightning-peft generate", "Generate responses with a trained causal-LM adapter, prompts formatted as in training.")
     parser.add_argument("--prompt", type=str, action="append", default=[], help="A prompt (an instruction, or a chat user message); repeat for several.")
@@ -121,18 +147,28 @@ def generate_main(args: list[str]) -> list[dict[str, Any]]:
     check_generation_args("lightning-peft generate", cfg.max_new_tokens, cfg.temperature, cfg.top_p)
     if not cfg.prompt and cfg.prompts_file is None:
         raise ValueError("Nothing to generate from: pass --prompt TEXT (repeatable) and/or --prompts_file FILE.")
+    if isinstance(cfg.batch_size, bool) or cfg.batch_size < 1:
+        raise ValueError(f"--batch_size must be an integer >= 1, got {cfg.batch_size!r}.")
     module, data_args, config_path = _load(cfg)
+    _place(module, cfg.device, cfg.dtype)
     formatter, chat = _formatter(module, data_args, config_path, cfg.format)
     rows = [_row(text, chat, formatter, cfg.system) for text in cfg.prompt]
     if cfg.prompts_file is not None:
         rows += read_table(cfg.prompts_file)
-    prompts = [formatter.encode_prompt(row) for row in rows]
+    prompts = []
+    for i, row in enumerate(rows, start=1):
+        try:
+            prompts.append(formatter.encode_prompt(row))
+        except (KeyError, ValueError) as err:
+            raise ValueError(f"prompt {i} ({json.dumps(row, ensure_ascii=False)[:120]}): {err}") from None
+    stops = [formatter.turn_end()] if chat else []
+    stops = [s for s in stops if s]
     torch.manual_seed(cfg.seed)
-    outputs = generate_ids(module.model, formatter.tokenizer, prompts, cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.batch_size)
+    outputs = generate_ids(module.model, formatter.tokenizer, prompts, cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.batch_size, stops)
     results = []
     for row, prompt, new in zip(rows, prompts, outputs):
-        completion = formatter.tokenizer.decode(new, skip_special_tokens=True)
-        results.append({"prompt": formatter.tokenizer.decode(prompt, skip_special_tokens=False), "completion": completion, "tokens": new})
+        completion = formatter.tokenizer.decode(strip_stop(new, formatter.tokenizer, stops), skip_special_tokens=True)
+        results.append({"prompt": formatter.tokenizer.decode(prompt, skip_special_tokens=True), "completion": completion, "tokens": new})
         print(completion if len(rows) == 1 else f"### {json.dumps(row, ensure_ascii=False)}\n{completion}\n")
     if cfg.output is not None:
         out = Path(cfg.output)
@@ -146,12 +182,14 @@ def chat_main(args: list[str], stdin: Any = None) -> None:
     """``lightning-peft chat``: an interactive conversation (one user message per line; /reset, /exit)."""
     import torch
 
-    from lightning_peft.tasks.generation import check_generation_args, generate_ids
+    from lightning_peft.tasks.generation import check_generation_args, generate_ids, strip_stop
 
     cfg = _parser("lightning-peft chat", "Talk to a trained causal-LM adapter: type a message and press enter; /reset starts over, /exit (or end of input) quits.").parse_args(args)
     check_generation_args("lightning-peft chat", cfg.max_new_tokens, cfg.temperature, cfg.top_p)
     module, data_args, config_path = _load(cfg)
+    _place(module, cfg.device, cfg.dtype)
     formatter, chat = _formatter(module, data_args, config_path, cfg.format)
+    stops = [end for end in ([formatter.turn_end()] if chat else []) if end]
     if not chat:
         print("(instruction format: each message is a new instruction; the conversation is not kept)", file=sys.stderr)
     stdin = sys.stdin if stdin is None else stdin
@@ -176,8 +214,9 @@ def chat_main(args: list[str], stdin: Any = None) -> None:
             row = {formatter.messages_column: history}
         else:
             row = {formatter.instruction_column: text}
-        new = generate_ids(module.model, formatter.tokenizer, [formatter.encode_prompt(row)], cfg.max_new_tokens, cfg.temperature, cfg.top_p)[0]
-        reply = formatter.tokenizer.decode(new, skip_special_tokens=True)
+        new = generate_ids(module.model, formatter.tokenizer, [formatter.encode_prompt(row)], cfg.max_new_tokens, cfg.temperature, cfg.top_p, stop_sequences=stops)[0]
+        # the reply without its turn end: the template adds that back when the history is rendered
+        reply = formatter.tokenizer.decode(strip_stop(new, formatter.tokenizer, stops), skip_special_tokens=True)
         if chat:
             history.append({"role": "assistant", "content": reply})
         print(reply, flush=True)

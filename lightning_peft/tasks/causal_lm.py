@@ -17,7 +17,7 @@ from lightning_peft.tasks._hf import (
     resolve_model_path,
 )
 from lightning_peft.tasks._optim import adamw_with_linear_schedule, check_schedule_args
-from lightning_peft.tasks.generation import check_generation_args, generate_ids
+from lightning_peft.tasks.generation import check_generation_args, generate_ids, strip_stop
 from lightning_peft.validation import check_value
 
 
@@ -80,6 +80,7 @@ class CausalLM(PEFTMixin, L.LightningModule):
     ) -> None:
         super().__init__()
         check_value("CausalLM", "gradient_checkpointing", gradient_checkpointing, bool)
+        check_value("CausalLM", "from_config", from_config, bool)  # the string "false" would build random weights
         check_generation_args("CausalLM", max_new_tokens, temperature, top_p)
         if isinstance(val_generations, bool) or not isinstance(val_generations, int) or val_generations < 0:
             raise ValueError(f"CausalLM: val_generations must be an integer >= 0, got {val_generations!r}.")
@@ -117,6 +118,10 @@ class CausalLM(PEFTMixin, L.LightningModule):
     def on_fit_start(self) -> None:
         # the adapters exist now (a PEFT callback injects them in setup): refuse those checkpointing would cut off
         check_checkpointing_fits_adapters(self, "CausalLM")
+        if self.hparams.get("val_generations", 0):
+            self._check_generation_strategy("val_generations > 0")
+
+    def on_validation_start(self) -> None:  # Trainer.validate too, not only fit
         if self.hparams.get("val_generations", 0):
             self._check_generation_strategy("val_generations > 0")
 
@@ -172,15 +177,27 @@ class CausalLM(PEFTMixin, L.LightningModule):
         if self._val_prompts and self.trainer.is_global_zero:
             self._log_generations(self._val_prompts)
 
+    def _stop_sequences(self) -> list[list[int]]:
+        # a chat template's turn end (which the model learned), from the DataModule that formatted the prompts
+        data = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        return data.generation_stop() if hasattr(data, "generation_stop") else []
+
     def _generate(self, prompts: list[list[int]]) -> list[list[int]]:
         hp = self.hparams
-        return generate_ids(self.model, self.tokenizer, prompts, hp.max_new_tokens, hp.temperature, hp.top_p)
+        return generate_ids(
+            self.model, self.tokenizer, prompts, hp.max_new_tokens, hp.temperature, hp.top_p,
+            stop_sequences=self._stop_sequences(),
+        )
 
     def _log_generations(self, prompts: list[list[int]]) -> None:
         from lightning.pytorch.utilities import rank_zero_info
 
         decode = self.tokenizer.decode
-        samples = [(decode(p, skip_special_tokens=True), decode(new, skip_special_tokens=True)) for p, new in zip(prompts, self._generate(prompts))]
+        stops = self._stop_sequences()
+        samples = [
+            (decode(p, skip_special_tokens=True), decode(strip_stop(new, self.tokenizer, stops), skip_special_tokens=True))
+            for p, new in zip(prompts, self._generate(prompts))
+        ]
         step = self.global_step
         rank_zero_info("\n".join([f"Sample generations at step {step}:"] + [f"--- prompt: {p!r}\n    response: {r!r}" for p, r in samples]))
         text = "\n\n".join(f"**prompt:** {p}\n\n**response:** {r}" for p, r in samples)
@@ -194,11 +211,11 @@ class CausalLM(PEFTMixin, L.LightningModule):
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, Any]:
         """Generate a response to each prompt of a batch (left-padded prompts, as ``InstructionData`` makes them)."""
         prompts = [ids[mask.bool()].tolist() for ids, mask in zip(batch["input_ids"], batch["attention_mask"])]
-        new = self._generate(prompts)
+        new, stops = self._generate(prompts), self._stop_sequences()
         decode = self.tokenizer.decode
         out: dict[str, Any] = {
             "prompt": [decode(p, skip_special_tokens=True) for p in prompts],
-            "completion": [decode(t, skip_special_tokens=True) for t in new],
+            "completion": [decode(strip_stop(t, self.tokenizer, stops), skip_special_tokens=True) for t in new],
             "tokens": new,
         }
         if "index" in batch:

@@ -11,7 +11,12 @@ Two kinds of example:
 * **chat** rows (``messages``: a list of ``{"role", "content"}``): rendered with a chat template (the tokenizer's own,
   ``"chatml"``, a Jinja string or a ``.jinja`` file); loss on the assistant turns only. The rendered text is cut at
   every assistant turn and each piece is tokenized on its own (no bos/eos added: a template carries its own special
-  tokens), so a conversation's prefix up to an assistant turn tokenizes exactly as the generation prompt does.
+  tokens), so a conversation's prefix up to an assistant turn tokenizes exactly as the generation prompt does. The
+  template's turn end (ChatML's ``<|im_end|>``) is part of the assistant piece, so the model learns it, and
+  generation stops there (:meth:`PromptFormatter.turn_end`). Cutting has one cost: a tokenizer that treats the start
+  of a text specially (SentencePiece's leading ``▁``) may tokenize the first word after a cut differently from
+  ``apply_chat_template(tokenize=True)`` on the whole conversation; training and this package's generation agree
+  with each other, a server tokenizing whole conversations may differ by that token.
 
 With ``packing=True`` the training examples are packed into rows of up to ``max_length`` tokens (best-fit
 decreasing, no example split). A packed batch has ``position_ids`` that restart at 0 for every example and no
@@ -37,6 +42,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 
 from lightning_peft.tasks._hf import ensure_pad_token, load_tokenizer
+from lightning_peft.validation import check_value
 from lightning_peft.tasks.data import (
     _check_loader_args,
     _ListDataset,
@@ -145,7 +151,12 @@ class PromptFormatter:
 
     def prompt_text(self, row: dict[str, Any]) -> str:
         """The instruction prompt of a row (the text before its output)."""
-        instruction, given = str(row[self.instruction_column]), str(row.get(self.input_column) or "")
+        instruction, given = row.get(self.instruction_column), row.get(self.input_column) or ""
+        if not isinstance(instruction, str) or not isinstance(given, str):
+            raise ValueError(
+                f"an example's {self.instruction_column!r} is {instruction!r} and its {self.input_column!r} {given!r}: both"
+                f" must be strings (the input may be missing or empty). Fields found: {list(row)}."
+            )
         if self.prompt_template is None:
             return alpaca_prompt(instruction, given)
         if given.strip() and "{input}" not in self.prompt_template:
@@ -168,6 +179,14 @@ class PromptFormatter:
     def is_chat(self, row: dict[str, Any]) -> bool:
         return self.messages_column in row
 
+    def turn_end(self) -> list[int]:
+        """The tokens the chat template puts after an assistant message (ChatML: ``<|im_end|>``), as training
+        tokenizes them: generation stops there (a chat template's turn end is often not the tokenizer's eos)."""
+        sentinel = "\u2063lightning-peft-sentinel\u2063"
+        text = self._render([{"role": "user", "content": "x"}, {"role": "assistant", "content": sentinel}], add_generation_prompt=False)
+        end = text.split(sentinel, 1)[1].strip() if sentinel in text else ""
+        return self.tokenizer(end, add_special_tokens=False)["input_ids"] if end else []
+
     def _template(self) -> str:
         template = self.chat_template or getattr(self.tokenizer, "chat_template", None)
         if not template:
@@ -175,8 +194,13 @@ class PromptFormatter:
                 "Chat examples need a chat template, and the tokenizer has none. Set chat_template: chatml (or a Jinja"
                 " template / .jinja file) on the data, the same at training and generation."
             )
-        if isinstance(template, dict):  # a tokenizer with named templates: the default one
-            template = template.get("default") or next(iter(template.values()))
+        if isinstance(template, dict):  # a tokenizer with named templates: the default one, as transformers does
+            if "default" not in template:
+                raise ValueError(
+                    f"The tokenizer has several chat templates ({sorted(template)}) and none named 'default': pass"
+                    " chat_template=<the template text or a .jinja file> to choose one."
+                )
+            template = template["default"]
         return template
 
     def _render(self, messages: list[dict[str, Any]], add_generation_prompt: bool) -> str:
@@ -242,9 +266,10 @@ class PromptFormatter:
             if not any(m["role"] == "assistant" for m in messages):
                 raise ValueError("A conversation has no assistant message, so nothing to learn in it.")
             return self._tokenize_pieces(self._chat_pieces(messages, add_generation_prompt=False))
-        prompt, output = self.tokenizer(
-            [self.prompt_text(row), str(row[self.output_column])], add_special_tokens=False
-        )["input_ids"]
+        output = row[self.output_column]
+        if not isinstance(output, str):
+            raise ValueError(f"the {self.output_column!r} field is {output!r}, not a string: give every example a response text.")
+        prompt, output = self.tokenizer([self.prompt_text(row), output], add_special_tokens=False)["input_ids"]
         head = self._bos() + prompt
         return head + output + self._eos(), [-100] * len(head) + output + self._eos()
 
@@ -401,6 +426,12 @@ class InstructionData(L.LightningDataModule):
     ) -> None:
         super().__init__()
         owner = type(self).__name__
+        for name, value, tp in (
+            ("max_length", max_length, int), ("batch_size", batch_size, int), ("eval_batch_size", eval_batch_size, Optional[int]),
+            ("num_workers", num_workers, int), ("val_fraction", val_fraction, float), ("max_rows", max_rows, Optional[int]),
+            ("seed", seed, int),  # random.Random("0") would silently draw another order than 0
+        ):
+            check_value(owner, name, value, tp)
         _check_loader_args(owner, batch_size, eval_batch_size, num_workers, max_length)
         if not isinstance(packing, bool):
             raise ValueError(f"{owner}: packing must be true or false, got {packing!r}.")
@@ -415,6 +446,15 @@ class InstructionData(L.LightningDataModule):
         self.tokenizer = load_tokenizer(tokenizer_name_or_path) if tokenizer_name_or_path else None
         self.datasets: dict[str, _ListDataset] = {}
         self.predict_rows: list[dict[str, Any]] = []
+        self.chat: Optional[bool] = None  # whether the data read is chat rows (known after setup)
+
+    def generation_stop(self) -> list[list[int]]:
+        """Token sequences that end a response besides eos, for generating from this data (``CausalLM.predict_step``,
+        ``val_generations``): a chat template's turn end (ChatML: ``<|im_end|>``), which training taught."""
+        if not self.chat:
+            return []
+        end = self.formatter().turn_end()
+        return [end] if end else []
 
     def formatter(self, tokenizer: Any = None) -> PromptFormatter:
         """The formatter of these settings (the generation commands build prompts with it)."""
@@ -438,6 +478,7 @@ class InstructionData(L.LightningDataModule):
         if hp.train_file is None:
             raise ValueError(f"InstructionData: Trainer.{stage or 'fit'}() needs train_file=<a .json/.jsonl file>.")
         rows = self._read(hp.train_file)
+        self.chat = self.formatter().is_chat(rows[0])
         order = list(range(len(rows)))
         random.Random(hp.seed).shuffle(order)
         if hp.max_rows is not None:
@@ -456,9 +497,13 @@ class InstructionData(L.LightningDataModule):
         hp = self.hparams
         self.predict_rows = self._read(hp.predict_file, need_output=False)
         fmt = self.formatter()
+        self.chat = fmt.is_chat(self.predict_rows[0])
         examples = []
         for i, row in enumerate(self.predict_rows):
-            ids = fmt.encode_prompt(row)
+            try:
+                ids = fmt.encode_prompt(row)
+            except ValueError as err:
+                raise ValueError(f"{hp.predict_file!r} example {i + 1}: {err}") from None
             if len(ids) > hp.max_length:
                 raise ValueError(
                     f"{hp.predict_file!r} example {i + 1}: its prompt is {len(ids)} tokens, more than max_length="

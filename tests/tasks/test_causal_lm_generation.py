@@ -94,6 +94,30 @@ def test_generation_settings_are_checked(minilm_dir):
             CausalLM(LLAMA, tokenizer_name_or_path=minilm_dir, from_config=True, **kw)
 
 
+def test_generation_stops_at_a_stop_sequence_and_at_the_models_own_eos(minilm_dir):
+    from lightning_peft.tasks.generation import strip_stop
+
+    model = _model(minilm_dir)
+    model.model.generation_config.eos_token_id = None
+    prompt = [[101, 2000, 2001, 2002]]
+    full = generate_ids(model.model, model.tokenizer, prompt, max_new_tokens=8)[0]
+    assert len(full) == 8
+    # a stop sequence (a chat template's turn end) ends the response right after it, and strip_stop takes it off
+    calls = []
+    hook = model.model.register_forward_hook(lambda *a: calls.append(1))
+    (stopped,) = generate_ids(model.model, model.tokenizer, prompt, max_new_tokens=8, stop_sequences=[full[2:4]])
+    hook.remove()
+    assert stopped == full[:4] and strip_stop(stopped, model.tokenizer, [full[2:4]]) == full[:2]
+    assert len(calls) == 4  # generation stopped there, not only the output cut
+    # the model's own generation_config eos ids are kept, not replaced by the tokenizer's
+    model.model.generation_config.eos_token_id = [full[1]]
+    assert generate_ids(model.model, model.tokenizer, prompt, max_new_tokens=8)[0] == full[:2]
+    with pytest.raises(ValueError, match=r"batch_size must be an integer >= 1, got 0"):
+        generate_ids(model.model, model.tokenizer, prompt, batch_size=0)
+    with pytest.raises(TypeError, match=r"from_config='false' \(str\) must be True or False"):
+        CausalLM(LLAMA, tokenizer_name_or_path=minilm_dir, from_config="false")
+
+
 def test_sampling_is_seeded_and_greedy_is_deterministic(minilm_dir):
     model = _model(minilm_dir)
     prompt = [[101, 2000, 2001, 2002]]

@@ -87,6 +87,32 @@ def test_the_generation_prompt_is_the_training_prefix(tokenizer):
     assert PromptFormatter(tokenizer).encode_prompt("Say hello.") == PromptFormatter(tokenizer).encode_prompt({"instruction": "Say hello."})
 
 
+def test_the_turn_end_is_learned_and_is_where_generation_stops(tokenizer):
+    fmt = PromptFormatter(tokenizer, chat_template="chatml")
+    end = _tok(tokenizer, "<|im_end|>")
+    assert fmt.turn_end() == end
+    ids, labels = fmt.encode(CHATS[0])
+    learned = [lab for lab in labels if lab != -100]
+    # each of the two assistant turns ends with the turn end, inside the loss
+    assert sum(learned[i : i + len(end)] == end for i in range(len(learned))) == 2
+    # a template whose turns end in nothing but a newline has no turn end to stop at
+    plain = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}"
+    assert PromptFormatter(tokenizer, chat_template=plain).turn_end() == []
+
+
+def test_non_string_fields_and_strict_arguments_are_refused(tmp_path, minilm_dir):
+    bad = _write_jsonl(tmp_path / "null.jsonl", [{"instruction": "Say hi.", "output": None}])
+    with pytest.raises(ValueError, match=r"example 1: the 'output' field is None, not a string"):
+        InstructionData(train_file=bad, val_fraction=0.0, tokenizer_name_or_path=minilm_dir).setup("fit")
+    bad = _write_jsonl(tmp_path / "num.jsonl", [{"instruction": 7, "output": "x"}])
+    with pytest.raises(ValueError, match=r"example 1: an example's 'instruction' is 7"):
+        InstructionData(train_file=bad, val_fraction=0.0, tokenizer_name_or_path=minilm_dir).setup("fit")
+    for kw, message in (({"seed": "0"}, r"seed='0' \(str\) must be an integer"), ({"val_fraction": "0.1"}, r"val_fraction='0.1'"),
+                        ({"max_length": 256.0}, r"max_length=256\.0 \(float\) must be an integer")):
+        with pytest.raises(TypeError, match=message):
+            InstructionData(train_file="x.jsonl", **kw)
+
+
 def test_chat_template_choices_and_refusals(tmp_path, minilm_dir, tokenizer):
     f = _write_jsonl(tmp_path / "chat.jsonl", CHATS)
     # MiniLM's tokenizer has no chat template of its own
