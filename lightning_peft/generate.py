@@ -55,7 +55,7 @@ def _load(cfg: Any) -> tuple[Any, Any, Path]:
     import yaml
 
     from lightning_peft.callbacks.base import load_adapter_checkpoint, read_checkpoint, read_checkpoint_directory
-    from lightning_peft.cli import _build_model, _find_run_config, resolve_config_arg
+    from lightning_peft.run_config import build_model, find_run_config, resolve_config_arg
     from lightning_peft.io import load_adapter
 
     if (cfg.adapter is None) == (cfg.ckpt_path is None):
@@ -63,7 +63,7 @@ def _load(cfg: Any) -> tuple[Any, Any, Path]:
     if cfg.config is not None:
         config_path = Path(resolve_config_arg(cfg.config))
     elif cfg.ckpt_path is not None:
-        config_path = _find_run_config(Path(cfg.ckpt_path))
+        config_path = find_run_config(Path(cfg.ckpt_path))
     else:
         raise ValueError("--adapter needs the run's --config (the model and the prompt format are read from it).")
     if not config_path.is_file():
@@ -75,7 +75,7 @@ def _load(cfg: Any) -> tuple[Any, Any, Path]:
         checkpoint = read_checkpoint_directory(ckpt) if ckpt.is_dir() else read_checkpoint(ckpt)  # weights only
     elif not Path(cfg.adapter).is_dir():
         raise FileNotFoundError(f"Adapter directory {cfg.adapter} does not exist.")
-    module = _build_model(config_path)
+    module = build_model(config_path)
     if getattr(module, "tokenizer", None) is None or not hasattr(getattr(module, "model", None), "generate"):
         raise TypeError(f"{type(module).__name__} (from {config_path}) is not a causal LM with a tokenizer: generate needs CausalLM or the like.")
     if cfg.ckpt_path is not None:
@@ -88,7 +88,7 @@ def _load(cfg: Any) -> tuple[Any, Any, Path]:
 
 
 def _formatter(module: Any, data_args: dict[str, Any], config_path: Path, fmt: str):
-    from lightning_peft.cli import resolve_config_paths
+    from lightning_peft.run_config import resolve_config_paths
     from lightning_peft.tasks import PromptFormatter, load_tokenizer
 
     data_args = resolve_config_paths(data_args, config_path.parent)

@@ -15,7 +15,7 @@ PACKAGE = Path(lightning_peft.__file__).parent
 #: the layers under the Lightning glue: pure PyTorch (+ safetensors for the file format)
 LOWER = ("lightning_peft.core", "lightning_peft.io", "lightning_peft.compat", "lightning_peft.targeting", "lightning_peft.quant",
          "lightning_peft.validation", "lightning_peft.methods", "lightning_peft.distributed")
-UPPER = ("lightning_peft.callbacks", "lightning_peft.mixin", "lightning_peft.plugins", "lightning_peft.tasks", "lightning_peft.cli",
+UPPER = ("lightning_peft.callbacks", "lightning_peft.mixin", "lightning_peft.plugins", "lightning_peft.tasks", "lightning_peft.cli", "lightning_peft.run_config", "lightning_peft.generate",
          "lightning_peft.bench")
 
 
