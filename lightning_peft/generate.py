@@ -139,7 +139,7 @@ def generate_main(args: list[str]) -> list[dict[str, Any]]:
     from lightning_peft.tasks.generation import check_generation_args, generate_ids, strip_stop
 
     parser = _parser("lightning-peft generate", "Generate responses with a trained causal-LM adapter, prompts formatted as in training.")
-    parser.add_argument("--prompt", type=str, action="append", default=[], help="A prompt (an instruction, or a chat user message); repeat for several.")
+    parser.add_argument("--prompt", action="append", default=[], help="A prompt (an instruction, or a chat user message); repeat for several.")
     parser.add_argument("--prompts_file", type=Optional[str], default=None, help="A .json/.jsonl file of prompts, rows as the training data's (instruction rows or `messages`; a final assistant message is dropped).")
     parser.add_argument("--output", type=Optional[str], default=None, help="Write one JSON object per prompt (prompt, completion, tokens) to this .jsonl file.")
     parser.add_argument("--batch_size", type=int, default=8, help="Prompts generated together.")
