@@ -30,6 +30,7 @@ __all__ = [
     "NamedAdapters",
     "layer_adapter_names",
     "per_sample_adapters",
+    "Routing",
     "unload",
     "ParameterCounts",
     "adapter_modules",
@@ -102,7 +103,8 @@ class NamedAdapters:
     - ``active``: the adapters whose updates the forward applies, in order;
     - ``frozen``: adapters whose parameters never train;
     - ``merged_adapters``: adapters folded into the base weight, in the order merged;
-    - ``sample_adapters``: per-sample routing for inference (one name, or ``None`` for the base, per row), or ``None``.
+    - ``sample_adapters``: per-sample routing (a :class:`Routing`: one name, or ``None`` for the base, per row), or
+      ``None``.
 
     A layer implements :meth:`adapter_names`, :meth:`delete_adapter` and ``merge(names=None)`` over them.
     """
@@ -110,7 +112,7 @@ class NamedAdapters:
     active: list[str]
     frozen: set[str]
     merged_adapters: list[str]
-    sample_adapters: list[str | None] | None
+    sample_adapters: Routing | None
 
     def _init_named_adapters(self) -> None:
         self.active, self.frozen, self.merged_adapters, self.sample_adapters = [], set(), [], None
@@ -447,23 +449,69 @@ def set_adapter_trainable(model: nn.Module, name: str, trainable: bool = True, e
     return model
 
 
+class Routing(tuple):
+    """Which adapter each row of a batch goes through: a tuple of names (``None``: the base model), one per row,
+    plus the row groups, computed once per batch (not once per layer).
+
+    ``groups`` is ``((name, rows), ...)`` in order of first appearance, where ``rows`` is a ``slice`` when the name's
+    rows are contiguous (a batch sorted by adapter: every layer then works on views, no copies) and a list of row
+    indices otherwise. :meth:`index` gives the rows as something a tensor can be indexed with on a device.
+    """
+
+    groups: tuple[tuple[str | None, slice | list[int]], ...]
+
+    def __new__(cls, names) -> "Routing":
+        self = super().__new__(cls, names)
+        rows: dict[str | None, list[int]] = {}
+        for i, n in enumerate(self):
+            rows.setdefault(n, []).append(i)
+        self.groups = tuple(
+            (n, slice(r[0], r[-1] + 1) if r[-1] - r[0] + 1 == len(r) else r) for n, r in rows.items()
+        )
+        self._index_cache: dict[tuple[str | None, torch.device], torch.Tensor] = {}
+        return self
+
+    @property
+    def contiguous(self) -> bool:
+        """Whether every adapter's rows are one slice (a batch sorted by adapter)."""
+        return all(isinstance(r, slice) for _, r in self.groups)
+
+    def index(self, name: str | None, device: torch.device) -> slice | torch.Tensor:
+        """The rows of ``name``: a slice, or an index tensor on ``device`` (built once per device)."""
+        rows = dict(self.groups)[name]
+        if isinstance(rows, slice):
+            return rows
+        key = (name, torch.device(device))
+        if key not in self._index_cache:
+            self._index_cache[key] = torch.tensor(rows, dtype=torch.long, device=device)
+        return self._index_cache[key]
+
+
 @contextlib.contextmanager
 def per_sample_adapters(model: nn.Module, names: list[str | None]) -> Iterator[nn.Module]:
     """Inside the block, row ``i`` of each batch goes through adapter ``names[i]`` (``None``: the base model).
 
-    The result equals running each sample alone with its adapter active. For inference: adapters must not
-    be merged, and dropout is not applied.
+    In evaluation the result equals running each sample alone with its adapter active. In training each row trains
+    its own adapter only: a step over a mixed batch equals the sum of the steps each adapter would take over its
+    rows of the same batch (same seed: a LoRA layer draws one dropout mask for the whole batch and each adapter uses
+    its rows of it, as it would alone, provided the adapters cover the same layers). Adapters must not be merged.
+    Sort the rows by adapter (``MultiTaskData`` does) and every layer works on slices, without copies.
 
     Example::
 
         with per_sample_adapters(model, ["sst2", "cola", None]):
             logits = model(**batch_of_three)
     """
-    names = list(names)
-    _check_names(model, [n for n in names if n is not None])
+    if isinstance(names, (str, bytes)) or not hasattr(names, "__iter__"):
+        raise TypeError(f"per_sample_adapters: names must be a list with one adapter name (or None) per row, got {names!r}.")
+    routing = Routing(names)
+    bad = [n for n in routing if n is not None and not isinstance(n, str)]
+    if bad:
+        raise TypeError(f"per_sample_adapters: each name must be a string or None, got {bad[0]!r}.")
+    _check_names(model, [n for n, _ in routing.groups if n is not None])
     layers = [m for _, m in _named_layers(model)]
     for m in layers:
-        m.sample_adapters = names
+        m.sample_adapters = routing
     try:
         yield model
     finally:

@@ -176,6 +176,86 @@ class _LoRADeltaFunction(torch.autograd.Function):
         return grad_x, grad_a, grad_b, None, None, None
 
 
+class _RoutedLoRAFunction(torch.autograd.Function):
+    """Per-sample routing in one function: ``y = x W^T + b`` for every row, plus, for the rows ``R_g`` routed to
+    adapter ``g``, ``s_g drop_g(x[R_g]) A_g^T B_g^T``.
+
+    ``drop_g`` is rows ``R_g`` of the mask adapter ``g`` would draw over the whole batch from the layer's one seed,
+    so a routed step equals the steps each adapter takes alone on the same batch (and seed), dropout included.
+    ``plan`` holds ``(rows, scaling, dropout)`` per group (``rows``: a slice, or an index tensor); ``factors`` are
+    ``A_1, B_1, A_2, B_2, ...``, so an adapter absent from the batch is not an input and gets no gradient. Saves ``x``
+    and each group's ``xa`` (rows x r); the masks are drawn again in backward.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, plan, seed: int, fan_in_fan_out: bool, *factors):
+        out = base_linear(x, weight, bias, fan_in_fan_out)
+        out_f, masks, xas = out.shape[-1], {}, []
+        for g, (rows, s, p) in enumerate(plan):
+            a, b = factors[2 * g], factors[2 * g + 1]
+            xg = x[rows]
+            if p > 0:
+                if p not in masks:
+                    masks[p] = _dropout_mask(x, p, seed)
+                xg = xg * masks[p][rows]
+            xa = (xg @ a.t()).mul_(s)
+            if isinstance(rows, slice):
+                out[rows].view(-1, out_f).addmm_(xa.reshape(-1, xa.shape[-1]), b.t())
+            else:
+                out.index_add_(0, rows, xa @ b.t())
+            xas.append(xa)
+        del masks
+        ctx.save_for_backward(x, weight, *xas, *factors)
+        ctx.plan, ctx.seed, ctx.fan_in_fan_out = plan, seed, fan_in_fan_out
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, *rest = ctx.saved_tensors
+        plan, n_groups = ctx.plan, len(ctx.plan)
+        xas, factors = rest[:n_groups], rest[n_groups:]
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        need_factors = ctx.needs_input_grad[6:]
+        in_f, out_f = x.shape[-1], grad_out.shape[-1]
+        g2 = grad_out.reshape(-1, out_f)
+        grad_x = grad_w = grad_bias = None
+        if need_x:
+            w = dequantize(weight, g2.dtype)
+            w = w.t() if ctx.fan_in_fan_out else w
+            grad_x = (g2 @ w.to(g2.dtype)).view(x.shape)
+        if need_w:
+            x2 = x.reshape(-1, in_f)
+            grad_w = x2.t() @ g2 if ctx.fan_in_fan_out else g2.t() @ x2
+        if need_b:
+            grad_bias = g2.sum(0)
+        grads: list[Optional[torch.Tensor]] = []
+        masks: dict[float, torch.Tensor] = {}
+        for g, (rows, s, p) in enumerate(plan):
+            a, b = factors[2 * g], factors[2 * g + 1]
+            need_a, need_lb = need_factors[2 * g], need_factors[2 * g + 1]
+            gg = grad_out[rows].reshape(-1, out_f)
+            grad_a = grad_b = None
+            if need_x or need_a:
+                if p > 0 and p not in masks:
+                    masks[p] = _dropout_mask(x, p, ctx.seed)
+                mask = masks[p][rows].reshape(-1, in_f) if p > 0 else None
+                gb = gg @ b  # (rows, r)
+                if need_x:
+                    d = (gb @ a).mul_(s)
+                    d = (d.mul_(mask) if mask is not None else d).view(x[rows].shape)
+                    if isinstance(rows, slice):
+                        grad_x[rows].add_(d)
+                    else:
+                        grad_x.index_add_(0, rows, d)
+                if need_a:
+                    xg = x[rows].reshape(-1, in_f)
+                    grad_a = (gb.t() @ (xg * mask if mask is not None else xg)).mul_(s)
+            if need_lb:
+                grad_b = gg.t() @ xas[g].reshape(-1, xas[g].shape[-1])
+            grads += [grad_a, grad_b]
+        return (grad_x, grad_w, grad_bias, None, None, None, *grads)
+
+
 def _draw_seed() -> int:
     """A dropout seed from the global generator (so ``seed_everything`` makes it reproducible)."""
     return int(torch.randint(0, 2**62, (1,)).item())
@@ -556,18 +636,41 @@ class LoRALinear(LinearAdapter, NamedAdapters):
         return base_linear(x, weight, bias, self.fan_in_fan_out)
 
     def _routed_forward(self, x: torch.Tensor, weight, bias) -> torch.Tensor:
-        names = self.sample_adapters
+        """Row ``i`` through adapter ``sample_adapters[i]`` (a :class:`~lightning_peft.core.Routing`).
+
+        Plain adapters take one fused function (:class:`_RoutedLoRAFunction`: the base matmul once, one dropout seed
+        for the layer, each adapter its rows of that mask, views when the rows are sorted by adapter). DoRA, gated,
+        PiSSA/OLoRA adapters and the embedding/convolution variants add ``_update(x[rows])`` per adapter: the same
+        values, with dropout drawn per adapter (right in distribution, not the masks an adapter draws alone).
+        """
+        routing = self.sample_adapters
         if self.merged_adapters:
             raise RuntimeError("Per-sample adapter selection needs unmerged adapters: call unmerge_adapters(model) first.")
-        if x.shape[0] != len(names):
+        if x.shape[0] != len(routing):
             raise ValueError(
-                f"adapter_names has {len(names)} entries but the batch has {x.shape[0]} rows: give one adapter "
+                f"adapter_names has {len(routing)} entries but the batch has {x.shape[0]} rows: give one adapter "
                 "name (or None for the base model) per sample."
             )
+        groups = [] if self.disabled else [n for n, _ in routing.groups if n is not None and n in self.specs]
+        if not groups:
+            return self._base_out(x, weight, bias)
+        plain = type(self)._base_out is LoRALinear._base_out and all(
+            self._fusable(n) and n not in self.lora_magnitude and n not in self.lora_init_a for n in groups
+        )
+        if plain and not torch.compiler.is_compiling():
+            plan, factors = [], []
+            for n in groups:
+                a, b, s, p = self._operands(x, n, True)
+                plan.append((routing.index(n, x.device), s, p))
+                factors += [a, b]
+            seed = _draw_seed() if any(p > 0 for _, _, p in plan) else 0
+            return _RoutedLoRAFunction.apply(x, weight, bias, tuple(plan), seed, self.fan_in_fan_out, *factors)
         out = self._base_out(x, weight, bias)
-        for name in dict.fromkeys(n for n in names if n is not None and n in self.specs):
-            rows = torch.tensor([i for i, n in enumerate(names) if n == name], device=x.device)
-            out = out.index_add(0, rows, self._update(x.index_select(0, rows), name))
+        for n in groups:
+            rows = routing.index(n, x.device)
+            if isinstance(rows, slice):
+                rows = torch.arange(rows.start, rows.stop, device=x.device)
+            out = out.index_add(0, rows, self._update(x.index_select(0, rows), n))
         return out
 
     # -- merge --------------------------------------------------------------------------------------
