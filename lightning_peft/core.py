@@ -412,6 +412,13 @@ def set_active_adapters(model: nn.Module, names: str | list[str]) -> nn.Module:
     """
     names = [names] if isinstance(names, str) else list(names)
     _check_names(model, names)
+    for qual, m in _named_layers(model):
+        held = [n for n in names if n in m.adapter_names()]
+        if getattr(m, "exclusive", False) and len(held) > 1:
+            raise ValueError(
+                f"Adapters {held} each have their own copy of {qual or type(m).__name__} (e.g. a classification head), "
+                "and copies do not add up: activate one of them. Nothing was changed."
+            )
     for _, m in _named_layers(model):
         for n in m.adapter_names():
             m.set_adapter_active(n, False)
@@ -431,8 +438,15 @@ def delete_adapter(model: nn.Module, name: str) -> nn.Module:
     for qual, m in layers:
         if name in m.adapter_names():
             m.delete_adapter(name)
-            if not m.adapter_names():
+            parent, _, attr = qual.rpartition(".")
+            # unwrapped, unless the layer took itself out (a soft prompt: no placeholder is left where it was)
+            if not m.adapter_names() and model.get_submodule(parent)._modules.get(attr) is m:
                 model.set_submodule(qual, m.base_layer())
+    owners = peft_state(model).get("owners", {})
+    for module_name in list(owners):  # modules trained per adapter (module_copies): the adapter no longer owns its copy
+        owners[module_name] = [n for n in owners[module_name] if n != name]
+        if not owners[module_name]:
+            del owners[module_name]
     return model
 
 

@@ -57,6 +57,7 @@ from lightning_peft.core import (
     peft_state,
     sharding_of,
 )
+from lightning_peft.module_copies import ModuleCopies, copy_owner as copy_owner_of, keep_per_adapter_copies, module_copy
 from lightning_peft.methods.lora import LoRALinear, _factors, _layer_class as _lora_layer_class, _layer_classes as _lora_layer_classes, from_weight, inject_lora, pattern_value
 from lightning_peft.quant import weight_shape
 from lightning_peft.targeting import find_targets, linear_types
@@ -307,7 +308,7 @@ def save_adapter(module: nn.Module, directory: Union[str, Path], adapter_name: O
             "adapter (not the base) and rank 0 writes it."
         )
     prefix, base = find_base_model(module)
-    layers = list(adapter_modules(base))
+    layers = _method_layers(base)
     if not layers:
         raise ValueError(f"{type(module).__name__} carries no adapter to save: inject one first (e.g. LoRA(...).inject(model)).")
     names = _adapter_names(layers)
@@ -330,9 +331,21 @@ def check_savable(module: nn.Module) -> None:
     """Raise ``NotImplementedError`` (naming the layer types) unless :func:`save_adapter` has a file format for every
     adapter ``module`` carries. Writes nothing: the callbacks call it before training when ``save_dir`` is set."""
     _, base = find_base_model(module)
-    layers = list(adapter_modules(base))
+    layers = _method_layers(base)
     for name in _adapter_names(layers):
         _format_for([(n, m) for n, m in layers if name in layer_adapter_names(m)])
+
+
+def _method_layers(base: nn.Module) -> list[tuple[str, AdapterLayer]]:
+    """The adapter layers of a method (a :class:`ModuleCopies`, a module kept per adapter, is written with its
+    adapter as ``modules_to_save``, not as a method's layer)."""
+    return [(n, m) for n, m in adapter_modules(base) if not isinstance(m, ModuleCopies)]
+
+
+def _module_names(base: nn.Module) -> list[str]:
+    """Qualified module names of ``base`` as PEFT sees the model: the per-adapter copies inside a
+    :class:`ModuleCopies` are not modules of their own."""
+    return [n for n, _ in base.named_modules() if n and ".modules_to_save." not in n and not n.endswith(".modules_to_save")]
 
 
 def _adapter_names(layers: list[tuple[str, AdapterLayer]]) -> list[str]:
@@ -344,7 +357,11 @@ def _save_one(module, prefix, base, layers, name, directory: Path) -> None:
     mine = [(canonical_name(n), m) for n, m in layers if name in layer_adapter_names(m)]  # file names: no wrapper segments
     fmt = _format_for(mine)
     config, tensors = fmt.to_peft(base, mine, name)
-    trained = [n[len(prefix):] for n in peft_state(module)["trainable"] if n.startswith(prefix)]
+    state = peft_state(module)
+    trained = [n[len(prefix):] for n in state["trainable"] if n.startswith(prefix)]
+    for owned, holders in state.get("owners", {}).items():  # modules trained per adapter: this adapter's copy
+        if name in holders and owned.startswith(prefix):
+            trained += [f"{owned[len(prefix):]}.{p}" for p, _ in module_copy(module, owned, name).named_parameters()]
     task = config.get("task_type") or _peft_task_type(base)
     heads = _HEAD_NAMES if task in _CLASSIFIER_TASKS else ()
     adapted = _adapted_heads(base, heads)
@@ -356,7 +373,7 @@ def _save_one(module, prefix, base, layers, name, directory: Path) -> None:
         task, heads = None, ()
     entries, saved = _modules_to_save(base, trained, heads)
     for mname in saved:
-        for key, value in base.get_submodule(mname).state_dict().items():
+        for key, value in module_copy(base, mname, name).state_dict().items():
             tensors[f"{fmt.key_prefix}{mname}.{key}"] = value.detach()
     name_or_path = getattr(getattr(base, "config", None), "_name_or_path", None)
     config = {
@@ -430,12 +447,12 @@ def _peft_matches(module_names: list[str], entries: list[str]) -> list[str]:
 
 
 def _carrying_adapters(base: nn.Module, names: list[str]) -> list[str]:
-    return [n for n in names if any(isinstance(m, AdapterLayer) for m in base.get_submodule(n).modules())]
+    return [n for n in names if any(isinstance(m, AdapterLayer) and not isinstance(m, ModuleCopies) for m in base.get_submodule(n).modules())]
 
 
 def _adapted_heads(base: nn.Module, heads: tuple[str, ...]) -> list[str]:
     """The classification heads (PEFT saves them whole for its classifier tasks) that carry adapter layers."""
-    names = [n for n, _ in base.named_modules() if n]
+    names = _module_names(base)
     return _carrying_adapters(base, _peft_matches(names, [h for h in heads if any(n.endswith(h) for n in names)]))
 
 
@@ -446,7 +463,7 @@ def _modules_to_save(base: nn.Module, trained: list[str], heads: tuple[str, ...]
     PEFT saves and loads every module an entry matches (see :func:`_peft_matches`), all its parameters and buffers,
     and fails on a file that lacks one; so every matched module is written whole, trained or not."""
     modules = dict(base.named_modules())
-    names = [n for n in modules if n]
+    names = _module_names(base)
     top = sorted(p for p in trained if "." not in p)
     if top:
         raise NotImplementedError(
@@ -542,44 +559,51 @@ def load_adapter(
     entries = [m for m in dict.fromkeys(saved_modules + heads) if m]
     fmt = _FORMATS[config["peft_type"]]
     full, rest = _split_modules_to_save(base, tensors, entries, directory, fmt.key_prefix, adapter_name)
-    module_names = [n for n, _ in base.named_modules() if n]
+    module_names = _module_names(base)
     listed = _peft_matches(module_names, [m for m in saved_modules if m])
-    lacking = [f"{m}.{k}" for m in listed for k in base.get_submodule(m).state_dict() if f"{m}.{k}" not in full]
+    lacking = [f"{m}.{k}" for m in listed for k in module_copy(base, m, adapter_name).state_dict() if f"{m}.{k}" not in full]
     if lacking:
         raise AdapterFileError(
             f"{directory}: modules_to_save lists {saved_modules}, but the file lacks {len(lacking)} of their tensors "
             f"({', '.join(lacking[:5])}{', ...' if len(lacking) > 5 else ''}); loading it would leave those modules as they "
             "are in this model (e.g. an untrained head). Save the adapter again with its modules."
         )
-    if full and had_adapters:
-        current = _tensors_of(base)
-        changed = sorted(p for p, v in full.items() if not torch.equal(current[p].detach().cpu(), v.to(current[p].dtype)))
-        if changed:
-            raise NotImplementedError(
-                f"The adapter in {directory} also stores base modules whole (modules_to_save {saved_modules}), with other "
-                f"values than this model's ({changed[0]}{' ...' if len(changed) > 1 else ''}); loading it as an additional "
-                "named adapter would overwrite the base modules the other adapters use. Load it onto a fresh base model."
-            )
-        full = {}  # the same values: nothing to load, and the shared modules stay as the other adapters have them
+    # the modules stored whole: on a model that carries other adapters, each adapter gets its own copy of them
+    stored = [m for m in _peft_matches(module_names, entries) if any(p.startswith(m + ".") for p in full)]
+    # trainable, or other values than the model's: its own copy (frozen with the same values: the modules are shared)
+    per_adapter = bool(full) and had_adapters and (bool(is_trainable) or _differs(base, full))
+    if per_adapter:
+        _check_copyable(base, stored, directory)
+    elif full and had_adapters:
+        full = {}  # the same values, frozen: nothing to load, and the shared modules stay as the other adapters have them
     try:
         injected = fmt.from_peft(base, config, rest, adapter_name)
     except AdapterFileError:
         raise
     except (ValueError, TypeError, KeyError) as err:
         raise AdapterFileError(f"{directory}: {err}") from err
-    with torch.no_grad():
-        current = _tensors_of(base)
-        for pname, value in full.items():
-            current[pname].copy_(value.to(current[pname].dtype))
+    state = peft_state(module)
+    owners = state.setdefault("owners", {})
+    in_place: list[str] = []
+    if full:
+        if per_adapter:  # who trained these modules so far: recorded, or (an older record) every adapter already here
+            others = [n for n in _adapter_names(_method_layers(base)) if n != adapter_name]
+            for m in stored:
+                owners.setdefault(prefix + m, [] if copy_owner_of(base, m) else others)
+        in_place = keep_per_adapter_copies(module, [prefix + m for m in stored], adapter_name)
+    with torch.no_grad():  # into the module this adapter uses: its copy, or the module itself
+        for owner in stored:
+            here = _tensors_of(module_copy(base, owner, adapter_name))
+            for pname, value in full.items():
+                if pname.startswith(owner + "."):
+                    here[pname[len(owner) + 1:]].copy_(value.to(here[pname[len(owner) + 1:]].dtype))
     for _, m in adapter_modules(base):  # through the multi-adapter protocol
         if isinstance(m, NamedAdapters) and adapter_name in m.adapter_names():
             if not is_trainable:
                 m.set_adapter_frozen(adapter_name, True)
             m.set_adapter_active(adapter_name, not (activate is False or (activate is None and had_adapters)))
-    state = peft_state(module)
-    params = dict(base.named_parameters())
-    if is_trainable and full:
-        state["trainable"] = sorted(set(state["trainable"]) | {prefix + n for n in full if n in params})
+    if is_trainable and in_place:
+        state["trainable"] = sorted(set(state["trainable"]) | set(in_place))
     if fmt.record is not None:
         saved = [m for m in _peft_matches(module_names, entries) if any(p.startswith(m + ".") for p in full)]
         record = fmt.record(base, config, adapter_name, list(injected or []), saved)
@@ -589,6 +613,25 @@ def load_adapter(
     return module
 
 
+def _differs(base: nn.Module, full: dict[str, torch.Tensor]) -> bool:
+    """Whether the stored modules' values differ from the ones this model holds now."""
+    current = _tensors_of(base)
+    return any(not torch.equal(current[p].detach().cpu(), v.to(current[p].dtype)) for p, v in full.items())
+
+
+def _check_copyable(base: nn.Module, stored: list[str], directory: Path) -> None:
+    """Refuse (before anything changes) modules stored whole that cannot be kept per adapter: tied to other modules,
+    or carrying adapter layers."""
+    for m in stored:
+        ids = {id(p) for p in base.get_submodule(m).parameters()}
+        ties = [n for n, p in base.named_parameters(remove_duplicate=False) if id(p) in ids and not n.startswith(m + ".")]
+        if ties:
+            raise NotImplementedError(
+                f"The adapter in {directory} stores {m} whole, which shares parameters with {ties[:3]} (tied weights) in this "
+                "model: a copy per adapter would untie them. Load it onto a fresh base model."
+            )
+
+
 def _split_modules_to_save(
     base: nn.Module, tensors: dict[str, torch.Tensor], modules: list[str], where: Path, key_prefix: str = PEFT_PREFIX, adapter_name: str = "default",
 ):
@@ -596,7 +639,7 @@ def _split_modules_to_save(
     them: module names ending with an entry), keyed by their name in ``base``, after checking their shapes; and the
     method's own tensors, keyed as in the file."""
     current = _tensors_of(base)
-    saved = _peft_matches([n for n, _ in base.named_modules() if n], modules)
+    saved = _peft_matches(_module_names(base), modules)
     full, rest = {}, {}
     for key, value in tensors.items():
         if key_prefix != PEFT_PREFIX and key == "prompt_embeddings":  # a prompt-learning method's own tensor

@@ -7,10 +7,11 @@ import warnings
 
 import pytest
 import torch
+from torch import nn
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from lightning_peft import IA3, AdaLoRA, AdapterFileError, LlamaAdapter, LoRA, load_adapter, save_adapter
+from lightning_peft import IA3, AdaLoRA, AdapterFileError, LlamaAdapter, LoRA, load_adapter, save_adapter, set_active_adapters
 from lightning_peft.core import adapter_param_names
 from tests.conftest import tiny_llama
 from tests.methods.prompt_helpers import check_peft_round_trip, randomize
@@ -360,9 +361,9 @@ def test_a_head_of_the_wrong_shape_names_the_module_and_leaves_the_model_unchang
     assert _unchanged(model, before)
 
 
-def test_a_second_classifier_adapter_loads_if_it_keeps_the_head_and_is_refused_if_it_changes_it(tmp_path):
-    """Every classifier adapter carries the head: another named adapter whose head equals the model's loads beside
-    the first; one with another head would overwrite what the first uses, and is refused before anything changes."""
+def test_a_second_classifier_adapter_shares_an_equal_head_and_keeps_its_own_otherwise(tmp_path):
+    """Every classifier adapter carries the head: another named adapter whose head equals the model's (loaded frozen)
+    shares it; one with another head gets its own copy (#27), and each adapter then runs with its own head."""
     for name, seed in (("a", 3), ("b", 4)):
         m = _classifier("bert")
         LoRA(r=4, target_modules=["query", "value"]).inject(m)
@@ -371,14 +372,22 @@ def test_a_second_classifier_adapter_loads_if_it_keeps_the_head_and_is_refused_i
     model = load_adapter(_classifier("bert"), tmp_path / "a")
     load_adapter(model, tmp_path / "b", adapter_name="b")
     assert model.bert.encoder.layer[0].attention.self.query.adapter_names() == ["default", "b"]
+    assert type(model.classifier) is nn.Linear  # the same head: shared, not copied
     tensors = load_file(tmp_path / "b" / "adapter_model.safetensors")
     tensors["base_model.model.classifier.bias"] = tensors["base_model.model.classifier.bias"] + 1
     save_file(tensors, str(tmp_path / "b" / "adapter_model.safetensors"))
     model = load_adapter(_classifier("bert"), tmp_path / "a")
-    before = _snapshot(model)
-    with pytest.raises(NotImplementedError, match=r"with other values than this model's \(classifier\.bias\).*Load it onto a fresh base model"):
-        load_adapter(model, tmp_path / "b", adapter_name="c")
-    assert _unchanged(model, before)
+    x = torch.randint(3, 64, (2, 6), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        only_a = model(x).logits
+    load_adapter(model, tmp_path / "b", adapter_name="c")
+    assert sorted(model.classifier.adapter_names()) == ["c", "default"]
+    torch.testing.assert_close(model.classifier.modules_to_save["c"].bias, tensors["base_model.model.classifier.bias"])
+    alone_c = load_adapter(_classifier("bert"), tmp_path / "b")
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, only_a, atol=0, rtol=0)  # 'c' loaded inactive: 'default' and its head
+        set_active_adapters(model, "c")
+        torch.testing.assert_close(model(x).logits, alone_c(x).logits, atol=1e-6, rtol=0)
 
 
 def test_ia3_classifier_round_trips_with_its_head(tmp_path):

@@ -51,8 +51,18 @@ def adapter_checkpoint_state(module: nn.Module, checkpoint: dict[str, Any]) -> N
         "format_version": 1,
         "methods": list(peft_state(module)["methods"]),
         "trainable": list(peft_state(module)["trainable"]),
+        "owners": {k: list(v) for k, v in peft_state(module).get("owners", {}).items()},
         "shapes": {k: list(v.shape) for k, v in checkpoint["state_dict"].items()},
     }
+
+
+def _record_key(record: dict[str, Any]) -> tuple[Any, Any]:
+    return record.get("method"), record.get("adapter_name", "default")
+
+
+def _record_label(record: dict[str, Any]) -> str:
+    name = record.get("adapter_name", "default")
+    return f"{record.get('method')}" + (f" (adapter {name!r})" if name != "default" else "")
 
 
 def check_adapter_checkpoint(module: nn.Module, checkpoint: dict[str, Any], values: bool = True, shapes: bool = True) -> None:
@@ -86,15 +96,16 @@ def check_adapter_checkpoint(module: nn.Module, checkpoint: dict[str, Any], valu
     saved = checkpoint.get(_CKPT_KEY, {}).get("methods")
     current = peft_state(module)["methods"]
     if saved is not None and saved != current:
-        saved_by = {m.get("method"): m for m in saved}
+        # one record per method and adapter name: several named LoRA adapters are several records
+        saved_by = {_record_key(m): m for m in saved}
         for cur in current:
-            old = saved_by.get(cur["method"])
+            old = saved_by.get(_record_key(cur))
             if old is None:
-                problems.append(f"method {cur['method']}: not in the checkpoint (it has {sorted(saved_by)})")
+                problems.append(f"method {_record_label(cur)}: not in the checkpoint (it has {[_record_label(m) for m in saved]})")
                 continue
             for k in sorted(set(cur) | set(old)):
                 if cur.get(k) != old.get(k):
-                    problems.append(f"{cur['method']} setting {k}: checkpoint {old.get(k)!r}, now {cur.get(k)!r}")
+                    problems.append(f"{_record_label(cur)} setting {k}: checkpoint {old.get(k)!r}, now {cur.get(k)!r}")
     if problems:
         listed = "\n  ".join(problems)
         unrecorded = ""

@@ -54,6 +54,7 @@ from lightning_peft.core import (
 )
 from lightning_peft.distributed import save_sharded_adapter
 from lightning_peft.io import check_savable, save_adapter
+from lightning_peft.module_copies import keep_per_adapter_copies
 from lightning_peft.targeting import match_name
 from lightning_peft.validation import strict_init
 
@@ -180,8 +181,11 @@ class PEFTCallback(Callback):
                 f"This {type(self).__name__} callback already injected adapters into another model "
                 f"({len(self.injected)} modules). Create one callback per model."
             )
-        trainable = self._trainable_param_names(module)
-        names = self._inject(module)
+        trained_modules = self._trainable_module_names(module)
+        with structure_snapshot(module):
+            names = self._inject(module)
+            # a module another adapter already trains in full becomes one copy per adapter (module_copies)
+            trainable = keep_per_adapter_copies(module, trained_modules, getattr(self, "adapter_name", "default"))
         state = peft_state(module)
         state["methods"].append(self.config())
         state["trainable"] = sorted(set(state["trainable"]) | set(trainable))
@@ -190,7 +194,8 @@ class PEFTCallback(Callback):
         self._injected_into = weakref.ref(module)
         return module
 
-    def _trainable_param_names(self, module: nn.Module) -> list[str]:
+    def _trainable_module_names(self, module: nn.Module) -> list[str]:
+        """The modules ``trainable_modules`` names (outermost only), checked."""
         if not self.trainable_modules:
             return []
         names = [n for n, _ in module.named_modules() if n and match_name(n, self.trainable_modules)]
@@ -206,7 +211,7 @@ class PEFTCallback(Callback):
                 f"trainable_modules entries {unmatched} match no module of {type(module).__name__} (a typo?); the others "
                 f"matched {names[:5]}. Every entry must name a module (its name or a dotted suffix)."
             )
-        return sorted({f"{m}.{p}" for m in names for p, _ in module.get_submodule(m).named_parameters()})
+        return [n for n in names if not any(n.startswith(o + ".") for o in names)]
 
     # -- Lightning hooks --------------------------------------------------------------------------
     @override
