@@ -223,3 +223,31 @@ def test_a_tied_module_is_not_copied_and_nothing_changes():
         LoRA(r=2, target_modules=["q_proj"], adapter_name="b", trainable_modules=["lm_head"]).inject(model)
     assert set(model.state_dict()) == keys and type(model.lm_head) is nn.Linear
     assert [m.get("adapter_name", "default") for m in peft_state(model)["methods"]] == ["a"]
+
+
+def test_an_adapter_checkpoint_restores_every_adapter_and_head_on_a_fresh_base():
+    from lightning_peft.callbacks.base import load_adapter_checkpoint
+
+    model = _three()
+    ids = _ids()
+    alone = {n: _alone(model, n, ids) for n in NAMES}
+    checkpoint = {"state_dict": model.state_dict()}
+    adapter_checkpoint_state(model, checkpoint)
+    fresh = load_adapter_checkpoint(_bert(head_seed=9), checkpoint)
+    assert isinstance(fresh.classifier, ModuleCopies) and peft_state(fresh)["owners"] == {"classifier": list(NAMES)}
+    for n in NAMES:
+        torch.testing.assert_close(_alone(fresh, n, ids), alone[n], atol=0, rtol=0)
+
+
+def test_a_weighted_combination_takes_the_heads_of_the_adapter_named():
+    from lightning_peft import add_weighted_adapter
+
+    model = _three()
+    ids = _ids()
+    with pytest.raises(ValueError, match=r"have their own copies of \['classifier'\].*pass heads_from="):
+        add_weighted_adapter(model, ["a", "b"], [0.5, 0.5], "mix")
+    with pytest.raises(ValueError, match=r"heads_from='c' must be one of the combined adapters \['a', 'b'\]"):
+        add_weighted_adapter(model, ["a", "b"], [0.5, 0.5], "mix", heads_from="c")
+    add_weighted_adapter(model, ["a", "b"], [1.0, 0.0], "mix", heads_from="a")
+    assert "mix" in peft_state(model)["owners"]["classifier"] and "mix" in model.classifier.frozen
+    torch.testing.assert_close(_alone(model, "mix", ids), _alone(model, "a", ids), atol=1e-6, rtol=0)  # weight 1 on a: a

@@ -52,8 +52,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_peft.core import NamedAdapters, _non_finite_problem, sharding_of
+from lightning_peft.core import STATE_ATTR, NamedAdapters, _non_finite_problem, sharding_of
 from lightning_peft.methods._gate import Gate
+from lightning_peft.module_copies import ModuleCopies
 from lightning_peft.methods._linear import LinearAdapter, _dropout_mask, base_linear
 from lightning_peft.methods.dora import dora_linear, dora_update, dora_weight_norm, weight_sq_norms_of
 from lightning_peft.quant import dequantize, is_quantized  # QLoRA: quantized base weights
@@ -894,6 +895,7 @@ def add_weighted_adapter(
     weights: list[float],
     adapter_name: str,
     combination_type: Literal["linear", "cat"] = "cat",
+    heads_from: Optional[str] = None,
 ) -> nn.Module:
     """Add ``adapter_name``, a weighted combination of existing LoRA adapters, to every layer holding one of them.
 
@@ -904,6 +906,9 @@ def add_weighted_adapter(
       weighted sum of the updates.
 
     The new adapter has scaling 1, is frozen and not active: :func:`~lightning_peft.core.set_active_adapters` it.
+
+    Modules trained in full per adapter (a classification head each, :mod:`lightning_peft.module_copies`) do not
+    combine: ``heads_from`` names the adapter whose copies the new adapter gets (required when there are any).
     """
     if len(adapters) != len(weights) or not adapters:
         raise ValueError(f"Give one weight per adapter: adapters={adapters!r}, weights={weights!r}.")
@@ -917,6 +922,14 @@ def add_weighted_adapter(
         raise ValueError(f"No LoRA adapter named {missing[0]!r} in this model; its adapters are {sorted(known)}.")
     if adapter_name in known:
         raise ValueError(f"An adapter named {adapter_name!r} already exists; choose another name.")
+    copies = [(n, m) for n, m in model.named_modules() if isinstance(m, ModuleCopies) and any(a in m.modules_to_save for a in adapters)]
+    if copies and heads_from is None:
+        raise ValueError(
+            f"Adapters {adapters} have their own copies of {[n for n, _ in copies]} (e.g. a head each), which do not "
+            "combine: pass heads_from=<one of them> to give the new adapter that adapter's copies."
+        )
+    if heads_from is not None and heads_from not in adapters:
+        raise ValueError(f"heads_from={heads_from!r} must be one of the combined adapters {adapters}.")
     dora = sorted({a for m in layers for a in adapters if a in m.lora_magnitude})
     if dora:
         raise ValueError(f"add_weighted_adapter combines plain LoRA updates; {dora} are DoRA adapters, whose magnitudes do not combine linearly.")
@@ -942,4 +955,11 @@ def add_weighted_adapter(
         m.frozen.add(adapter_name)
         m.lora_a[adapter_name].requires_grad_(False)
         m.lora_b[adapter_name].requires_grad_(False)
+    owners = model.__dict__.get(STATE_ATTR, {}).get("owners", {})  # the record, where this model holds it
+    for name, m in copies:
+        if heads_from in m.modules_to_save:
+            m.set_adapter_frozen(adapter_name, True)
+            m.add_copy(adapter_name, values=m.modules_to_save[heads_from])
+            if name in owners:
+                owners[name].append(adapter_name)
     return model
