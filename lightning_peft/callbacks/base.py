@@ -216,11 +216,15 @@ class PEFTCallback(Callback):
     # -- Lightning hooks --------------------------------------------------------------------------
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        mine = getattr(self, "adapter_name", None)
         for cb in trainer.callbacks:
-            if cb is not self and type(cb) is type(self):
+            # several callbacks of one method are several named adapters (one per adapter_name)
+            if cb is not self and type(cb) is type(self) and (mine is None or getattr(cb, "adapter_name", None) == mine):
                 raise ValueError(
-                    f"Two {type(self).__name__} callbacks are attached to this Trainer. One model takes one "
-                    f"{type(self).__name__}: merge their target_modules into one callback."
+                    f"Two {type(self).__name__} callbacks are attached to this Trainer"
+                    + (f", both for the adapter named {mine!r}" if mine is not None else "")
+                    + f". One model takes one {type(self).__name__} per adapter: merge their target_modules into one "
+                    "callback" + (", or give each its own adapter_name." if mine is not None else ".")
                 )
         if stage == "fit" and self.save_dir:
             check_writable_dir(self.save_dir, f"{type(self).__name__}(save_dir=...)")  # before training, not after it

@@ -8,6 +8,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_peft import LoRA, PEFTMixin, count_parameters, load_adapter_checkpoint
+from lightning_peft.core import peft_state
 from lightning_peft.methods.lora import LoRALinear
 from tests.callbacks.helpers import TinyLM, TinyLMConfigureModel, full_loss, tensor_bytes, token_data
 
@@ -132,6 +133,20 @@ def test_two_lora_callbacks_are_refused_and_module_unchanged(tmp_path):
     with pytest.raises(ValueError, match="Two LoRA callbacks are attached"):
         trainer(tmp_path, [LoRA(target_modules=["q_proj"]), LoRA(target_modules=["v_proj"])]).fit(module)
     assert _snapshot(module) == before
+
+
+def test_lora_callbacks_with_their_own_adapter_names_add_one_adapter_each(tmp_path):
+    from lightning_peft import adapter_names
+
+    module = TinyLM()
+    trainer(tmp_path, [LoRA(target_modules=["q_proj"], adapter_name="a"), LoRA(target_modules=["q_proj"], adapter_name="b")], max_steps=2).fit(module)
+    assert adapter_names(module) == ["a", "b"]
+    assert [m.get("adapter_name") for m in peft_state(module)["methods"]] == ["a", "b"]
+    other = TinyLM()
+    before = _snapshot(other)
+    with pytest.raises(ValueError, match=r"Two LoRA callbacks are attached to this Trainer, both for the adapter named 'a'.*give each its own adapter_name"):
+        trainer(tmp_path, [LoRA(target_modules=["q_proj"], adapter_name="a"), LoRA(target_modules=["v_proj"], adapter_name="a")]).fit(other)
+    assert _snapshot(other) == before
 
 
 def test_callback_on_an_already_wrapped_model_is_refused(tmp_path):
