@@ -956,16 +956,25 @@ def _llama_adapter_record(base: nn.Module, config: dict[str, Any], adapter_name:
 def _register_soft_prompts() -> None:
     from lightning_peft.methods import p_tuning, prefix_tuning, prompt_tuning
 
-    def single(from_peft, peft_type):
-        def fresh_base_only(base, config, tensors):
-            if any(isinstance(m, prompt_tuning.SoftPromptLayer) for m in base.modules()):
-                raise NotImplementedError(f"{type(base).__name__} already carries a soft prompt: load {peft_type} onto a fresh base model.")
-            return from_peft(base, config, tensors)
+    def named(from_peft, peft_type):
+        """A prompt loaded under a name the model's soft prompts do not use yet: a further one is a sibling layer."""
 
-        return _default_only(fresh_base_only, f"A {peft_type} adapter is one prompt per model")
+        def load(base, config, tensors, name):
+            if any(isinstance(m, prompt_tuning.SoftPromptLayer) and name in m.adapter_names() for m in base.modules()):
+                raise NotImplementedError(
+                    f"{type(base).__name__} already carries a soft prompt named {name!r}: load {peft_type} under another "
+                    "adapter_name (a further prompt), or onto a fresh base model."
+                )
+            return from_peft(base, config, tensors, adapter_name=name)
+
+        return load
+
+    def prompt_tuning_record(base, config, adapter_name, injected, saved_modules):
+        record = _prompt_tuning_record(base, config, adapter_name, injected, saved_modules)
+        return record if adapter_name == "default" else {**record, "adapter_name": adapter_name}
 
     prompt_fields = {"num_virtual_tokens": (int,)}
-    records = {"PROMPT_TUNING": _prompt_tuning_record}  # P_TUNING and PREFIX_TUNING load folded layers no callback makes
+    records = {"PROMPT_TUNING": prompt_tuning_record}  # P_TUNING and PREFIX_TUNING load folded layers no callback makes
     for peft_type, module, layer_type in (
         ("PROMPT_TUNING", prompt_tuning, prompt_tuning.PromptEmbedding),
         ("P_TUNING", p_tuning, p_tuning.PromptEncoder),
@@ -974,7 +983,7 @@ def _register_soft_prompts() -> None:
         register_peft_format(
             PeftFormat(
                 peft_type=peft_type, layer_type=layer_type, key_prefix="base_model.", to_peft=_unnamed(module.to_peft),
-                from_peft=single(module.from_peft, peft_type), fields=prompt_fields, record=records.get(peft_type),
+                from_peft=named(module.from_peft, peft_type), fields=prompt_fields, record=records.get(peft_type),
             )
         )
 

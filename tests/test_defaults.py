@@ -114,6 +114,9 @@ CB = "lightning_peft/callbacks/"
 #: (class, argument, value, file, the words there that state it)
 DOCUMENTED = [
     ("LoRA", "adapter_name", "default", "lightning_peft/methods/lora.py", 'The first adapter is called ``"default"`` unless named otherwise'),
+    ("PromptTuning", "adapter_name", "default", "lightning_peft/methods/_prompt.py", 'The prompt named ``"default"`` is the model\'s submodule ``attr_name``'),
+    ("PTuning", "adapter_name", "default", "lightning_peft/methods/_prompt.py", 'The prompt named ``"default"`` is the model\'s submodule ``attr_name``'),
+    ("PrefixTuning", "adapter_name", "default", "lightning_peft/methods/_prompt.py", 'The prompt named ``"default"`` is the model\'s submodule ``attr_name``'),
     ("LoRA", "rank_pattern", None, CB + "lora.py", "per-module ranks overriding ``r``"),
     ("LoRA", "alpha_pattern", None, CB + "lora.py", "per-module alphas overriding ``alpha``"),
     ("LoRA", "gate", False, "lightning_peft/methods/lora.py", "Gate (optional, off by default"),

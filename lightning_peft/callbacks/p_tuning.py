@@ -7,6 +7,7 @@ from typing import Literal, Optional
 from torch import nn
 
 from lightning_peft.callbacks.base import PEFTCallback
+from lightning_peft.methods.lora import _check_adapter_name
 from lightning_peft.methods.p_tuning import check_p_tuning_args, inject_p_tuning
 
 __all__ = ["PTuning"]
@@ -26,6 +27,9 @@ class PTuning(PEFTCallback):
         encoder_hidden_size: the encoder's hidden size; None: the model's hidden size.
         trainable_modules: base modules trained in full and saved with the adapter, e.g. ``["classifier"]``.
         save_dir: write the adapter there in Hugging Face PEFT's format at the end of ``fit``.
+        adapter_name: name of this prompt; a model that already carries P-tuning prompts gets it as a further named
+            prompt (a sibling layer ``p_tuning_<name>``), switched with ``set_active_adapters`` and routed per row with
+            ``per_sample_adapters``.
 
     Example::
 
@@ -33,6 +37,7 @@ class PTuning(PEFTCallback):
     """
 
     method_name = "p_tuning"
+    recorded_when_set = ("adapter_name",)
 
     def __init__(
         self,
@@ -41,10 +46,18 @@ class PTuning(PEFTCallback):
         encoder_hidden_size: Optional[int] = None,
         trainable_modules: Optional[list[str]] = None,
         save_dir: Optional[str] = None,
+        adapter_name: str = "default",
     ) -> None:
         check_p_tuning_args(num_virtual_tokens, encoder, encoder_hidden_size)
+        _check_adapter_name(adapter_name)
         super().__init__([], None, trainable_modules, save_dir)
         self.num_virtual_tokens, self.encoder, self.encoder_hidden_size = num_virtual_tokens, encoder, encoder_hidden_size
+        self.adapter_name = adapter_name
+
+    @property
+    def state_key(self) -> str:
+        named = {} if self.adapter_name == "default" else {"name": self.adapter_name}  # "default": the key it always had
+        return self._generate_state_key(targets=repr(self.target_modules), exclude=repr(self.exclude_modules), **named)
 
     def _inject(self, module: nn.Module) -> list[str]:
-        return inject_p_tuning(module, self.num_virtual_tokens, self.encoder, self.encoder_hidden_size)
+        return inject_p_tuning(module, self.num_virtual_tokens, self.encoder, self.encoder_hidden_size, self.adapter_name)

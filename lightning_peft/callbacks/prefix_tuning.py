@@ -7,6 +7,7 @@ from typing import Optional
 from torch import nn
 
 from lightning_peft.callbacks.base import PEFTCallback
+from lightning_peft.methods.lora import _check_adapter_name
 from lightning_peft.methods._prompt import check_num_virtual_tokens
 from lightning_peft.methods.prefix_tuning import inject_prefix_tuning
 
@@ -27,6 +28,9 @@ class PrefixTuning(PEFTCallback):
         gate: scale each layer's prefix keys and values by a learned gate read from the layer's attention input
             (UniPELT; one value per sample, see :mod:`lightning_peft.methods._prompt`); no PEFT format then.
         save_dir: write the adapter there in Hugging Face PEFT's format at the end of ``fit``.
+        adapter_name: name of this prompt; a model that already carries prefix-tuning prompts gets it as a further named
+            prompt (a sibling layer ``prefix_tuning_<name>``), switched with ``set_active_adapters`` and routed per row with
+            ``per_sample_adapters``.
 
     Example::
 
@@ -34,7 +38,7 @@ class PrefixTuning(PEFTCallback):
     """
 
     method_name = "prefix_tuning"
-    recorded_when_set = ("gate",)
+    recorded_when_set = ("gate", "adapter_name")
 
     def __init__(
         self,
@@ -43,11 +47,21 @@ class PrefixTuning(PEFTCallback):
         trainable_modules: Optional[list[str]] = None,
         save_dir: Optional[str] = None,
         gate: bool = False,
+        adapter_name: str = "default",
     ) -> None:
         check_num_virtual_tokens(num_virtual_tokens)
+        _check_adapter_name(adapter_name)
         super().__init__([], None, trainable_modules, save_dir)
         self.num_virtual_tokens, self.encoder_hidden_size = num_virtual_tokens, encoder_hidden_size
         self.gate = bool(gate)
+        self.adapter_name = adapter_name
+
+    @property
+    def state_key(self) -> str:
+        named = {} if self.adapter_name == "default" else {"name": self.adapter_name}  # "default": the key it always had
+        return self._generate_state_key(targets=repr(self.target_modules), exclude=repr(self.exclude_modules), **named)
 
     def _inject(self, module: nn.Module) -> list[str]:
-        return inject_prefix_tuning(module, self.num_virtual_tokens, projection=True, encoder_hidden_size=self.encoder_hidden_size, gate=self.gate)
+        return inject_prefix_tuning(
+            module, self.num_virtual_tokens, projection=True, encoder_hidden_size=self.encoder_hidden_size, gate=self.gate, adapter_name=self.adapter_name,
+        )

@@ -7,6 +7,7 @@ from typing import Literal, Optional
 from torch import nn
 
 from lightning_peft.callbacks.base import PEFTCallback
+from lightning_peft.methods.lora import _check_adapter_name
 from lightning_peft.methods.prompt_tuning import check_prompt_tuning_args, inject_prompt_tuning, prompt_tuning_tokenizer
 
 __all__ = ["PromptTuning"]
@@ -27,6 +28,9 @@ class PromptTuning(PEFTCallback):
             None takes the LightningModule's ``tokenizer``.
         trainable_modules: base modules trained in full and saved with the adapter, e.g. ``["classifier"]``.
         save_dir: write the adapter there in Hugging Face PEFT's format at the end of ``fit``.
+        adapter_name: name of this prompt; a model that already carries prompt-tuning prompts gets it as a further named
+            prompt (a sibling layer ``prompt_tuning_<name>``), switched with ``set_active_adapters`` and routed per row with
+            ``per_sample_adapters``.
 
     Example::
 
@@ -34,6 +38,7 @@ class PromptTuning(PEFTCallback):
     """
 
     method_name = "prompt_tuning"
+    recorded_when_set = ("adapter_name",)
 
     def __init__(
         self,
@@ -43,11 +48,19 @@ class PromptTuning(PEFTCallback):
         tokenizer: Optional[str] = None,
         trainable_modules: Optional[list[str]] = None,
         save_dir: Optional[str] = None,
+        adapter_name: str = "default",
     ) -> None:
         check_prompt_tuning_args(num_virtual_tokens, init, init_text, tokenizer)
+        _check_adapter_name(adapter_name)
         super().__init__([], None, trainable_modules, save_dir)
         self.num_virtual_tokens, self.init, self.init_text, self.tokenizer = num_virtual_tokens, init, init_text, tokenizer
+        self.adapter_name = adapter_name
+
+    @property
+    def state_key(self) -> str:
+        named = {} if self.adapter_name == "default" else {"name": self.adapter_name}  # "default": the key it always had
+        return self._generate_state_key(targets=repr(self.target_modules), exclude=repr(self.exclude_modules), **named)
 
     def _inject(self, module: nn.Module) -> list[str]:
         tokenizer = prompt_tuning_tokenizer(module, self.tokenizer) if self.init == "text" else None
-        return inject_prompt_tuning(module, self.num_virtual_tokens, self.init, self.init_text, tokenizer)
+        return inject_prompt_tuning(module, self.num_virtual_tokens, self.init, self.init_text, tokenizer, self.adapter_name)

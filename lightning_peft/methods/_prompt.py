@@ -31,6 +31,28 @@ self-attention module (found as the modules with a ``layer_idx`` whose forward t
 cache) rescales that layer's cached prefix just before the attention reads it. One prefix serves
 every query token, so the gate is one value per sample: the mean over the sample's real tokens (attention mask)
 of the per-token gate. At prefill only: in ``generate()`` the gated prefix stays in the cache for later steps.
+
+Named prompts (:class:`lightning_peft.core.NamedAdapters`, one name per layer). The prompt named ``"default"`` is the
+model's submodule ``attr_name`` (``prompt_tuning``, ``p_tuning``, ``prefix_tuning``, ...), as it always was, so its
+state-dict keys and adapter files do not change; a prompt named ``sst2`` is a sibling, ``<attr_name>_sst2``, not a
+submodule of the first (its parameters count and save as its own). The prompts of one method on a model form a
+group with one hook, held by the first of them (and handed to the next when that one is deleted). At each forward
+the hook applies
+
+* the single active prompt of the group (:func:`~lightning_peft.core.set_active_adapters`; two active prompts are
+  refused: one forward has one prompt), or none (the base model) when none is active or all are disabled;
+* under :func:`~lightning_peft.core.per_sample_adapters`, row ``r``'s own prompt: ``[P_r ; x_r]`` (input
+  embeddings) or row ``r``'s prefixes in the cache, gathered from the prompts of the adapters in the batch, each
+  computed once (a P-tuning encoder or prefix MLP runs once per adapter, not per row). The mask, labels, position
+  and token-type ids are extended exactly as for one prompt, so every row's result, and every prompt's gradient,
+  equals that of running the batch with the row's prompt active. The routed prompts must have one length (rows of
+  different lengths would not line up: the outputs of row ``r`` start after its ``n_r`` virtual tokens), and if
+  one row has a prompt of the group, every row must (a row of the base model, ``None``, or of an adapter without a
+  prompt has no virtual tokens: refused too); when no row has one, the hook passes the batch through. Gated
+  prefixes route one adapter per batch only (each gate rescales the whole batch's cached prefixes).
+
+The soft prompts a model names must all be of one method (the group a name is looked up in); unnamed ("default")
+prompts of different methods may still be combined, as before.
 """
 
 from __future__ import annotations
@@ -42,8 +64,9 @@ import torch
 from torch import nn
 
 from lightning_peft.compat import cache_arg, get_cache, set_cache, signature_names
-from lightning_peft.core import AdapterLayer
+from lightning_peft.core import AdapterLayer, NamedAdapters
 from lightning_peft.methods._gate import Gate
+from lightning_peft.methods.lora import _check_adapter_name
 
 __all__ = ["SoftPromptLayer", "attention_layers", "check_num_virtual_tokens", "find_hf_model", "model_dims", "task_type"]
 
@@ -149,24 +172,33 @@ def position_offset(model: nn.Module) -> int:
     return idx + 1 if isinstance(idx, int) and hasattr(embeddings, "create_position_ids_from_input_ids") else 0
 
 
-class SoftPromptLayer(AdapterLayer):
+class SoftPromptLayer(AdapterLayer, NamedAdapters):
     """Base of the soft-prompt adapters: ``n`` virtual tokens added to a Hugging Face model by a forward pre-hook.
 
     Subclasses set ``inserts_tokens`` and implement :meth:`prompt` (``(n, hidden)`` input embeddings) or
     :meth:`prefixes` (per layer ``(key, value)``, each ``(n, kv_heads, head_dim)``).
 
+    One named adapter per layer (:class:`~lightning_peft.core.NamedAdapters`): further prompts of the same method are
+    sibling layers (see the module docstring), switched and routed per sample by the core functions.
+
     Args:
-        model: the Hugging Face model (the layer registers itself as its submodule ``attr_name``).
+        model: the Hugging Face model (the layer registers itself as its submodule :attr:`module_name`).
         num_virtual_tokens: ``n``.
+        adapter_name: the prompt's name; ``"default"`` is the submodule ``attr_name``, another name ``<attr_name>_<name>``.
     """
 
     inserts_tokens: bool = True
     attr_name: str = "soft_prompt"
 
-    def __init__(self, model: nn.Module, num_virtual_tokens: int) -> None:
+    def __init__(self, model: nn.Module, num_virtual_tokens: int, adapter_name: str = "default") -> None:
         check_num_virtual_tokens(num_virtual_tokens)
+        _check_adapter_name(adapter_name)
         super().__init__()
         self.num_virtual_tokens = num_virtual_tokens
+        self.adapter_name = adapter_name
+        self._init_named_adapters()  # active, frozen, merged_adapters, sample_adapters (core.NamedAdapters)
+        self.set_adapter_active(adapter_name, True)
+        self._deleted = False
         embeddings = model.get_input_embeddings()
         if not isinstance(getattr(embeddings, "weight", None), torch.Tensor) or getattr(embeddings, "weight").dim() != 2:
             raise NotImplementedError(
@@ -184,6 +216,14 @@ class SoftPromptLayer(AdapterLayer):
         self._config = model.config
         self._target_name = type(model).__name__
         self._gating: Optional[dict[str, Any]] = None  # gated prefixes: the cache and mask of the running prefill
+        self._handle: Any = None  # the forward pre-hook, held by the first prompt of the group only
+        self._gate_handles: list[Any] = []
+        self._owner: list[nn.Module] = []  # [the Hugging Face model] once attached (a list: not a submodule)
+
+    @property
+    def module_name(self) -> str:
+        """The layer's name on the Hugging Face model: ``attr_name`` for "default", else ``<attr_name>_<adapter_name>``."""
+        return self.attr_name if self.adapter_name == "default" else f"{self.attr_name}_{self.adapter_name}"
 
     def add_prefix_gates(self) -> nn.ModuleList:
         """Gate each layer's prefix keys and values (``prefix_gate``: one two-output :class:`Gate` per layer, read from
@@ -207,9 +247,39 @@ class SoftPromptLayer(AdapterLayer):
         """Per layer ``(key, value)``, each ``(n, kv_heads, head_dim)`` (not ``inserts_tokens``)."""
         raise NotImplementedError
 
+    # -- named adapters (core.NamedAdapters) -----------------------------------------------------------
+    def adapter_names(self) -> list[str]:
+        return [] if self._deleted else [self.adapter_name]
+
+    def adapter_params(self, trainable_only: bool = False) -> list[str]:
+        if self._deleted or (trainable_only and self.adapter_name in self.frozen):
+            return []
+        return super().adapter_params()
+
+    def delete_adapter(self, name: str) -> None:
+        """Remove this prompt: the layer takes itself out of the model (the group's hook moves to the next prompt)."""
+        if name not in self.adapter_names():
+            raise ValueError(f"This soft prompt is named {self.adapter_name!r}, not {name!r}.")
+        owner, hosting = (self._owner or [None])[0], self._handle is not None
+        self._deleted = True
+        self.set_adapter_active(name, False)
+        self.set_adapter_frozen(name, False)
+        self.base_layer()  # its hooks go
+        if owner is None:
+            return
+        if owner._modules.get(self.module_name) is self:
+            delattr(owner, self.module_name)
+        rest = _group(owner, self.attr_name)
+        if hosting and rest:
+            rest[0]._register_hook()
+
+    def _register_hook(self) -> None:
+        self._handle = self._target[0].register_forward_pre_hook(self._hook, with_kwargs=True)
+
     # -- attaching --------------------------------------------------------------------------------
     def attach(self, model: nn.Module) -> None:
-        """Register the hook on ``model`` (input embeddings) or its backbone (prefixes), and become its submodule."""
+        """Become ``model``'s submodule :attr:`module_name`; the first prompt of its method on ``model`` registers the
+        hook on ``model`` (input embeddings) or its backbone (prefixes), a further one joins it as a sibling."""
         if self.inserts_tokens:
             target = model
             cache_name = cache_arg(_param_names(target.forward))
@@ -228,8 +298,23 @@ class SoftPromptLayer(AdapterLayer):
                 f"{type(self).__name__} cannot attach to {type(model).__name__}: its forward takes no inputs_embeds, so "
                 "prompt embeddings cannot be prepended to the input."
             )
-        if hasattr(model, self.attr_name):
-            raise RuntimeError(f"{type(model).__name__} already has a {self.attr_name!r} submodule: one soft prompt per model.")
+        name = self.module_name
+        if hasattr(model, name) and not _empty_slot(model._modules.get(name)):
+            raise RuntimeError(
+                f"{type(model).__name__} already has a {name!r} submodule: give the new soft prompt another adapter_name "
+                "(a prompt named x becomes the sibling "
+                f"'{self.attr_name}_x'), or delete the one there first (lightning_peft.delete_adapter)."
+            )
+        prompts = [m for m in model._modules.values() if isinstance(m, SoftPromptLayer) and m.adapter_names()]
+        kinds = sorted({m.attr_name for m in prompts} | {self.attr_name})
+        names = [m.adapter_name for m in prompts] + [self.adapter_name]
+        if len(kinds) > 1 and any(n != "default" for n in names):
+            raise NotImplementedError(
+                f"{type(model).__name__} carries the soft prompts {[m.module_name for m in prompts]}; a {self.attr_name} "
+                f"prompt named {self.adapter_name!r} cannot join them: named soft prompts are switched and routed per sample "
+                f"as one group, so they must all be of one method (found {kinds}). Use the same method for every named "
+                "prompt, or keep one unnamed ('default') prompt per method."
+            )
         attention = attention_layers(model) if self.gated else {}
         if self.gated and sorted(attention) != list(range(self.dims["layers"])):
             raise NotImplementedError(
@@ -243,16 +328,21 @@ class SoftPromptLayer(AdapterLayer):
         self._position_offset = position_offset(model)
         self._cache_name = cache_name  # None: the model takes no cache (prompt tuning on an encoder)
         self._word_embeddings = [model.get_input_embeddings()]  # a list: not a submodule of this layer
-        self._handle = target.register_forward_pre_hook(self._hook, with_kwargs=True)
+        self._owner, self._target = [model], [target]
+        if not _group(model, self.attr_name):  # the first prompt of its method: it hosts the group's hook
+            self._register_hook()
         self._gate_handles = [
             m.register_forward_pre_hook(functools.partial(self._gate_hook, idx), with_kwargs=True) for idx, m in sorted(attention.items())
         ]
-        model.add_module(self.attr_name, self)
+        model.add_module(name, self)  # replaces the empty placeholder unload() leaves, if there is one
 
     def base_layer(self) -> nn.Module:
-        self._handle.remove()
-        for handle in getattr(self, "_gate_handles", []):
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+        for handle in self._gate_handles:
             handle.remove()
+        self._gate_handles = []
         return nn.Module()  # an empty placeholder where the prompt was
 
     def _gate_hook(self, idx: int, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
@@ -282,11 +372,60 @@ class SoftPromptLayer(AdapterLayer):
         layer.keys = layer.keys * g[:, 0, None, None, None].to(layer.keys.dtype)  # (B, kv_heads, n, head_dim)
         layer.values = layer.values * g[:, 1, None, None, None].to(layer.values.dtype)
 
-    # -- the hook -----------------------------------------------------------------------------------
+    # -- the hook (on the group's first prompt) -------------------------------------------------------
+    def _route(self, group: list[SoftPromptLayer], batch: int) -> Optional[tuple[list[SoftPromptLayer], Optional[torch.Tensor]]]:
+        """``(prompts, rows)``: the prompts this forward applies and, when several, which one each row takes
+        (``rows[b]`` indexes ``prompts``; None: ``prompts[0]`` for every row). None: the base model."""
+        routing = self.sample_adapters  # per_sample_adapters sets it on every layer of the group alike
+        if routing is None:
+            live = [m for m in group if m.active and not m.disabled]
+            if len(live) > 1:
+                raise ValueError(
+                    f"The soft prompts {[m.adapter_name for m in live]} are all active, and a forward applies one soft prompt. "
+                    "Choose one with set_active_adapters(model, name), or give each row its prompt with "
+                    "per_sample_adapters(model, names)."
+                )
+            return (live, None) if live else None
+        names = list(routing)
+        if len(names) != batch:
+            raise ValueError(
+                f"per_sample_adapters names {len(names)} rows but the batch has {batch}: give one adapter name (or None) per row."
+            )
+        by_name = {m.adapter_name: m for m in group if not m.disabled}
+        if not any(n in by_name for n in names):
+            return None  # no row has a prompt here (disable_adapters(), rows of the base model or of other methods' adapters)
+        for row, name in enumerate(names):
+            if name not in by_name:
+                raise ValueError(
+                    f"per_sample_adapters: row {row} names {name!r}, which has no {self.attr_name} prompt on "
+                    f"{self._target_name} (its prompts: {sorted(by_name)}). Routed soft prompts need a prompt for every row: "
+                    "a row without one has no virtual tokens, so it would not line up with the others. Run the rows of "
+                    "the base model (None) or of adapters without a prompt in batches of their own."
+                )
+        used = list(dict.fromkeys(names))
+        prompts = [by_name[n] for n in used]
+        lengths = {m.adapter_name: m.num_virtual_tokens for m in prompts}
+        if len(set(lengths.values())) > 1:
+            raise ValueError(
+                f"per_sample_adapters: the soft prompts in this batch have different lengths {lengths} (num_virtual_tokens); "
+                "the rows would not line up (each row's outputs start after its virtual tokens). Give the prompts routed "
+                "together equal num_virtual_tokens, or batch the rows of each length separately."
+            )
+        if len(prompts) == 1:
+            return prompts, None
+        gated = [m.adapter_name for m in prompts if m.gated]
+        if gated:
+            raise NotImplementedError(
+                f"per_sample_adapters: the gated prefixes {gated} cannot share a batch with other prompts (their gates "
+                "rescale the whole batch's cached prefixes, one adapter's gate at a time). Batch their rows separately."
+            )
+        slot = {n: i for i, n in enumerate(used)}
+        return prompts, torch.tensor([slot[n] for n in names])
+
     def _hook(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]):
-        self._gating = None
-        if self.disabled:
-            return None
+        group = _group(self._owner[0], self.attr_name)
+        for m in group:
+            m._gating = None
         if args:  # e.g. BertForSequenceClassification calls self.bert(input_ids, ...)
             kwargs = {**dict(zip(self._params, args)), **kwargs}
         ids, embeds = kwargs.get("input_ids"), kwargs.get("inputs_embeds")
@@ -294,7 +433,11 @@ class SoftPromptLayer(AdapterLayer):
         if x is None:
             return None
         batch, q = x.shape[:2]
-        n = self.num_virtual_tokens
+        chosen = self._route(group, batch)
+        if chosen is None:
+            return None
+        prompts, rows = chosen
+        n = prompts[0].num_virtual_tokens
         cache = get_cache(kwargs)
         if cache is not None and not hasattr(cache, "get_seq_length"):
             raise TypeError(f"{type(self).__name__} needs the key/value cache as a transformers Cache, got {type(cache).__name__}.")
@@ -305,7 +448,7 @@ class SoftPromptLayer(AdapterLayer):
         if prefill and self.inserts_tokens:
             if embeds is None:
                 embeds = self._word_embeddings[0](ids)
-            prompt = self.prompt().to(embeds.dtype).unsqueeze(0).expand(batch, -1, -1)  # (B, n, D)
+            prompt = _per_row([m.prompt().to(embeds.dtype) for m in prompts], rows, batch)  # (B, n, D)
             kwargs["inputs_embeds"] = torch.cat([prompt, embeds], dim=1)
             kwargs["input_ids"] = None
             labels = kwargs.get("labels")
@@ -316,13 +459,13 @@ class SoftPromptLayer(AdapterLayer):
                 kwargs["token_type_ids"] = torch.cat([tt.new_zeros(batch, n), tt], dim=1)
             added = n
         elif prefill:
-            filled = self._filled_cache(cache, batch, x)
+            filled = self._filled_cache(cache, batch, x, prompts, rows)
             set_cache(kwargs, filled, self._cache_name)
             past = n
-            if self.gated:
+            if prompts[0].gated:  # one adapter in this batch (_route)
                 mask2d = kwargs.get("attention_mask")
                 mask2d = mask2d if mask2d is not None and mask2d.dim() == 2 and mask2d.shape[1] == q else None
-                self._gating = {"cache": filled, "mask": mask2d, "layers": set(range(self.dims["layers"]))}
+                prompts[0]._gating = {"cache": filled, "mask": mask2d, "layers": set(range(self.dims["layers"]))}
         total = past + added + q  # key positions after this call
         if self.dims["max_positions"] is not None and total > self.dims["max_positions"]:
             raise ValueError(
@@ -350,7 +493,7 @@ class SoftPromptLayer(AdapterLayer):
             kwargs["position_ids"] = pos
         return (), kwargs
 
-    def _filled_cache(self, cache, batch: int, like: torch.Tensor):
+    def _filled_cache(self, cache, batch: int, like: torch.Tensor, prompts: list[SoftPromptLayer], rows: Optional[torch.Tensor]):
         from transformers import DynamicCache
 
         if cache is None:
@@ -358,14 +501,32 @@ class SoftPromptLayer(AdapterLayer):
         # the model's compute dtype: that of the input embeddings given, else of the word embeddings (a bf16 model
         # must get bf16 prefixes: attention refuses keys of another dtype than its queries)
         dtype = like.dtype if like.dtype.is_floating_point else self._word_embeddings[0].weight.dtype
-        for layer, (k, v) in enumerate(self.prefixes()):
-            k = k.to(dtype).permute(1, 0, 2).unsqueeze(0).expand(batch, -1, -1, -1)  # (B, kv_heads, n, head_dim)
-            v = v.to(dtype).permute(1, 0, 2).unsqueeze(0).expand(batch, -1, -1, -1)
+        for layer, kvs in enumerate(zip(*[m.prefixes() for m in prompts])):  # per layer: each prompt's (key, value)
+            k = _per_row([k.to(dtype).permute(1, 0, 2) for k, _ in kvs], rows, batch)  # (B, kv_heads, n, head_dim)
+            v = _per_row([v.to(dtype).permute(1, 0, 2) for _, v in kvs], rows, batch)
             cache.update(k, v, layer)
         return cache
 
     def extra_repr(self) -> str:
         return f"num_virtual_tokens={self.num_virtual_tokens}"
+
+
+def _group(model: nn.Module, attr_name: str) -> list[SoftPromptLayer]:
+    """The soft prompts of one method (``attr_name``) on the Hugging Face ``model``, in the order attached."""
+    return [m for m in model._modules.values() if isinstance(m, SoftPromptLayer) and m.attr_name == attr_name and m.adapter_names()]
+
+
+def _empty_slot(module: Optional[nn.Module]) -> bool:
+    """Whether ``module`` is the empty placeholder :meth:`SoftPromptLayer.base_layer` leaves (``unload``)."""
+    return type(module) is nn.Module and not (module._parameters or module._buffers or module._modules)
+
+
+def _per_row(values: list[torch.Tensor], rows: Optional[torch.Tensor], batch: int) -> torch.Tensor:
+    """``(B, *shape)`` from one tensor per prompt: row ``b`` holds ``values[rows[b]]`` (``values[0]`` for every row
+    when ``rows`` is None: a view). The backward adds each row's gradient into its own prompt only."""
+    if rows is None:
+        return values[0].unsqueeze(0).expand(batch, *values[0].shape)
+    return torch.stack(values)[rows.to(values[0].device)]
 
 
 def attach_prompt(module: nn.Module, layer_factory) -> list[str]:
@@ -374,7 +535,7 @@ def attach_prompt(module: nn.Module, layer_factory) -> list[str]:
     name, model = find_hf_model(module)
     layer = layer_factory(model)
     layer.attach(model)
-    return [f"{name}.{layer.attr_name}" if name else layer.attr_name]
+    return [f"{name}.{layer.module_name}" if name else layer.module_name]
 
 
 def flat_prefixes(flat: torch.Tensor, dims: dict[str, Any]) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -43,14 +43,19 @@ class PromptEncoder(SoftPromptLayer):
         num_virtual_tokens: ``n``.
         encoder: ``"mlp"`` or ``"lstm"``.
         encoder_hidden_size: the encoder's hidden size; None: the model's hidden size.
+        adapter_name: the prompt's name: ``"default"`` is the model's ``p_tuning``, another name the sibling
+            ``p_tuning_<name>`` (see :mod:`lightning_peft.methods._prompt`).
     """
 
     adapter_prefix = "ptuning_"
     attr_name = "p_tuning"
 
-    def __init__(self, model: nn.Module, num_virtual_tokens: int = 20, encoder: Encoder = "mlp", encoder_hidden_size: Optional[int] = None) -> None:
+    def __init__(
+        self, model: nn.Module, num_virtual_tokens: int = 20, encoder: Encoder = "mlp", encoder_hidden_size: Optional[int] = None,
+        adapter_name: str = "default",
+    ) -> None:
         check_p_tuning_args(num_virtual_tokens, encoder, encoder_hidden_size)
-        super().__init__(model, num_virtual_tokens)
+        super().__init__(model, num_virtual_tokens, adapter_name)
         d = self.dims["hidden"]
         h = encoder_hidden_size or d
         device = model.get_input_embeddings().weight.device
@@ -86,9 +91,11 @@ class PromptEncoder(SoftPromptLayer):
         return f"num_virtual_tokens={self.num_virtual_tokens}, encoder={self.encoder!r}, folded={self.folded}"
 
 
-def inject_p_tuning(module: nn.Module, num_virtual_tokens: int = 20, encoder: Encoder = "mlp", encoder_hidden_size: Optional[int] = None) -> list[str]:
-    """Add a :class:`PromptEncoder` to the Hugging Face model in ``module``; returns the new layer's name."""
-    return attach_prompt(module, lambda m: PromptEncoder(m, num_virtual_tokens, encoder, encoder_hidden_size))
+def inject_p_tuning(
+    module: nn.Module, num_virtual_tokens: int = 20, encoder: Encoder = "mlp", encoder_hidden_size: Optional[int] = None, adapter_name: str = "default",
+) -> list[str]:
+    """Add a :class:`PromptEncoder` named ``adapter_name`` to the Hugging Face model in ``module``; returns the new layer's name."""
+    return attach_prompt(module, lambda m: PromptEncoder(m, num_virtual_tokens, encoder, encoder_hidden_size, adapter_name))
 
 
 # -- Hugging Face PEFT format -----------------------------------------------------------------------
@@ -105,14 +112,14 @@ def to_peft(model: nn.Module, layers: list[tuple[str, PromptEncoder]]) -> tuple[
     return config, {"prompt_embeddings": layer.prompt().detach().float().cpu()}
 
 
-def from_peft(model: nn.Module, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> list[str]:
-    """Add a folded :class:`PromptEncoder` holding PEFT's ``prompt_embeddings`` to the Hugging Face ``model``."""
+def from_peft(model: nn.Module, config: dict[str, Any], tensors: dict[str, torch.Tensor], adapter_name: str = "default") -> list[str]:
+    """Add a folded :class:`PromptEncoder` named ``adapter_name`` holding PEFT's ``prompt_embeddings`` to the Hugging Face ``model``."""
     n = config["num_virtual_tokens"]
     check_num_virtual_tokens(n)
     values = check_peft_prompt_config(model, config, tensors, (n, model.get_input_embeddings().weight.shape[1]))
-    layer = PromptEncoder(model, n, "mlp", encoder_hidden_size=1)
+    layer = PromptEncoder(model, n, "mlp", encoder_hidden_size=1, adapter_name=adapter_name)
     layer.fold()
     with torch.no_grad():
         layer.ptuning_prompt.copy_(values)
     layer.attach(model)
-    return [layer.attr_name]
+    return [layer.module_name]

@@ -45,6 +45,8 @@ class PrefixKV(SoftPromptLayer):
         projection: train through the MLP (prefix tuning) or the prefixes directly (P-tuning v2).
         encoder_hidden_size: the MLP's hidden size ``h``; None: the model's hidden size.
         gate: gate each layer's prefix (``prefix_gate``; see :mod:`lightning_peft.methods._prompt`).
+        adapter_name: the prefix's name: ``"default"`` is the model's ``prefix_tuning``, another name the sibling
+            ``prefix_tuning_<name>`` (see :mod:`lightning_peft.methods._prompt`).
     """
 
     adapter_prefix = "prefix_"
@@ -53,8 +55,9 @@ class PrefixKV(SoftPromptLayer):
 
     def __init__(
         self, model: nn.Module, num_virtual_tokens: int = 20, projection: bool = True, encoder_hidden_size: Optional[int] = None, gate: bool = False,
+        adapter_name: str = "default",
     ) -> None:
-        super().__init__(model, num_virtual_tokens)
+        super().__init__(model, num_virtual_tokens, adapter_name)
         if encoder_hidden_size is not None and (not isinstance(encoder_hidden_size, int) or encoder_hidden_size < 1):
             raise ValueError(f"encoder_hidden_size must be a positive integer or None (the model's hidden size), got {encoder_hidden_size!r}.")
         width, hidden = prefix_width(self.dims), self.dims["hidden"]
@@ -92,9 +95,10 @@ class PrefixKV(SoftPromptLayer):
 
 def inject_prefix_tuning(
     module: nn.Module, num_virtual_tokens: int = 20, projection: bool = True, encoder_hidden_size: Optional[int] = None, gate: bool = False,
+    adapter_name: str = "default",
 ) -> list[str]:
-    """Add a :class:`PrefixKV` to the Hugging Face model in ``module``; returns the new layer's name."""
-    return attach_prompt(module, lambda m: PrefixKV(m, num_virtual_tokens, projection, encoder_hidden_size, gate))
+    """Add a :class:`PrefixKV` named ``adapter_name`` to the Hugging Face model in ``module``; returns the new layer's name."""
+    return attach_prompt(module, lambda m: PrefixKV(m, num_virtual_tokens, projection, encoder_hidden_size, gate, adapter_name))
 
 
 # -- Hugging Face PEFT format -----------------------------------------------------------------------
@@ -115,9 +119,9 @@ def to_peft(model: nn.Module, layers: list[tuple[str, PrefixKV]]) -> tuple[dict[
     return config, {"prompt_embeddings": layer.flat().detach().float().cpu()}
 
 
-def from_peft(model: nn.Module, config: dict[str, Any], tensors: dict[str, torch.Tensor], layer_cls: type = PrefixKV) -> list[str]:
-    """Add a :class:`PrefixKV` (without MLP) holding PEFT's prefixes to the Hugging Face ``model``."""
-    probe = layer_cls(model, config["num_virtual_tokens"], projection=False)
+def from_peft(model: nn.Module, config: dict[str, Any], tensors: dict[str, torch.Tensor], adapter_name: str = "default") -> list[str]:
+    """Add a :class:`PrefixKV` (without MLP) named ``adapter_name`` holding PEFT's prefixes to the Hugging Face ``model``."""
+    probe = PrefixKV(model, config["num_virtual_tokens"], projection=False, adapter_name=adapter_name)
     expected = (probe.num_virtual_tokens, prefix_width(probe.dims))
     # PEFT records the key/value width: heads x head size of the keys (GQA models have fewer key/value heads)
     if config.get("token_dim") not in (None, probe.dims["kv_heads"] * probe.dims["head_dim"]) or config.get("num_layers") not in (None, probe.dims["layers"]):
@@ -129,4 +133,4 @@ def from_peft(model: nn.Module, config: dict[str, Any], tensors: dict[str, torch
     with torch.no_grad():
         probe.prefix_kv.copy_(values)
     probe.attach(model)
-    return [probe.attr_name]
+    return [probe.module_name]

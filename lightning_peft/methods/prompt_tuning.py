@@ -70,14 +70,19 @@ class PromptEmbedding(SoftPromptLayer):
         init: ``"random"``, ``"vocab"`` or ``"text"`` (see the module docstring).
         init_text: the text for ``init="text"``.
         tokenizer: a tokenizer or a tokenizer directory, for ``init="text"``.
+        adapter_name: the prompt's name: ``"default"`` is the model's ``prompt_tuning``, another name the sibling
+            ``prompt_tuning_<name>`` (see :mod:`lightning_peft.methods._prompt`).
     """
 
     adapter_prefix = "prompt_"
     attr_name = "prompt_tuning"
 
-    def __init__(self, model: nn.Module, num_virtual_tokens: int = 20, init: Init = "vocab", init_text: Optional[str] = None, tokenizer: Any = None) -> None:
+    def __init__(
+        self, model: nn.Module, num_virtual_tokens: int = 20, init: Init = "vocab", init_text: Optional[str] = None, tokenizer: Any = None,
+        adapter_name: str = "default",
+    ) -> None:
         check_prompt_tuning_args(num_virtual_tokens, init, init_text, tokenizer)
-        super().__init__(model, num_virtual_tokens)
+        super().__init__(model, num_virtual_tokens, adapter_name)
         table = model.get_input_embeddings().weight.detach()
         n = num_virtual_tokens
         if init == "random":
@@ -101,9 +106,13 @@ class PromptEmbedding(SoftPromptLayer):
         return self.prompt_embeddings
 
 
-def inject_prompt_tuning(module: nn.Module, num_virtual_tokens: int = 20, init: Init = "vocab", init_text: Optional[str] = None, tokenizer: Any = None) -> list[str]:
-    """Add a :class:`PromptEmbedding` to the Hugging Face model in ``module``; returns the new layer's name."""
-    return attach_prompt(module, lambda m: PromptEmbedding(m, num_virtual_tokens, init, init_text, tokenizer))
+def inject_prompt_tuning(
+    module: nn.Module, num_virtual_tokens: int = 20, init: Init = "vocab", init_text: Optional[str] = None, tokenizer: Any = None,
+    adapter_name: str = "default",
+) -> list[str]:
+    """Add a :class:`PromptEmbedding` named ``adapter_name`` to the Hugging Face model in ``module``; returns the new
+    layer's name."""
+    return attach_prompt(module, lambda m: PromptEmbedding(m, num_virtual_tokens, init, init_text, tokenizer, adapter_name))
 
 
 # -- Hugging Face PEFT format -----------------------------------------------------------------------
@@ -123,17 +132,17 @@ def to_peft(model: nn.Module, layers: list[tuple[str, PromptEmbedding]], tokeniz
     return config, {"prompt_embeddings": layer.prompt_embeddings.detach().float()}
 
 
-def from_peft(model: nn.Module, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> list[str]:
-    """Add a :class:`PromptEmbedding` holding PEFT's ``prompt_embeddings`` to the Hugging Face ``model``."""
+def from_peft(model: nn.Module, config: dict[str, Any], tensors: dict[str, torch.Tensor], adapter_name: str = "default") -> list[str]:
+    """Add a :class:`PromptEmbedding` named ``adapter_name`` holding PEFT's ``prompt_embeddings`` to the Hugging Face ``model``."""
     n = config["num_virtual_tokens"]
     check_num_virtual_tokens(n)
     hidden = model.get_input_embeddings().weight.shape[1]
     values = check_peft_prompt_config(model, config, tensors, (n, hidden))
-    layer = PromptEmbedding(model, n, init="random")
+    layer = PromptEmbedding(model, n, init="random", adapter_name=adapter_name)
     with torch.no_grad():
         layer.prompt_embeddings.copy_(values)
     layer.attach(model)
-    return [layer.attr_name]
+    return [layer.module_name]
 
 
 def prompt_tuning_tokenizer(module: nn.Module, tokenizer: Union[str, Any, None]) -> Any:

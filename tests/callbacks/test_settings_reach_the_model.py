@@ -86,6 +86,9 @@ VALUES: dict[tuple[str, str], Any] = {
     ("lora", "adapter_name"): "other",
     ("lora", "rank_pattern"): {"q_proj": 4},
     ("lora", "alpha_pattern"): {"q_proj": 4.0},
+    ("p_tuning", "adapter_name"): "other",
+    ("prefix_tuning", "adapter_name"): "other",
+    ("prompt_tuning", "adapter_name"): "other",
     ("mam_adapter", "prefix_hidden_size"): 8,
     ("mam_adapter", "bottleneck_size"): 4,  # default: hidden / 2 = 16
     ("mam_adapter", "reduction_factor"): 4.0,  # not 2.0, which is the default's bottleneck

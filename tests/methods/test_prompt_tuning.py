@@ -4,7 +4,7 @@ import torch
 from lightning_peft.core import count_parameters, disable_adapters, mark_trainable
 from lightning_peft.methods.prompt_tuning import PromptEmbedding, inject_prompt_tuning, text_token_ids
 from tests.methods.prompt_helpers import peft_generate_agrees, check_generate_equals_greedy_loop, check_padding_invariance, check_peft_round_trip, randomize
-from tests.methods.sst2_helpers import DECODERS, PROMPT_DECODERS, minilm_classifier, sst2_batch, tiny_decoder, train_losses
+from tests.methods.sst2_helpers import PROMPT_DECODERS, minilm_classifier, sst2_batch, tiny_decoder, train_losses
 
 
 def _prompted(family, n=4, **kw):
@@ -100,8 +100,10 @@ def test_bad_input_is_refused_with_the_fix():
     inject_prompt_tuning(model, 100)
     with pytest.raises(ValueError, match=r"100 virtual tokens \+ 40 input positions = 140 exceed the 128 positions LlamaForCausalLM takes"):
         model(input_ids=torch.ones(1, 40, dtype=torch.long))
-    with pytest.raises(RuntimeError, match="already has a 'prompt_tuning' submodule"):
+    with pytest.raises(RuntimeError, match="already has a 'prompt_tuning' submodule: give the new soft prompt another adapter_name"):
         inject_prompt_tuning(model, 4)
+    with pytest.raises(ValueError, match=r"Adapter names must be non-empty identifiers .* got 'a.b'"):
+        inject_prompt_tuning(model, 4, adapter_name="a.b")
 
 
 def test_learns_sst2_on_minilm(minilm_path, shared_data):
@@ -140,16 +142,23 @@ def test_minilm_padding_invariance(minilm_path):
     check_padding_invariance(model, torch.tensor([101, 2307, 102]), torch.tensor([101, 2023, 2003, 1037, 2307, 3185, 102]))
 
 
-def test_loading_refuses_a_named_adapter_and_a_second_prompt(tmp_path):
-    """A soft-prompt adapter is one per model: another name, or a base that already has one, is refused unchanged."""
+def test_loading_a_prompt_under_a_name_it_has_is_refused_and_another_name_is_a_sibling(tmp_path):
+    """Prompts are named (issue 27): a prompt loaded under a name the model's soft prompts already use is refused,
+    leaving the model unchanged; under another name it becomes the sibling ``prompt_tuning_<name>``, inactive."""
     from lightning_peft.io import load_adapter, save_adapter
 
     model = _prompted("llama")
     save_adapter(model, tmp_path / "prompt")
-    with pytest.raises(NotImplementedError, match=r"A PROMPT_TUNING adapter is one prompt per model: load it as 'default', not 'other'"):
-        load_adapter(tiny_decoder("llama"), tmp_path / "prompt", adapter_name="other")
-    with pytest.raises(NotImplementedError, match=r"LlamaForCausalLM already carries a soft prompt: load PROMPT_TUNING onto a fresh base"):
-        load_adapter(_prompted("llama"), tmp_path / "prompt")
+    target = _prompted("llama")
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    with pytest.raises(NotImplementedError, match=r"LlamaForCausalLM already carries a soft prompt named 'default': load PROMPT_TUNING under another adapter_name"):
+        load_adapter(target, tmp_path / "prompt")
+    assert target.state_dict().keys() == before.keys() and all(torch.equal(v, before[k]) for k, v in target.state_dict().items())
+    load_adapter(target, tmp_path / "prompt", adapter_name="other")
+    torch.testing.assert_close(target.prompt_tuning_other.prompt_embeddings, model.prompt_tuning.prompt_embeddings, rtol=0, atol=0)
+    assert target.prompt_tuning_other.active == [] and target.prompt_tuning.active == ["default"]
+    fresh = load_adapter(tiny_decoder("llama"), tmp_path / "prompt", adapter_name="other")  # a fresh base: active
+    assert [n for n, _ in fresh.named_children()][-1] == "prompt_tuning_other" and fresh.prompt_tuning_other.active == ["other"]
 
 
 @pytest.mark.parametrize("method", ["prompt", "prefix"])
