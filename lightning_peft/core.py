@@ -384,7 +384,7 @@ def _named_layers(model: nn.Module) -> list[tuple[str, AdapterLayer]]:
     other = sorted({type(m).__name__ for _, m in layers if not isinstance(m, NamedAdapters)})
     if other:
         raise NotImplementedError(
-            f"Named adapters are implemented for LoRA layers; this model also carries {other}, which hold a single "
+            f"Named adapters are implemented for LoRA layers, soft prompts (prompt tuning, P-tuning, prefix tuning) and modules trained per adapter; this model also carries {other}, which hold a single "
             "adapter each. Keep one model per adapter for those methods."
         )
     return named

@@ -245,7 +245,7 @@ def test_non_mergeable_methods_say_so():
         merge_adapters(model)
     with pytest.raises(ValueError, match=r"unload\(merge=True\): \['_Scale'\] cannot be merged.*unload\(merge=False\)"):
         unload(model, merge=True)
-    with pytest.raises(NotImplementedError, match=r"Named adapters are implemented for LoRA layers; this model also carries \['_Scale'\]"):
+    with pytest.raises(NotImplementedError, match=r"Named adapters are implemented for LoRA layers, soft prompts .*; this model also carries \['_Scale'\]"):
         set_active_adapters(model, "default")
 
 
