@@ -20,7 +20,9 @@ __all__ = [
 #: The folder of the configs shipped in the package (``lightning-peft fit --config quickstart``).
 SHIPPED_CONFIGS = Path(__file__).resolve().parent / "configs"
 #: The ``init_args`` keys of ``model`` and ``data`` that name inputs: relative values are read from the config's folder.
-CONFIG_INPUT_KEYS = ("model_name_or_path", "tokenizer_name_or_path", "train_file", "val_file", "test_file", "predict_file", "chat_template")
+CONFIG_INPUT_KEYS = (
+    "model_name_or_path", "tokenizer_name_or_path", "train_file", "val_file", "test_file", "predict_file", "chat_template", "data_dir",
+)
 
 
 def shipped_configs() -> list[str]:

@@ -1,4 +1,4 @@
-"""Ready LightningModules and DataModules for the CLI: sequence classification and causal LM."""
+"""Ready LightningModules and DataModules for the CLI: sequence classification (one task or several) and causal LM."""
 
 from lightning_peft.tasks._hf import load_tokenizer, resolve_model_path
 from lightning_peft.tasks.causal_lm import CausalLM
@@ -13,6 +13,7 @@ from lightning_peft.tasks.instruction import (
     alpaca_prompt,
     pack_examples,
 )
+from lightning_peft.tasks.multitask import MultiTaskBatches, MultiTaskClassifier, MultiTaskData
 from lightning_peft.tasks.writer import PredictionWriter
 
 __all__ = [
@@ -21,6 +22,9 @@ __all__ = [
     "CHATML_TEMPLATE",
     "CausalLM",
     "InstructionData",
+    "MultiTaskBatches",
+    "MultiTaskClassifier",
+    "MultiTaskData",
     "PredictionWriter",
     "PromptFormatter",
     "ResumableLoader",

@@ -219,11 +219,37 @@ class ResumableLoader(DataLoader):
     shuffle (:class:`ResumableBatches`), the batches the training loop has finished (``progress()``), and torch's
     global RNG state (dropout), so a run killed at any step and resumed trains on the same batches with the same
     random numbers as an uninterrupted one.
+
+    Args:
+        dataset: The training examples.
+        batch_size: Rows per batch of the default :class:`ResumableBatches`; unused with ``batch_sampler``.
+        seed: Seed of the default batches' shuffle (and of the workers' base seed with ``batch_sampler``).
+        progress: How many batches of the current epoch the training loop has finished.
+        batch_sampler: Any resumable batch sampler instead of ``ResumableBatches(len(dataset), batch_size, seed)``:
+            it has ``epoch_state`` (what replays the epoch being iterated, saved in checkpoints) and
+            ``resume(epoch_state, consumed)`` (the next iteration replays that epoch less its first ``consumed``
+            batches, or starts the next epoch if it was complete), e.g. ``MultiTaskBatches``.
+        **kwargs: Other ``DataLoader`` arguments (``collate_fn``, ``num_workers``, ...).
     """
 
-    def __init__(self, dataset: Dataset, batch_size: int, seed: int, progress: Callable[[], int], **kwargs: Any) -> None:
-        batches = ResumableBatches(len(dataset), batch_size, seed)
-        super().__init__(dataset, batch_sampler=batches, generator=batches.generator, **kwargs)
+    def __init__(
+        self, dataset: Dataset, batch_size: Optional[int], seed: int, progress: Callable[[], int],
+        batch_sampler: Optional[Sampler[list[int]]] = None, **kwargs: Any,
+    ) -> None:
+        if batch_sampler is None:
+            batches = ResumableBatches(len(dataset), batch_size, seed)
+            generator = batches.generator
+        else:
+            missing = [a for a in ("epoch_state", "resume") if not hasattr(batch_sampler, a)]
+            if missing:
+                raise TypeError(
+                    f"ResumableLoader: the batch sampler {type(batch_sampler).__name__} lacks {missing}: give it"
+                    " `epoch_state` and `resume(epoch_state, consumed)` (see ResumableBatches), or use a plain DataLoader."
+                )
+            # a generator of its own: the loader draws its workers' base seed from it each epoch, which must not move
+            # torch's global RNG (restored at resume, after that draw in the uninterrupted run)
+            batches, generator = batch_sampler, getattr(batch_sampler, "generator", None) or torch.Generator().manual_seed(seed)
+        super().__init__(dataset, batch_sampler=batches, generator=generator, **kwargs)
         self._progress = progress
         self._rng: Optional[torch.Tensor] = None
 
@@ -280,6 +306,97 @@ def _check_loader_args(
 
 # ----------------------------------------------------------------------------------------------
 # Text classification
+
+
+def _tokenize_table(
+    file: str,
+    tokenizer: Any,
+    *,
+    text_column: str,
+    text_pair_column: Optional[str],
+    label_column: str,
+    label_names: Optional[list[str]],
+    num_labels: int,
+    max_length: int,
+    has_header: bool = True,
+    max_rows: Optional[int] = None,
+    seed: int = 0,
+    labels_optional: bool = False,
+) -> list[dict[str, Any]]:
+    """Read a classification table and tokenize it: one ``{"input_ids", "attention_mask", ["token_type_ids"],
+    "labels"}`` dict per row (:class:`TextClassificationData`'s files, and each task's of ``MultiTaskData``).
+
+    Args:
+        file: The table (.tsv/.csv/.jsonl/.json).
+        tokenizer: A Hugging Face tokenizer; texts (or text pairs) are truncated to ``max_length`` tokens.
+        text_column: Column with the text.
+        text_pair_column: Column with the second text of a pair; None for single texts.
+        label_column: Column with the label.
+        label_names: Text labels in class-id order; None means labels are integer class ids in ``[0, num_labels)``.
+        num_labels: Number of classes.
+        max_length: Longer inputs are truncated to this many tokens.
+        has_header: False for headerless TSV/CSV (columns ``"0"``, ``"1"``, ...).
+        max_rows: Keep this many rows, drawn with ``seed`` (in file order); None keeps all.
+        seed: Seed of the ``max_rows`` draw.
+        labels_optional: Rows carry ``labels`` only if the file has ``label_column`` (prediction files).
+
+    Raises:
+        ValueError: If the file has no rows, lacks a column, or a label is not allowed (its row is named).
+    """
+    numbered = _read_rows(file, "auto", has_header)
+    if not numbered:
+        raise ValueError(f"{file!r} has no data rows.")
+    if max_rows is not None and max_rows < len(numbered):
+        keep = sorted(random.Random(seed).sample(range(len(numbered)), max_rows))
+        numbered = [numbered[i] for i in keep]
+
+    found = list(numbered[0][1])
+    with_labels = not labels_optional or label_column in found
+    expected = [c for c in (text_column, text_pair_column) if c is not None]
+    expected += [label_column] if with_labels else []
+    missing = [c for c in expected if c not in found]
+    if missing:
+        hint = "" if has_header else " (a file read with has_header=False has columns '0', '1', ...)"
+        raise ValueError(
+            f"{file!r} lacks the column(s) {missing}. Columns found: {found}; expected: {expected}. Set"
+            f" text_column / text_pair_column / label_column to the file's column names{hint}, or set"
+            " has_header=False if the file has no header row."
+        )
+    for line, row in numbered:
+        absent = [c for c in expected if c not in row]
+        if absent:
+            raise ValueError(f"{file!r} row {line} lacks the column(s) {absent}; expected: {expected}.")
+
+    texts = [str(row[text_column]) for _, row in numbered]
+    pairs = [str(row[text_pair_column]) for _, row in numbered] if text_pair_column else None
+    encoded = tokenizer(texts, pairs, truncation=True, max_length=max_length)
+    keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in encoded]
+    examples = [{k: encoded[k][i] for k in keys} for i in range(len(texts))]
+    if with_labels:
+        for example, (line, row) in zip(examples, numbered):
+            example["labels"] = _label_id(row[label_column], file, line, label_names, num_labels)
+    return examples
+
+
+def _label_id(value: Any, file: str, line: int, names: Optional[list[str]], num_labels: int) -> int:
+    if names is not None:
+        if str(value).strip() in names:
+            return names.index(str(value).strip())
+        raise ValueError(
+            f"{file!r} row {line}: label {value!r} is not in label_names {names}. Add it to label_names"
+            " (in class-id order) or fix the row."
+        )
+    allowed = f"integer class ids 0..{num_labels - 1}"
+    try:
+        label = int(value.strip()) if isinstance(value, str) else value
+    except ValueError:
+        label = None
+    if not isinstance(label, int) or isinstance(label, bool) or not 0 <= label < num_labels:
+        raise ValueError(
+            f"{file!r} row {line}: label {value!r} is not allowed; labels must be {allowed}"
+            f" (num_labels={num_labels}). For text labels pass label_names=[...] in class-id order."
+        )
+    return label
 
 
 class TextClassificationData(L.LightningDataModule):
@@ -397,60 +514,12 @@ class TextClassificationData(L.LightningDataModule):
 
     def _tokenize_file(self, split: str, file: str) -> _ListDataset:
         hp = self.hparams
-        numbered = _read_rows(file, "auto", hp.has_header)
-        if not numbered:
-            raise ValueError(f"{file!r} has no data rows.")
-        if split == "train" and hp.max_train_rows is not None and hp.max_train_rows < len(numbered):
-            keep = sorted(random.Random(hp.seed).sample(range(len(numbered)), hp.max_train_rows))
-            numbered = [numbered[i] for i in keep]
-
-        found = list(numbered[0][1])
-        with_labels = split != "predict" or hp.label_column in found
-        expected = [c for c in (hp.text_column, hp.text_pair_column) if c is not None]
-        expected += [hp.label_column] if with_labels else []
-        missing = [c for c in expected if c not in found]
-        if missing:
-            hint = "" if hp.has_header else " (a file read with has_header=False has columns '0', '1', ...)"
-            raise ValueError(
-                f"{file!r} lacks the column(s) {missing}. Columns found: {found}; expected: {expected}. Set"
-                f" text_column / text_pair_column / label_column to the file's column names{hint}, or set"
-                " has_header=False if the file has no header row."
-            )
-        for line, row in numbered:
-            absent = [c for c in expected if c not in row]
-            if absent:
-                raise ValueError(f"{file!r} row {line} lacks the column(s) {absent}; expected: {expected}.")
-
-        texts = [str(row[hp.text_column]) for _, row in numbered]
-        pairs = [str(row[hp.text_pair_column]) for _, row in numbered] if hp.text_pair_column else None
-        encoded = self.tokenizer(texts, pairs, truncation=True, max_length=hp.max_length)
-        keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in encoded]
-        examples = [{k: encoded[k][i] for k in keys} for i in range(len(texts))]
-        if with_labels:
-            for example, (line, row) in zip(examples, numbered):
-                example["labels"] = self._label_id(row[hp.label_column], file, line)
-        return _ListDataset(examples)
-
-    def _label_id(self, value: Any, file: str, line: int) -> int:
-        names = self.hparams.label_names
-        if names is not None:
-            if str(value).strip() in names:
-                return names.index(str(value).strip())
-            raise ValueError(
-                f"{file!r} row {line}: label {value!r} is not in label_names {names}. Add it to label_names"
-                " (in class-id order) or fix the row."
-            )
-        allowed = f"integer class ids 0..{self.num_labels - 1}"
-        try:
-            label = int(value.strip()) if isinstance(value, str) else value
-        except ValueError:
-            label = None
-        if not isinstance(label, int) or isinstance(label, bool) or not 0 <= label < self.num_labels:
-            raise ValueError(
-                f"{file!r} row {line}: label {value!r} is not allowed; labels must be {allowed}"
-                f" (num_labels={self.num_labels}). For text labels pass label_names=[...] in class-id order."
-            )
-        return label
+        return _ListDataset(_tokenize_table(
+            file, self.tokenizer, text_column=hp.text_column, text_pair_column=hp.text_pair_column,
+            label_column=hp.label_column, label_names=hp.label_names, num_labels=self.num_labels, max_length=hp.max_length,
+            has_header=hp.has_header, max_rows=hp.max_train_rows if split == "train" else None, seed=hp.seed,
+            labels_optional=split == "predict",
+        ))
 
     # -- loaders -------------------------------------------------------------------------------
 
