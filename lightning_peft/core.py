@@ -509,7 +509,9 @@ def per_sample_adapters(model: nn.Module, names: list[str | None]) -> Iterator[n
     its own adapter only: a step over a mixed batch equals the sum of the steps each adapter would take over its
     rows of the same batch (same seed: a LoRA layer draws one dropout mask for the whole batch and each adapter uses
     its rows of it, as it would alone, provided the adapters cover the same layers). Adapters must not be merged.
-    Sort the rows by adapter (``MultiTaskData`` does) and every layer works on slices, without copies.
+    Sort the rows by adapter (``MultiTaskData`` does) and every layer works on slices, without copies. With activation
+    checkpointing, call ``backward`` inside the block too: the forward runs again during backward
+    (``MultiTaskClassifier`` does this for you).
 
     Example::
 

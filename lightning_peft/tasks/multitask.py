@@ -640,7 +640,16 @@ class MultiTaskClassifier(PEFTMixin, L.LightningModule):
         logits, task_ids = self(batch)
         loss = self.loss(logits, batch["labels"], task_ids)
         self.log("train_loss", loss, prog_bar=True, batch_size=len(task_ids))
+        self._routed_rows = list(batch["adapter"])  # for backward (see below)
         return loss
+
+    def backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> None:
+        # activation checkpointing runs the forward again inside backward: the rows must take their adapters then too
+        rows, self._routed_rows = getattr(self, "_routed_rows", None), None
+        if rows is None:
+            return super().backward(loss, *args, **kwargs)
+        with per_sample_adapters(self.model, rows):
+            super().backward(loss, *args, **kwargs)
 
     def on_validation_epoch_start(self) -> None:
         # reset here, not at the end: the states are then made in this loop's mode (a `trainer.validate` before `fit`

@@ -447,3 +447,19 @@ def test_a_fit_cut_off_mid_epoch_resumes_to_the_same_adapters(tiny_bert, task_fi
         resumed = fit(f"resumed{stop}", ckpt=str(tmp_path / f"cut{stop}" / "last.ckpt"))
         assert resumed.keys() == whole.keys()
         assert [n for n in whole if not torch.equal(whole[n], resumed[n])] == [], stop
+
+
+def test_activation_checkpointing_recomputes_each_row_through_its_adapter(tiny_bert, task_files, tmp_path):
+    """Checkpointing runs the forward again in backward, after training_step: the rows must be routed then too (else
+    torch's checkpoint finds other tensors than the forward's)."""
+    trained = []
+    for checkpointing in (False, True):
+        L.seed_everything(0)
+        model = _with_adapters(MultiTaskClassifier(TASKS, model_name_or_path=tiny_bert, gradient_checkpointing=checkpointing), TASKS)
+        data = MultiTaskData(task_files, data_dir=str(tmp_path), batch_size=16, tokenizer_name_or_path=tiny_bert, seed=0)
+        L.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                  enable_model_summary=False, limit_val_batches=0).fit(model, data)
+        trained.append({n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n})
+    assert trained[0].keys() == trained[1].keys() and trained[0]
+    for n in trained[0]:
+        torch.testing.assert_close(trained[1][n], trained[0][n], atol=1e-6, rtol=1e-5, msg=n)
