@@ -425,27 +425,29 @@ class _StopAt(L.Callback):
 
 def test_a_fit_cut_off_mid_epoch_resumes_to_the_same_adapters(tiny_bert, task_files, tmp_path):
     """Lightning saves the multi-task loader's position in the checkpoint; the resumed fit trains on the batches the
-    uninterrupted one did (temperature sampling, LoRA dropout on), so the three adapters end bitwise equal."""
+    uninterrupted one did (temperature sampling, LoRA dropout on), so the three adapters and their heads end bitwise
+    equal."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     def fit(run: str, stop: int | None = None, ckpt: str | None = None) -> dict[str, torch.Tensor]:
         L.seed_everything(0)
         model = MultiTaskClassifier(TASKS, model_name_or_path=tiny_bert, learning_rate=1e-2)
         data = MultiTaskData(task_files, data_dir=str(tmp_path), batch_size=12, sampling="temperature", temperature=2.0)
-        callbacks = [LoRA(r=4, alpha=8, dropout=0.1, adapter_name=name) for name in TASKS]
+        callbacks = [LoRA(r=4, alpha=8, dropout=0.1, adapter_name=name, trainable_modules=["classifier"]) for name in TASKS]
         callbacks.append(ModelCheckpoint(dirpath=tmp_path / run, every_n_train_steps=3, save_last=True))
         callbacks += [_StopAt(stop)] if stop is not None else []
         trainer = L.Trainer(accelerator="cpu", max_steps=14, limit_val_batches=0, logger=False, enable_progress_bar=False,
                             enable_model_summary=False, callbacks=callbacks)
         trainer.fit(model, data, ckpt_path=ckpt)
-        return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+        # the adapters and each task's own head (classifier.modules_to_save.<task>)
+        return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n or "modules_to_save" in n}
 
     whole = fit("whole")  # 9 batches an epoch: cut mid-epoch 0, at its end, mid-epoch 1
     for stop in (6, 9, 12):
         with pytest.raises(_CutOff):
             fit(f"cut{stop}", stop=stop)  # after the step-`stop` checkpoint
         resumed = fit(f"resumed{stop}", ckpt=str(tmp_path / f"cut{stop}" / "last.ckpt"))
-        assert resumed.keys() == whole.keys()
+        assert resumed.keys() == whole.keys() and sum("modules_to_save" in n for n in whole) == 2 * len(TASKS)
         assert [n for n in whole if not torch.equal(whole[n], resumed[n])] == [], stop
 
 
