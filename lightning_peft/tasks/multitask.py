@@ -158,10 +158,17 @@ class MultiTaskBatches(Sampler[list[int]]):
         seed: Seed of every draw.
         sampling: ``"proportional"`` or ``"temperature"``.
         temperature: ``T`` of temperature sampling (> 0); must stay 1.0 with proportional sampling.
+        lengths: Tokens of each dataset row; given, the epoch's rows are grouped by length: each run of
+            ``GROUP_BATCHES`` batches is sorted by length and cut into batches again, and the batches are shuffled (the
+            same rows per epoch, batches of similar lengths: less padding when tasks differ in length).
     """
 
+    #: Batches whose rows are sorted by length together when ``lengths`` is given.
+    GROUP_BATCHES = 50
+
     def __init__(
-        self, sizes: Sequence[int], batch_size: int, seed: int = 0, sampling: Sampling = "proportional", temperature: float = 1.0
+        self, sizes: Sequence[int], batch_size: int, seed: int = 0, sampling: Sampling = "proportional", temperature: float = 1.0,
+        lengths: Optional[Sequence[int]] = None,
     ) -> None:
         owner = "MultiTaskBatches"
         _check_types(MultiTaskBatches.__init__, owner, dict(sizes=sizes, batch_size=batch_size, seed=seed, sampling=sampling, temperature=temperature))
@@ -171,6 +178,9 @@ class MultiTaskBatches(Sampler[list[int]]):
         if batch_size < 1:
             raise ValueError(f"{owner}: batch_size must be >= 1, got {batch_size}.")
         self.sizes, self.batch_size, self.seed = [int(n) for n in sizes], batch_size, seed
+        if lengths is not None and len(lengths) != sum(self.sizes):
+            raise ValueError(f"{owner}: lengths has {len(lengths)} entries for {sum(self.sizes)} rows: give one per row.")
+        self.lengths = None if lengths is None else torch.as_tensor(list(lengths), dtype=torch.long)
         self.sampling, self.temperature = sampling, float(temperature)
         self.offsets = [sum(self.sizes[:t]) for t in range(len(self.sizes))]
         self.probabilities = task_probabilities(self.sizes, sampling, temperature)
@@ -225,8 +235,24 @@ class MultiTaskBatches(Sampler[list[int]]):
         for t in range(len(self.sizes)):
             slots = (order == t).nonzero().squeeze(1)
             indices[slots] = self.offsets[t] + self._stream(t, int(starts[t]), len(slots))
+        if self.lengths is not None:
+            indices = self._grouped_by_length(indices, epoch)
         flat = indices.tolist()
         return [flat[i : i + self.batch_size] for i in range(0, self.total, self.batch_size)]
+
+    def _grouped_by_length(self, indices: torch.Tensor, epoch: int) -> torch.Tensor:
+        """``indices`` reordered so that batches hold rows of similar lengths: each run of ``GROUP_BATCHES`` batches
+        sorted by length (longest first, stable), then the whole batches shuffled (the last, partial one stays last)."""
+        span = self.batch_size * self.GROUP_BATCHES
+        groups = []
+        for start in range(0, len(indices), span):
+            chunk = indices[start : start + span]
+            groups.append(chunk[torch.argsort(self.lengths[chunk], descending=True, stable=True)])
+        indices = torch.cat(groups)
+        full = len(indices) // self.batch_size
+        order = torch.randperm(full, generator=_generator(self.seed, "batches", epoch))
+        head = indices[: full * self.batch_size].view(full, self.batch_size)[order].reshape(-1)
+        return torch.cat([head, indices[full * self.batch_size :]])
 
     def __iter__(self):
         (epoch, skip), self._next = self._next, (self._next[0] + 1, 0)
@@ -296,6 +322,9 @@ class MultiTaskData(L.LightningDataModule):
         num_workers: DataLoader worker processes.
         seed: Seed of the training subsets and of the sampling.
         tokenizer_name_or_path: Tokenizer directory; None uses the LightningModule's ``tokenizer``.
+        group_by_length: Put training rows of similar lengths in the same batches (see :class:`MultiTaskBatches`):
+            tasks of different lengths (MRPC's sentence pairs beside SST-2's sentences) then pad less. Each epoch
+            still trains each row the sampling gives once, in batches that still mix tasks.
 
     Raises:
         ValueError: At setup under a distributed strategy: Lightning cannot put its distributed sampler into the
@@ -328,13 +357,14 @@ class MultiTaskData(L.LightningDataModule):
         num_workers: int = 0,
         seed: int = 0,
         tokenizer_name_or_path: Optional[str] = None,
+        group_by_length: bool = False,
     ) -> None:
         super().__init__()
         owner = type(self).__name__
         _check_types(MultiTaskData.__init__, owner, dict(
             tasks=tasks, data_dir=data_dir, sampling=sampling, temperature=temperature, max_length=max_length,
             batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers, seed=seed,
-            tokenizer_name_or_path=tokenizer_name_or_path,
+            tokenizer_name_or_path=tokenizer_name_or_path, group_by_length=group_by_length,
         ))
         _check_loader_args(owner, batch_size, eval_batch_size, num_workers, max_length)
         _check_sampling(owner, sampling, temperature)
@@ -440,7 +470,8 @@ class MultiTaskData(L.LightningDataModule):
         hp = self.hparams
         if self.train_dataset is None:
             raise RuntimeError("MultiTaskData: call setup('fit') first (the Trainer does), with a train_file for every task.")
-        batches = MultiTaskBatches(self.train_sizes, hp.batch_size, hp.seed, hp.sampling, hp.temperature)
+        lengths = [len(row["input_ids"]) for row in self.train_dataset.examples] if hp.group_by_length else None
+        batches = MultiTaskBatches(self.train_sizes, hp.batch_size, hp.seed, hp.sampling, hp.temperature, lengths)
         return ResumableLoader(
             self.train_dataset, None, hp.seed, _trained_batches(self) or (lambda: 0), batch_sampler=batches,
             collate_fn=self._collate(), num_workers=hp.num_workers, persistent_workers=hp.num_workers > 0,

@@ -118,10 +118,39 @@ def test_sampling_is_a_function_of_the_seed():
     assert list(MultiTaskBatches([10, 50], 8, seed=4, sampling="temperature", temperature=3.0)) != list(c)
 
 
-@pytest.mark.parametrize("sampling, temperature", [("proportional", 1.0), ("temperature", 3.0)])
-def test_the_sampler_resumes_exactly_mid_epoch_and_after_a_complete_epoch(sampling, temperature):
+def test_grouping_by_length_keeps_each_epochs_rows_and_pads_less():
+    """The same rows per epoch (each once, proportional sampling), batches of similar lengths: the padded tokens of
+    an epoch drop; batches still mix tasks; a function of the seed."""
+    sizes = [300, 300]
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.cat([torch.randint(5, 20, (300,), generator=g), torch.randint(40, 120, (300,), generator=g)]).tolist()
+    MultiTaskBatches.GROUP_BATCHES, old = 10, MultiTaskBatches.GROUP_BATCHES  # several groups in an epoch of 600 rows
+    try:
+        plain = MultiTaskBatches(sizes, 16, seed=1)
+        grouped = MultiTaskBatches(sizes, 16, seed=1, lengths=lengths)
+        for _ in range(2):
+            a, b = list(plain), list(grouped)
+            assert sorted(i for batch in a for i in batch) == sorted(i for batch in b for i in batch) == list(range(600))
+            assert len(a) == len(b) and all(len(x) == 16 for x in b[:-1])
+
+            def padded(batches):
+                return sum(len(batch) * max(lengths[i] for i in batch) for batch in batches)
+
+            assert padded(b) < 0.8 * padded(a), (padded(b), padded(a))
+            assert sum(len({i >= 300 for i in batch}) == 2 for batch in b) >= 1  # some batches still mix the tasks
+        assert list(MultiTaskBatches(sizes, 16, seed=1, lengths=lengths)) == list(MultiTaskBatches(sizes, 16, seed=1, lengths=lengths))
+        with pytest.raises(ValueError, match="lengths has 3 entries for 600 rows"):
+            MultiTaskBatches(sizes, 16, lengths=[1, 2, 3])
+    finally:
+        MultiTaskBatches.GROUP_BATCHES = old
+
+
+@pytest.mark.parametrize("sampling, temperature, grouped", [("proportional", 1.0, False), ("temperature", 3.0, False), ("temperature", 3.0, True)])
+def test_the_sampler_resumes_exactly_mid_epoch_and_after_a_complete_epoch(sampling, temperature, grouped):
+    lengths = [(7 * i) % 23 + 1 for i in range(97)] if grouped else None
+
     def sampler():
-        return MultiTaskBatches([7, 30, 60], 8, seed=3, sampling=sampling, temperature=temperature)
+        return MultiTaskBatches([7, 30, 60], 8, seed=3, sampling=sampling, temperature=temperature, lengths=lengths)
 
     whole = sampler()
     epochs = [list(whole) for _ in range(5)]
@@ -183,6 +212,10 @@ def test_the_data_mixes_tasks_in_training_and_validates_each_task_alone(task_fil
     assert data.train_sizes == [48, 24, 36] and data.num_labels == {"pos": 2, "pair": 2, "three": 3}
     train = list(data.train_dataloader())
     assert sum(len(b["adapter"]) for b in train) == 108 and len(train) == 7
+    grouped = MultiTaskData(task_files, data_dir=str(tmp_path), batch_size=16, tokenizer_name_or_path=minilm_dir, group_by_length=True)
+    grouped.setup("fit")
+    sampler = grouped.train_dataloader().batch_sampler
+    assert sampler.lengths.tolist() == [len(row["input_ids"]) for row in grouped.train_dataset.examples]
     for batch in train:
         ids = batch["task_id"].tolist()
         assert ids == sorted(ids) and batch["adapter"] == [data.task_names[i] for i in ids]
@@ -218,6 +251,7 @@ def test_max_train_rows_and_per_task_max_length(task_files, tmp_path, minilm_dir
     (dict(tasks={"sst2": {"train_file": "x.tsv", "has_header": "false"}}), TypeError,
      r"tasks\['sst2'\]\.has_header='false' \(str\) must be True or False \(the string 'false' is not a bool"),
     (dict(tasks={"sst2": {"train_file": "x.tsv", "num_labels": "2"}}), TypeError, r"num_labels='2' \(str\) must be an integer or None"),
+    (dict(tasks={"sst2": {"train_file": "x.tsv"}}, group_by_length="yes"), TypeError, r"group_by_length='yes' \(str\) must be True or False"),
     (dict(tasks={"sst2": {"train_file": "x.tsv", "num_labels": 1}}), ValueError, r"tasks\['sst2'\]\.num_labels must be >= 2"),
     (dict(tasks={"sst2": {"train_file": "x.tsv", "max_train_rows": 0}}), ValueError, r"max_train_rows must be >= 1"),
     (dict(tasks={"sst2": {"train_file": "x.tsv", "label_names": ["a", "b"], "num_labels": 3}}), ValueError, r"label_names has 2 names"),
