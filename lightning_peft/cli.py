@@ -296,10 +296,11 @@ def export_main(args: list[str]) -> Path:
     parser.add_argument("--out", type=str, required=True, help="Output directory.")
     parser.add_argument("--config", type=Optional[str], default=None, help="The run's config (default: the config.yaml LightningCLI saved beside the checkpoint).")
     parser.add_argument("--merged", type=bool, default=False, help="Merge the adapter and save a plain Hugging Face model (save_pretrained) with its tokenizer.")
+    parser.add_argument("--adapter", type=Optional[str], default=None, help="One named adapter of the checkpoint: written alone, or the one merged (with its own head, if it has one). Default: every adapter (merged: the active ones).")
     cfg = parser.parse_args(args)
 
     from lightning_peft.callbacks.base import load_adapter_checkpoint, read_checkpoint, read_checkpoint_directory
-    from lightning_peft.core import unload
+    from lightning_peft.core import adapter_names, set_active_adapters, unload
     from lightning_peft.io import find_base_model, save_adapter
 
     ckpt = Path(cfg.ckpt_path)
@@ -313,13 +314,24 @@ def export_main(args: list[str]) -> Path:
     load_adapter_checkpoint(model, checkpoint)
     out = Path(cfg.out)
     if not cfg.merged:
-        save_adapter(model, out)
+        save_adapter(model, out, adapter_name=cfg.adapter)
         print(f"adapter written to {out} (Hugging Face PEFT format)")
         return out
     _, base = find_base_model(model)
     if not hasattr(base, "save_pretrained"):
         raise TypeError(f"--merged needs a Hugging Face model inside {type(model).__name__}; found none.")
-    unload(base, merge=True)
+    if cfg.adapter is not None:
+        set_active_adapters(base, cfg.adapter)  # an unknown name: the error lists the checkpoint's adapters
+    try:
+        unload(base, merge=True)
+    except ValueError as err:
+        try:
+            names = adapter_names(base)
+        except (ValueError, NotImplementedError):  # no named adapters: the error stands as it is
+            raise err from None
+        if len(names) < 2:
+            raise
+        raise ValueError(f"{err}\nexport --merged: pass --adapter NAME to merge one of the checkpoint's adapters {names}.") from None
     base.save_pretrained(out)
     tokenizer = getattr(model, "tokenizer", None)
     if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):

@@ -97,3 +97,37 @@ def test_a_random_base_from_config_is_rebuilt_from_the_run_seed(tmp_path, shared
     with pytest.raises(ValueError, match="from_config=True .* no integer seed_everything"):
         main(["export", "--ckpt_path", str(ckpt), "--config", str(tmp_path / "unseeded.yaml"), "--out", str(tmp_path / "x"), "--merged=true"])
     assert not (tmp_path / "x").exists()
+
+
+def test_a_multitask_run_exports_every_adapter_or_one_with_its_own_head(tmp_path, shared_data, minilm_path):
+    """configs/multitask.yaml trains three adapters, each with a head; export writes them in peft's layout, --adapter
+    picks one (written alone, or merged with its head), and --merged without it says to pick one."""
+    from transformers import AutoModelForSequenceClassification
+
+    from lightning_peft import load_adapter_checkpoint, set_active_adapters
+    from lightning_peft.tasks import MultiTaskClassifier
+
+    main([
+        "fit", "--config", "configs/multitask.yaml", f"--trainer.default_root_dir={tmp_path}",
+        "--trainer.enable_checkpointing=true", "--trainer.max_steps=3", "--trainer.limit_val_batches=1",
+        "--trainer.enable_progress_bar=false", f"--data.init_args.data_dir={shared_data / 'glue'}",
+        f"--trainer.callbacks.init_args.save_dir={tmp_path / 'fit_adapter'}",
+    ])
+    ckpt = next((tmp_path / "checkpoints").glob("*.ckpt"))
+    main(["export", "--ckpt_path", str(ckpt), "--out", str(tmp_path / "all")])
+    assert sorted(p.parent.name for p in (tmp_path / "all").rglob("adapter_config.json")) == ["cola", "mrpc", "sst2"]
+    main(["export", "--ckpt_path", str(ckpt), "--out", str(tmp_path / "mrpc"), "--adapter", "mrpc"])
+    assert (tmp_path / "mrpc" / "adapter_config.json").is_file() and not (tmp_path / "mrpc" / "sst2").exists()
+    with pytest.raises(ValueError, match=r"pass --adapter NAME to merge one of the checkpoint's adapters \['sst2', 'mrpc', 'cola'\]"):
+        main(["export", "--ckpt_path", str(ckpt), "--out", str(tmp_path / "merged_all"), "--merged=true"])
+    assert not (tmp_path / "merged_all").exists()
+    main(["export", "--ckpt_path", str(ckpt), "--out", str(tmp_path / "merged"), "--merged=true", "--adapter", "mrpc"])
+
+    ours = load_adapter_checkpoint(MultiTaskClassifier(tasks={"sst2": 2, "mrpc": 2, "cola": 2}), ckpt).eval()
+    batch = ours.tokenizer(["The cat sat.", "A cat was sitting."], ["A dog ran.", "The cat sat down."], return_tensors="pt", padding=True)
+    set_active_adapters(ours.model, "mrpc")
+    expected = ours.model(**batch).logits
+    set_active_adapters(ours.model, "sst2")
+    assert not torch.allclose(ours.model(**batch).logits, expected)  # the adapters (and heads) differ
+    plain = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged", local_files_only=True).eval()
+    torch.testing.assert_close(plain(**batch).logits, expected, atol=1e-5, rtol=1e-5)
