@@ -8,7 +8,7 @@ lightning-peft never downloads from the model hub: a model is a local directory 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from lightning.pytorch.utilities import rank_zero_warn
 
@@ -171,3 +171,23 @@ def check_checkpointing_fits_adapters(module: Any, owner: str) -> None:
             " MAM, UniPELT): they reach each layer through the key/value cache, which Hugging Face's checkpointed layers"
             " drop. Set gradient_checkpointing=False, or use a method without prefixes (LoRA, IA3, prompt tuning, adapters)."
         )
+
+
+def load_sequence_classifier(model_name_or_path: str, num_labels: int, tokenizer_name_or_path: Optional[str],
+                             gradient_checkpointing: bool, owner: str) -> tuple[Any, Any]:
+    """A Hugging Face sequence classifier with a new ``num_labels`` head, in float32 and train mode, and its tokenizer
+    (the task modules' shared loader)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    path = resolve_model_path(model_name_or_path)
+    # float32 whatever the checkpoint's dtype: precision is the Trainer's choice
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, dtype=torch.float32, local_files_only=True)
+    # from_pretrained returns the model in eval mode; Lightning keeps the mode it finds at fit start, so without this
+    # dropout would stay off during training
+    model.train()
+    if gradient_checkpointing:
+        enable_gradient_checkpointing(model, owner)
+    tokenizer = load_tokenizer(tokenizer_name_or_path or path)
+    check_vocab_fits(tokenizer, model, owner)
+    return model, tokenizer

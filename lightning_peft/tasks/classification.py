@@ -9,13 +9,7 @@ import torch
 from torchmetrics.classification import Accuracy, F1Score, MatthewsCorrCoef
 
 from lightning_peft.mixin import PEFTMixin
-from lightning_peft.tasks._hf import (
-    check_checkpointing_fits_adapters,
-    check_vocab_fits,
-    enable_gradient_checkpointing,
-    load_tokenizer,
-    resolve_model_path,
-)
+from lightning_peft.tasks._hf import check_checkpointing_fits_adapters, load_sequence_classifier
 from lightning_peft.tasks._optim import adamw_with_linear_schedule, check_schedule_args
 from lightning_peft.validation import check_value
 
@@ -71,20 +65,9 @@ class SequenceClassifier(PEFTMixin, L.LightningModule):
         check_schedule_args("SequenceClassifier", learning_rate, weight_decay, warmup_ratio)
         self.save_hyperparameters()
 
-        from transformers import AutoModelForSequenceClassification
-
-        path = resolve_model_path(model_name_or_path)
-        # Load in float32 whatever the checkpoint's dtype: precision is the Trainer's choice.
-        self.model = AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=num_labels, dtype=torch.float32, local_files_only=True
+        self.model, self.tokenizer = load_sequence_classifier(
+            model_name_or_path, num_labels, tokenizer_name_or_path, gradient_checkpointing, "SequenceClassifier"
         )
-        # from_pretrained returns the model in eval mode; Lightning keeps the mode it finds at fit start,
-        # so without this dropout would stay off during training.
-        self.model.train()
-        if gradient_checkpointing:
-            enable_gradient_checkpointing(self.model, "SequenceClassifier")
-        self.tokenizer = load_tokenizer(tokenizer_name_or_path or path)
-        check_vocab_fits(self.tokenizer, self.model, "SequenceClassifier")
 
         task, average = ("binary", "micro") if num_labels == 2 else ("multiclass", "macro")
         for stage in ("val", "test"):

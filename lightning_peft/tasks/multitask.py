@@ -36,11 +36,9 @@ from lightning_peft.core import adapter_names, per_sample_adapters
 from lightning_peft.mixin import PEFTMixin
 from lightning_peft.tasks._hf import (
     check_checkpointing_fits_adapters,
-    check_vocab_fits,
-    enable_gradient_checkpointing,
     ensure_pad_token,
+    load_sequence_classifier,
     load_tokenizer,
-    resolve_model_path,
 )
 from lightning_peft.tasks._optim import adamw_with_linear_schedule, check_schedule_args
 from lightning_peft.tasks.classification import _MODEL_INPUTS
@@ -515,22 +513,6 @@ def _task_settings(owner: str, name: str, given: dict[str, Any]) -> dict[str, An
 # Model
 
 
-def _load_sequence_classifier(model_name_or_path: str, num_labels: int, tokenizer_name_or_path: Optional[str],
-                              gradient_checkpointing: bool, owner: str) -> tuple[nn.Module, Any]:
-    """A Hugging Face sequence classifier with a new ``num_labels`` head, in float32 and train mode, and its tokenizer."""
-    from transformers import AutoModelForSequenceClassification
-
-    path = resolve_model_path(model_name_or_path)
-    # float32 whatever the checkpoint's dtype (precision is the Trainer's choice); train mode, which Lightning keeps
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, dtype=torch.float32, local_files_only=True)
-    model.train()
-    if gradient_checkpointing:
-        enable_gradient_checkpointing(model, owner)
-    tokenizer = load_tokenizer(tokenizer_name_or_path or path)
-    check_vocab_fits(tokenizer, model, owner)
-    return model, tokenizer
-
-
 def _task_metric(kind: str, num_labels: int) -> nn.Module:
     task = "binary" if num_labels == 2 else "multiclass"
     if kind == "accuracy":
@@ -606,7 +588,7 @@ class MultiTaskClassifier(PEFTMixin, L.LightningModule):
         self.task_metrics = {name: (metrics or {}).get(name, "accuracy") for name in tasks}
         self._task_index = {name: i for i, name in enumerate(tasks)}
         self.register_buffer("task_num_labels", torch.tensor(list(tasks.values())), persistent=False)  # (T,)
-        self.model, self.tokenizer = _load_sequence_classifier(
+        self.model, self.tokenizer = load_sequence_classifier(
             model_name_or_path, max(tasks.values()), tokenizer_name_or_path, gradient_checkpointing, owner
         )
         # per task, in task order (a list, not a dict keyed by name: a task may be called "update" or "keys")
