@@ -5,6 +5,8 @@ linear, the head trained), seed by seed.
 
     python docs/bench/multitask_vs_separate.py --seeds 0 1 2 --out docs/bench/multitask_vs_separate.jsonl
     python docs/bench/multitask_vs_separate.py --summarize docs/bench/multitask_vs_separate.jsonl
+    # the multi-task job alone, with settings on top of the config (rows marked with them):
+    python docs/bench/multitask_vs_separate.py --multitask-only --extra=--data.init_args.group_by_length=true --out ...
 
 Each run is a fresh process (its wall time includes start-up and model loading; its peak resident memory is the
 process's own ``ru_maxrss``); rows are appended to the JSONL file as runs finish, so an interrupted measurement
@@ -42,13 +44,13 @@ from lightning.pytorch import LightningDataModule, LightningModule
 import lightning_peft.tasks
 from lightning_peft.cli import PEFTCLI
 from lightning_peft.core import count_parameters
-seed, config, data_dir = sys.argv[1], sys.argv[2], sys.argv[3]
+seed, config, data_dir, extra = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
 start = time.perf_counter()
 cli = PEFTCLI(LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
               save_config_kwargs={"overwrite": True},
               args=["fit", "--config", config, "--seed_everything", seed, "--data.init_args.seed", seed,
                     "--data.init_args.data_dir", data_dir, "--trainer.enable_progress_bar=false",
-                    "--trainer.enable_model_summary=false"])
+                    "--trainer.enable_model_summary=false", *extra])
 m = cli.trainer.callback_metrics
 row = {"seed": int(seed), "seconds_fit": round(time.perf_counter() - start, 1),
        "scores": {"sst2": float(m["val_acc_sst2"]), "mrpc": float(m["val_f1_mrpc"]), "cola": float(m["val_mcc_cola"])},
@@ -71,16 +73,16 @@ def _child(code: str, *args: str) -> dict:
     return row
 
 
-def measure(seeds: list[int], out: Path) -> None:
+def measure(seeds: list[int], out: Path, multitask_only: bool = False, extra: tuple[str, ...] = ()) -> None:
     config = str(REPO / "lightning_peft" / "configs" / "multitask.yaml")
     for seed in seeds:
-        for task in TASKS:
+        for task in () if multitask_only else TASKS:
             row = _child(_SEPARATE, task, str(seed), str(DATA))
             rec = {"kind": "separate", "task": task, "seed": seed, "score": row["score"], "wall_s": row["wall_s"],
                    "fit_s": row["seconds"], "peak_rss_mib": round(row["peak_rss_mib"], 1), "train_rows": row["train_rows"]}
             _append(out, rec)
-        row = _child(_MULTITASK, str(seed), config, str(DATA / "glue"))
-        rec = {"kind": "multitask", "seed": seed, "scores": row["scores"], "val_score": row["val_score"], "wall_s": row["wall_s"],
+        row = _child(_MULTITASK, str(seed), config, str(DATA / "glue"), *extra)
+        rec = {"kind": "multitask", "extra": list(extra), "seed": seed, "scores": row["scores"], "val_score": row["val_score"], "wall_s": row["wall_s"],
                "fit_s": row["seconds_fit"], "peak_rss_mib": round(row["peak_rss_mib"], 1), "steps": row["steps"]}
         _append(out, rec)
 
@@ -99,7 +101,14 @@ def _ms(values: list[float]) -> str:
 
 def summarize(path: Path) -> None:
     rows = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
-    multi = {r["seed"]: r for r in rows if r["kind"] == "multitask"}
+    rows = [r for r in rows if not r.get("superseded")]  # a run measured again (the row says why)
+    variants = sorted({tuple(r.get("extra", [])) for r in rows if r["kind"] == "multitask"})
+    for extra in variants:
+        print(f"== multitask {' '.join(extra) or '(the config as shipped)'}")
+        _summarize(rows, {r["seed"]: r for r in rows if r["kind"] == "multitask" and tuple(r.get("extra", [])) == extra})
+
+
+def _summarize(rows: list[dict], multi: dict[int, dict]) -> None:
     seeds = sorted(s for s in multi if all(any(r["kind"] == "separate" and r["seed"] == s and r["task"] == t for r in rows) for t in TASKS))
     print(f"complete seeds: {seeds}")
     for t in TASKS:
@@ -118,11 +127,13 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "bench" / "multitask_vs_separate.jsonl")
     parser.add_argument("--summarize", type=Path)
+    parser.add_argument("--multitask-only", action="store_true", help="only the multi-task job (the separate runs are already measured)")
+    parser.add_argument("--extra", action="append", default=[], help="a command-line setting for the multi-task job (repeatable)")
     args = parser.parse_args()
     if args.summarize:
         summarize(args.summarize)
     else:
-        measure(args.seeds, args.out)
+        measure(args.seeds, args.out, args.multitask_only, tuple(args.extra))
 
 
 if __name__ == "__main__":
