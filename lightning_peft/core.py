@@ -14,6 +14,7 @@ Everything else (training flags, checkpoints, counts) is derived from that proto
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -37,6 +38,7 @@ __all__ = [
     "adapter_param_names",
     "adapter_state_dict",
     "canonical_name",
+    "check_adapter_name",
     "count_parameters",
     "disable_adapters",
     "mark_trainable",
@@ -113,6 +115,8 @@ class NamedAdapters:
     frozen: set[str]
     merged_adapters: list[str]
     sample_adapters: Routing | None
+    #: At most one of the layer's adapters may be active (copies of a module do not add up: module_copies).
+    exclusive: bool = False
 
     def _init_named_adapters(self) -> None:
         self.active, self.frozen, self.merged_adapters, self.sample_adapters = [], set(), [], None
@@ -132,6 +136,17 @@ class NamedAdapters:
 
     def set_adapter_frozen(self, name: str, frozen: bool) -> None:
         (self.frozen.add if frozen else self.frozen.discard)(name)
+
+
+ADAPTER_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
+"""What an adapter name may be: it is part of module and file names (``lora_a.<name>``, ``<save_dir>/<name>``)."""
+
+
+def check_adapter_name(name: str) -> None:
+    if not isinstance(name, str) or not ADAPTER_NAME.fullmatch(name):
+        raise ValueError(
+            f"Adapter names must be non-empty identifiers (letters, digits, '_' or '-', no dots), got {name!r}."
+        )
 
 
 def layer_adapter_names(layer: AdapterLayer) -> list[str]:
@@ -412,14 +427,15 @@ def set_active_adapters(model: nn.Module, names: str | list[str]) -> nn.Module:
     """
     names = [names] if isinstance(names, str) else list(names)
     _check_names(model, names)
-    for qual, m in _named_layers(model):
+    layers = _named_layers(model)
+    for qual, m in layers:
         held = [n for n in names if n in m.adapter_names()]
-        if getattr(m, "exclusive", False) and len(held) > 1:
+        if m.exclusive and len(held) > 1:
             raise ValueError(
                 f"Adapters {held} each have their own copy of {qual or type(m).__name__} (e.g. a classification head), "
                 "and copies do not add up: activate one of them. Nothing was changed."
             )
-    for _, m in _named_layers(model):
+    for _, m in layers:
         for n in m.adapter_names():
             m.set_adapter_active(n, False)
         for n in names:
@@ -469,7 +485,8 @@ class Routing(tuple):
 
     ``groups`` is ``((name, rows), ...)`` in order of first appearance, where ``rows`` is a ``slice`` when the name's
     rows are contiguous (a batch sorted by adapter: every layer then works on views, no copies) and a list of row
-    indices otherwise. :meth:`index` gives the rows as something a tensor can be indexed with on a device.
+    indices otherwise. :meth:`index` gives the rows as something a tensor can be indexed with on a device,
+    :meth:`indices` always as an index tensor.
     """
 
     groups: tuple[tuple[str | None, slice | list[int]], ...]
@@ -482,6 +499,7 @@ class Routing(tuple):
         self.groups = tuple(
             (n, slice(r[0], r[-1] + 1) if r[-1] - r[0] + 1 == len(r) else r) for n, r in rows.items()
         )
+        self._rows = rows
         self._index_cache: dict[tuple[str | None, torch.device], torch.Tensor] = {}
         return self
 
@@ -491,13 +509,15 @@ class Routing(tuple):
         return all(isinstance(r, slice) for _, r in self.groups)
 
     def index(self, name: str | None, device: torch.device) -> slice | torch.Tensor:
-        """The rows of ``name``: a slice, or an index tensor on ``device`` (built once per device)."""
-        rows = dict(self.groups)[name]
-        if isinstance(rows, slice):
-            return rows
+        """The rows of ``name``: a slice when they are contiguous, else an index tensor on ``device``."""
+        rows = self._rows[name]
+        return slice(rows[0], rows[-1] + 1) if rows[-1] - rows[0] + 1 == len(rows) else self.indices(name, device)
+
+    def indices(self, name: str | None, device: torch.device) -> torch.Tensor:
+        """The rows of ``name`` as an index tensor on ``device`` (built once per device)."""
         key = (name, torch.device(device))
         if key not in self._index_cache:
-            self._index_cache[key] = torch.tensor(rows, dtype=torch.long, device=device)
+            self._index_cache[key] = torch.tensor(self._rows[name], dtype=torch.long, device=device)
         return self._index_cache[key]
 
 

@@ -57,7 +57,7 @@ from lightning_peft.core import (
     peft_state,
     sharding_of,
 )
-from lightning_peft.module_copies import ModuleCopies, copy_owner as copy_owner_of, keep_per_adapter_copies, module_copy
+from lightning_peft.module_copies import ModuleCopies, copy_owner as copy_owner_of, keep_per_adapter_copies, module_copy, tied_elsewhere
 from lightning_peft.methods.lora import LoRALinear, _factors, _layer_class as _lora_layer_class, _layer_classes as _lora_layer_classes, from_weight, inject_lora, pattern_value
 from lightning_peft.quant import weight_shape
 from lightning_peft.targeting import find_targets, linear_types
@@ -575,7 +575,8 @@ def load_adapter(
     if per_adapter:
         _check_copyable(base, stored, directory)
     elif full and had_adapters:
-        full = {}  # the same values, frozen: nothing to load, and the shared modules stay as the other adapters have them
+        # the same values, frozen: nothing to load, and the shared modules stay as the other adapters have them
+        full, stored = {}, []
     try:
         injected = fmt.from_peft(base, config, rest, adapter_name)
     except AdapterFileError:
@@ -596,7 +597,8 @@ def load_adapter(
             here = _tensors_of(module_copy(base, owner, adapter_name))
             for pname, value in full.items():
                 if pname.startswith(owner + "."):
-                    here[pname[len(owner) + 1:]].copy_(value.to(here[pname[len(owner) + 1:]].dtype))
+                    target = here[pname[len(owner) + 1:]]
+                    target.copy_(value.to(target.dtype))
     for _, m in adapter_modules(base):  # through the multi-adapter protocol
         if isinstance(m, NamedAdapters) and adapter_name in m.adapter_names():
             if not is_trainable:
@@ -605,8 +607,7 @@ def load_adapter(
     if is_trainable and in_place:
         state["trainable"] = sorted(set(state["trainable"]) | set(in_place))
     if fmt.record is not None:
-        saved = [m for m in _peft_matches(module_names, entries) if any(p.startswith(m + ".") for p in full)]
-        record = fmt.record(base, config, adapter_name, list(injected or []), saved)
+        record = fmt.record(base, config, adapter_name, list(injected or []), stored)
         if record is not None:  # None: no callback re-creates these layers (the checkpoint check then names the keys)
             state["methods"].append(record)
     mark_trainable(module, extra=state["trainable"])
@@ -620,11 +621,9 @@ def _differs(base: nn.Module, full: dict[str, torch.Tensor]) -> bool:
 
 
 def _check_copyable(base: nn.Module, stored: list[str], directory: Path) -> None:
-    """Refuse (before anything changes) modules stored whole that cannot be kept per adapter: tied to other modules,
-    or carrying adapter layers."""
+    """Refuse (before anything changes) modules stored whole that cannot be kept per adapter: tied to other modules."""
     for m in stored:
-        ids = {id(p) for p in base.get_submodule(m).parameters()}
-        ties = [n for n, p in base.named_parameters(remove_duplicate=False) if id(p) in ids and not n.startswith(m + ".")]
+        ties = tied_elsewhere(base, m)
         if ties:
             raise NotImplementedError(
                 f"The adapter in {directory} stores {m} whole, which shares parameters with {ties[:3]} (tied weights) in this "

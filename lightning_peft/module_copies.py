@@ -21,7 +21,7 @@ from torch import nn
 
 from lightning_peft.core import AdapterLayer, NamedAdapters, peft_state
 
-__all__ = ["ModuleCopies", "keep_per_adapter_copies", "copy_owner", "module_copy"]
+__all__ = ["ModuleCopies", "keep_per_adapter_copies", "copy_owner", "module_copy", "tied_elsewhere"]
 
 
 class ModuleCopies(AdapterLayer, NamedAdapters):
@@ -84,10 +84,13 @@ class ModuleCopies(AdapterLayer, NamedAdapters):
         self.original.train(mode)
         return self
 
+    def _active_copies(self) -> list[str]:
+        return [n for n in self.active if n in self.modules_to_save]
+
     def _selected(self) -> Optional[str]:
         if self.disabled:
             return None
-        mine = [n for n in self.active if n in self.modules_to_save]
+        mine = self._active_copies()
         if len(mine) > 1:
             raise RuntimeError(f"Adapters {mine} each have their own copy of this module: activate one of them.")
         return mine[0] if mine else None
@@ -107,20 +110,19 @@ class ModuleCopies(AdapterLayer, NamedAdapters):
                 f"adapter_names has {len(routing)} entries but the batch has {x.shape[0]} rows: give one adapter "
                 "name (or None for the base model) per sample."
             )
-        pieces = []
+        outs = []
         for name, _ in routing.groups:
-            rows = routing.index(name, x.device)
             module = self.modules_to_save[name] if name in self.modules_to_save else self.original
-            pieces.append((rows, module(x[rows], *args, **kwargs)))
+            outs.append(module(x[routing.index(name, x.device)], *args, **kwargs))
+        out = torch.cat(outs)
         if routing.contiguous:  # groups in row order (a batch sorted by adapter)
-            return torch.cat([out for _, out in pieces])
-        index = [torch.arange(r.start, r.stop, device=x.device) if isinstance(r, slice) else r for r, _ in pieces]
-        outs = torch.cat([out for _, out in pieces])
-        return outs.new_empty(outs.shape).index_put((torch.cat(index),), outs)
+            return out
+        index = torch.cat([routing.indices(name, x.device) for name, _ in routing.groups])
+        return out.new_empty(out.shape).index_put((index,), out)
 
     # -- merge: which copy stays when the adapters are unloaded ----------------------------------------------
     def merge_problem(self) -> Optional[str]:
-        mine = [n for n in self.active if n in self.modules_to_save]
+        mine = self._active_copies()
         if len(mine) > 1:
             return f"adapters {mine} each have their own copy of this module: activate one of them"
         return None
@@ -191,7 +193,7 @@ def keep_per_adapter_copies(model: nn.Module, module_names: list[str], adapter: 
             continue
         if wrapper is None:
             original = model.get_submodule(name)
-            ties = _shared_elsewhere(model, name, original)
+            ties = tied_elsewhere(model, name)
             if ties:
                 raise NotImplementedError(
                     f"{name} shares parameters with {ties[:3]} (tied weights): a copy per adapter would untie them. "
@@ -217,6 +219,7 @@ def _is_active(model: nn.Module, adapter: str) -> bool:
     return any(adapter in m.active for m in holding) if holding else True
 
 
-def _shared_elsewhere(model: nn.Module, name: str, module: nn.Module) -> list[str]:
-    ids = {id(p) for p in module.parameters()}
+def tied_elsewhere(model: nn.Module, name: str) -> list[str]:
+    """Parameter names outside the module ``name`` that share one of its parameters (tied weights)."""
+    ids = {id(p) for p in model.get_submodule(name).parameters()}
     return [n for n, p in model.named_parameters(remove_duplicate=False) if id(p) in ids and not n.startswith(name + ".")]

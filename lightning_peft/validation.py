@@ -22,9 +22,10 @@ import math
 import os
 import types
 import typing
+from collections.abc import Mapping
 from typing import Any, Callable, Literal, Union
 
-__all__ = ["check_arguments", "check_value", "strict_init"]
+__all__ = ["check_arguments", "check_value", "check_values", "strict_init"]
 
 _UNCHECKED = object()
 
@@ -107,8 +108,13 @@ def check_value(owner: str, name: str, value: Any, tp: Any) -> None:
 
 def check_arguments(fn: Callable[..., Any], owner: str, bound: inspect.BoundArguments) -> None:
     """Check every bound argument of ``fn`` against its annotation (see the module docstring)."""
+    check_values(fn, owner, bound.arguments)
+
+
+def check_values(fn: Callable[..., Any], owner: str, values: Mapping[str, Any]) -> None:
+    """Check each ``name: value`` of ``values`` against the annotation of ``fn``'s argument of that name."""
     hints = typing.get_type_hints(fn)
-    for name, value in bound.arguments.items():
+    for name, value in values.items():
         if name in hints and name not in ("self", "cls"):
             check_value(owner, name, value, hints[name])
 

@@ -142,8 +142,11 @@ class PEFTCallback(Callback):
     @property
     @override
     def state_key(self) -> str:
-        # unique per configuration, so that two callbacks of one type reach our own, clearer error in setup
-        return self._generate_state_key(targets=repr(self.target_modules), exclude=repr(self.exclude_modules))
+        # unique per configuration, so that two callbacks of one type reach our own, clearer error in setup; a named
+        # adapter other than "default" adds its name (a default one keeps the key it always had)
+        name = getattr(self, "adapter_name", "default")
+        named = {} if name == "default" else {"name": name}
+        return self._generate_state_key(targets=repr(self.target_modules), exclude=repr(self.exclude_modules), **named)
 
     # -- what a method provides -------------------------------------------------------------------
     def _inject(self, module: nn.Module) -> list[str]:

@@ -7,7 +7,7 @@ from typing import Literal, Optional
 from torch import nn
 
 from lightning_peft.callbacks.base import PEFTCallback
-from lightning_peft.methods.lora import _check_adapter_name
+from lightning_peft.core import check_adapter_name
 from lightning_peft.methods.p_tuning import check_p_tuning_args, inject_p_tuning
 
 __all__ = ["PTuning"]
@@ -49,15 +49,10 @@ class PTuning(PEFTCallback):
         adapter_name: str = "default",
     ) -> None:
         check_p_tuning_args(num_virtual_tokens, encoder, encoder_hidden_size)
-        _check_adapter_name(adapter_name)
+        check_adapter_name(adapter_name)
         super().__init__([], None, trainable_modules, save_dir)
         self.num_virtual_tokens, self.encoder, self.encoder_hidden_size = num_virtual_tokens, encoder, encoder_hidden_size
         self.adapter_name = adapter_name
-
-    @property
-    def state_key(self) -> str:
-        named = {} if self.adapter_name == "default" else {"name": self.adapter_name}  # "default": the key it always had
-        return self._generate_state_key(targets=repr(self.target_modules), exclude=repr(self.exclude_modules), **named)
 
     def _inject(self, module: nn.Module) -> list[str]:
         return inject_p_tuning(module, self.num_virtual_tokens, self.encoder, self.encoder_hidden_size, self.adapter_name)

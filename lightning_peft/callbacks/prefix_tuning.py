@@ -7,7 +7,7 @@ from typing import Optional
 from torch import nn
 
 from lightning_peft.callbacks.base import PEFTCallback
-from lightning_peft.methods.lora import _check_adapter_name
+from lightning_peft.core import check_adapter_name
 from lightning_peft.methods._prompt import check_num_virtual_tokens
 from lightning_peft.methods.prefix_tuning import inject_prefix_tuning
 
@@ -50,16 +50,11 @@ class PrefixTuning(PEFTCallback):
         adapter_name: str = "default",
     ) -> None:
         check_num_virtual_tokens(num_virtual_tokens)
-        _check_adapter_name(adapter_name)
+        check_adapter_name(adapter_name)
         super().__init__([], None, trainable_modules, save_dir)
         self.num_virtual_tokens, self.encoder_hidden_size = num_virtual_tokens, encoder_hidden_size
         self.gate = bool(gate)
         self.adapter_name = adapter_name
-
-    @property
-    def state_key(self) -> str:
-        named = {} if self.adapter_name == "default" else {"name": self.adapter_name}  # "default": the key it always had
-        return self._generate_state_key(targets=repr(self.target_modules), exclude=repr(self.exclude_modules), **named)
 
     def _inject(self, module: nn.Module) -> list[str]:
         return inject_prefix_tuning(

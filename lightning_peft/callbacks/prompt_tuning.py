@@ -7,7 +7,7 @@ from typing import Literal, Optional
 from torch import nn
 
 from lightning_peft.callbacks.base import PEFTCallback
-from lightning_peft.methods.lora import _check_adapter_name
+from lightning_peft.core import check_adapter_name
 from lightning_peft.methods.prompt_tuning import check_prompt_tuning_args, inject_prompt_tuning, prompt_tuning_tokenizer
 
 __all__ = ["PromptTuning"]
@@ -51,15 +51,10 @@ class PromptTuning(PEFTCallback):
         adapter_name: str = "default",
     ) -> None:
         check_prompt_tuning_args(num_virtual_tokens, init, init_text, tokenizer)
-        _check_adapter_name(adapter_name)
+        check_adapter_name(adapter_name)
         super().__init__([], None, trainable_modules, save_dir)
         self.num_virtual_tokens, self.init, self.init_text, self.tokenizer = num_virtual_tokens, init, init_text, tokenizer
         self.adapter_name = adapter_name
-
-    @property
-    def state_key(self) -> str:
-        named = {} if self.adapter_name == "default" else {"name": self.adapter_name}  # "default": the key it always had
-        return self._generate_state_key(targets=repr(self.target_modules), exclude=repr(self.exclude_modules), **named)
 
     def _inject(self, module: nn.Module) -> list[str]:
         tokenizer = prompt_tuning_tokenizer(module, self.tokenizer) if self.init == "text" else None

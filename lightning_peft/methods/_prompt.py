@@ -64,9 +64,8 @@ import torch
 from torch import nn
 
 from lightning_peft.compat import cache_arg, get_cache, set_cache, signature_names
-from lightning_peft.core import AdapterLayer, NamedAdapters
+from lightning_peft.core import AdapterLayer, NamedAdapters, check_adapter_name
 from lightning_peft.methods._gate import Gate
-from lightning_peft.methods.lora import _check_adapter_name
 
 __all__ = ["SoftPromptLayer", "attention_layers", "check_num_virtual_tokens", "find_hf_model", "model_dims", "task_type"]
 
@@ -192,7 +191,7 @@ class SoftPromptLayer(AdapterLayer, NamedAdapters):
 
     def __init__(self, model: nn.Module, num_virtual_tokens: int, adapter_name: str = "default") -> None:
         check_num_virtual_tokens(num_virtual_tokens)
-        _check_adapter_name(adapter_name)
+        check_adapter_name(adapter_name)
         super().__init__()
         self.num_virtual_tokens = num_virtual_tokens
         self.adapter_name = adapter_name

@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_peft.core import STATE_ATTR, NamedAdapters, _non_finite_problem, sharding_of
+from lightning_peft.core import STATE_ATTR, NamedAdapters, _non_finite_problem, check_adapter_name, sharding_of
 from lightning_peft.methods._gate import Gate
 from lightning_peft.module_copies import ModuleCopies
 from lightning_peft.methods._linear import LinearAdapter, _dropout_mask, base_linear
@@ -267,13 +267,6 @@ def lora_linear(x, weight, bias, lora_a, lora_b, scaling: float, dropout: float 
     return _LoRAFunction.apply(x, weight, bias, lora_a, lora_b, scaling, dropout, seed, fan_in_fan_out)
 
 
-def _check_adapter_name(name: str) -> None:
-    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_-]*", name):
-        raise ValueError(
-            f"Adapter names must be non-empty identifiers (letters, digits, '_' or '-', no dots), got {name!r}."
-        )
-
-
 @dataclass(frozen=True)
 class LoRASpec:
     """Settings of one named LoRA adapter on a layer."""
@@ -344,7 +337,7 @@ class LoRALinear(LinearAdapter, NamedAdapters):
         for flag, value in (("use_rslora", use_rslora), ("use_dora", use_dora)):
             if not isinstance(value, bool):
                 raise TypeError(f"{flag} must be True or False, got {value!r} ({type(value).__name__}).")
-        _check_adapter_name(name)
+        check_adapter_name(name)
         if name in self.specs:
             raise ValueError(f"This layer already has an adapter named {name!r} (adapters: {sorted(self.specs)}).")
         if use_dora and from_weight(init):
@@ -668,9 +661,7 @@ class LoRALinear(LinearAdapter, NamedAdapters):
             return _RoutedLoRAFunction.apply(x, weight, bias, tuple(plan), seed, self.fan_in_fan_out, *factors)
         out = self._base_out(x, weight, bias)
         for n in groups:
-            rows = routing.index(n, x.device)
-            if isinstance(rows, slice):
-                rows = torch.arange(rows.start, rows.stop, device=x.device)
+            rows = routing.indices(n, x.device)
             out = out.index_add(0, rows, self._update(x.index_select(0, rows), n))
         return out
 
@@ -809,7 +800,7 @@ def inject_lora(
     written elsewhere, such as PEFT files).
     """
     check_lora_args(r, alpha, dropout, init)
-    _check_adapter_name(adapter_name)
+    check_adapter_name(adapter_name)
     if gate and use_dora:
         raise ValueError("gate=True (UniPELT) gates plain LoRA updates; it cannot be combined with use_dora=True. Choose one.")
     if gate and from_weight(init):
@@ -914,7 +905,7 @@ def add_weighted_adapter(
         raise ValueError(f"Give one weight per adapter: adapters={adapters!r}, weights={weights!r}.")
     if combination_type not in ("linear", "cat"):
         raise ValueError(f"combination_type must be 'linear' or 'cat', got {combination_type!r}.")
-    _check_adapter_name(adapter_name)
+    check_adapter_name(adapter_name)
     layers = [m for m in model.modules() if isinstance(m, LoRALinear) and any(a in m.specs for a in adapters)]
     known = {n for m in model.modules() if isinstance(m, LoRALinear) for n in m.specs}
     missing = [a for a in adapters if a not in known]

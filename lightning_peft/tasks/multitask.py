@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import re
 import typing
 from pathlib import Path
 from typing import Any, Literal, Optional, Sequence, TypedDict
@@ -32,7 +31,7 @@ from torch.utils.data import DataLoader, Sampler
 from torchmetrics import MeanMetric
 from torchmetrics.classification import Accuracy, F1Score, MatthewsCorrCoef
 
-from lightning_peft.core import adapter_names, per_sample_adapters
+from lightning_peft.core import ADAPTER_NAME, adapter_names, per_sample_adapters
 from lightning_peft.mixin import PEFTMixin
 from lightning_peft.tasks._hf import (
     check_checkpointing_fits_adapters,
@@ -53,14 +52,13 @@ from lightning_peft.tasks.data import (
     _tokenize_table,
     _trained_batches,
 )
-from lightning_peft.validation import check_value
+from lightning_peft.validation import check_value, check_values
 
 __all__ = ["MultiTaskBatches", "MultiTaskClassifier", "MultiTaskData", "TaskSettings", "task_probabilities"]
 
 Sampling = Literal["proportional", "temperature"]
 TaskMetric = Literal["accuracy", "f1", "matthews"]
 _METRIC_KEYS = {"accuracy": "acc", "f1": "f1", "matthews": "mcc"}
-_TASK_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
 
 
 class TaskSettings(TypedDict, total=False):
@@ -85,18 +83,10 @@ _TASK_DEFAULTS: dict[str, Any] = {
 }
 
 
-def _check_types(fn: Any, owner: str, values: dict[str, Any]) -> None:
-    """Every argument of ``fn`` in ``values`` against its annotation, strictly (a string is not a bool, inf refused)."""
-    hints = typing.get_type_hints(fn)
-    for name, value in values.items():
-        if name in hints:
-            check_value(owner, name, value, hints[name])
-
-
 def _check_task_names(owner: str, names: Sequence[Any]) -> None:
     if not names:
         raise ValueError(f"{owner}: tasks is empty. Give at least one task, e.g. tasks={{'sst2': ...}}.")
-    bad = [n for n in names if not isinstance(n, str) or not _TASK_NAME.fullmatch(n)]
+    bad = [n for n in names if not isinstance(n, str) or not ADAPTER_NAME.fullmatch(n)]
     if bad:
         raise ValueError(
             f"{owner}: task names {bad} are not valid adapter names. A task trains the LoRA adapter of the same name, so"
@@ -169,7 +159,7 @@ class MultiTaskBatches(Sampler[list[int]]):
         lengths: Optional[Sequence[int]] = None,
     ) -> None:
         owner = "MultiTaskBatches"
-        _check_types(MultiTaskBatches.__init__, owner, dict(sizes=sizes, batch_size=batch_size, seed=seed, sampling=sampling, temperature=temperature))
+        check_values(MultiTaskBatches.__init__, owner, dict(sizes=sizes, batch_size=batch_size, seed=seed, sampling=sampling, temperature=temperature))
         _check_sampling(owner, sampling, temperature)
         if not sizes or any(n < 1 for n in sizes):
             raise ValueError(f"{owner}: every task needs at least one training row, got sizes {list(sizes)}.")
@@ -359,7 +349,7 @@ class MultiTaskData(L.LightningDataModule):
     ) -> None:
         super().__init__()
         owner = type(self).__name__
-        _check_types(MultiTaskData.__init__, owner, dict(
+        check_values(MultiTaskData.__init__, owner, dict(
             tasks=tasks, data_dir=data_dir, sampling=sampling, temperature=temperature, max_length=max_length,
             batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers, seed=seed,
             tokenizer_name_or_path=tokenizer_name_or_path, group_by_length=group_by_length,
@@ -569,7 +559,7 @@ class MultiTaskClassifier(PEFTMixin, L.LightningModule):
     ) -> None:
         super().__init__()
         owner = type(self).__name__
-        _check_types(MultiTaskClassifier.__init__, owner, dict(
+        check_values(MultiTaskClassifier.__init__, owner, dict(
             tasks=tasks, model_name_or_path=model_name_or_path, metrics=metrics, loss_weighting=loss_weighting,
             learning_rate=learning_rate, weight_decay=weight_decay, warmup_ratio=warmup_ratio,
             tokenizer_name_or_path=tokenizer_name_or_path, gradient_checkpointing=gradient_checkpointing,
