@@ -219,7 +219,7 @@ def main(args: Optional[list[str]] = None) -> None:
 
         (generate_main if argv[0] == "generate" else chat_main)(argv[1:])
         return
-    PEFTCLI(
+    cli = PEFTCLI(
         LightningModule,
         LightningDataModule,
         subclass_mode_model=True,
@@ -228,6 +228,20 @@ def main(args: Optional[list[str]] = None) -> None:
         parser_kwargs={"epilog": _COMMANDS},
         args=args,
     )
+    _close_process_group(cli.trainer)
+
+
+def _close_process_group(trainer) -> None:
+    """After a command under DDP/FSDP/DeepSpeed: every rank waits for the others, then closes the process group its
+    strategy opened. Lightning leaves it open; a gloo group still alive when the interpreter exits can abort the
+    process in C++ ("terminate called without an active exception"): a finished run that exits with SIGABRT."""
+    from lightning.pytorch.strategies import ParallelStrategy
+
+    if not (isinstance(trainer.strategy, ParallelStrategy) and torch.distributed.is_available()
+            and torch.distributed.is_initialized()):
+        return
+    trainer.strategy.barrier("lightning_peft.cli.exit")
+    torch.distributed.destroy_process_group()
 
 
 _BENCHES = {

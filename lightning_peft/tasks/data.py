@@ -280,11 +280,16 @@ def _loader(
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, **common)
 
 
+def lightning_shards_loaders(trainer: Optional[L.Trainer]) -> bool:
+    """Whether Lightning puts its DistributedSampler into the loaders: under any distributed strategy (DDP, FSDP,
+    DeepSpeed, ...), one device included (``strategy="ddp", devices=1``), not only when the world size is above 1."""
+    return trainer is not None and trainer.distributed_sampler_kwargs is not None
+
+
 def _trained_batches(dm: L.LightningDataModule) -> Optional[Callable[[], int]]:
     """How many batches of the current epoch the fit loop has trained on (read when a checkpoint is saved); None
     under a distributed strategy (the loader is then Lightning's to shard)."""
-    trainer = getattr(dm, "trainer", None)
-    if trainer is not None and trainer.world_size > 1:
+    if lightning_shards_loaders(getattr(dm, "trainer", None)):
         return None
 
     def progress() -> int:

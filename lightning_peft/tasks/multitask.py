@@ -51,6 +51,7 @@ from lightning_peft.tasks.data import (
     _resolve_tokenizer,
     _tokenize_table,
     _trained_batches,
+    lightning_shards_loaders,
 )
 from lightning_peft.validation import check_value, check_values
 
@@ -409,11 +410,12 @@ class MultiTaskData(L.LightningDataModule):
 
     def setup(self, stage: Optional[str] = None) -> None:
         trainer = getattr(self, "trainer", None)
-        if stage in (None, "fit") and trainer is not None and trainer.world_size > 1:
+        if stage in (None, "fit") and lightning_shards_loaders(trainer):
             raise ValueError(
-                f"MultiTaskData does not support distributed training yet (world size {trainer.world_size}): Lightning cannot"
-                " put its distributed sampler into the multi-task batch sampler. Train on one device (devices=1), or"
-                " train each task with TextClassificationData."
+                f"MultiTaskData does not support distributed training yet ({type(trainer.strategy).__name__}, world size"
+                f" {trainer.world_size}): Lightning cannot put its distributed sampler into the multi-task batch sampler."
+                " Train on one device without a distributed strategy (devices=1, strategy=auto), or train each task"
+                " with TextClassificationData."
             )
         self.num_labels = self._resolve_num_labels()
         self.tokenizer = _resolve_tokenizer(self, self.tokenizer)

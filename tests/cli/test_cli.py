@@ -171,3 +171,15 @@ def test_a_module_in_the_working_directory_is_importable_by_the_console_script(t
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "class_path: my_lit_module.MyLit" in run.stdout and "width: 5" in run.stdout
+
+
+def test_a_distributed_run_closes_its_process_group(tmp_path, minilm_path):
+    """After `fit` under DDP the CLI closes the process group Lightning opened (a gloo group alive at interpreter
+    exit can abort a finished run with SIGABRT). One process (DDP, devices=1) so it runs in-process."""
+    import torch.distributed as dist
+
+    main(["fit", "--config", "configs/quickstart.yaml", "--trainer.fast_dev_run=1", "--trainer.strategy=ddp",
+          "--trainer.devices=1", "--trainer.accelerator=cpu", f"--trainer.default_root_dir={tmp_path}",
+          f"--trainer.callbacks.init_args.save_dir={tmp_path / 'adapter'}", "--trainer.enable_progress_bar=false"])
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    assert not dist.is_initialized()

@@ -286,17 +286,20 @@ def test_the_data_names_a_missing_file_under_data_dir_and_refuses_ddp(task_files
     with pytest.raises(FileNotFoundError, match=r"task 'pos' train_file='nope.tsv' \(under data_dir=.*\) is .*nope.tsv', which is not a file"):
         missing.setup("fit")
     data = MultiTaskData(task_files, data_dir=str(tmp_path), tokenizer_name_or_path=minilm_dir)
-    data.trainer = SimpleNamespace(world_size=2, lightning_module=None)
-    with pytest.raises(ValueError, match=r"does not support distributed training yet \(world size 2\).*devices=1"):
-        data.setup("fit")
+    for devices in (2, 1):  # DDP on one device too: Lightning still puts its sampler in
+        data.trainer = L.Trainer(accelerator="cpu", strategy="ddp", devices=devices, logger=False)
+        with pytest.raises(ValueError, match=rf"does not support distributed training yet \(DDPStrategy, world size {devices}\).*devices=1, strategy=auto"):
+            data.setup("fit")
+    data.trainer = L.Trainer(accelerator="cpu", devices=1, logger=False)
+    data.setup("fit")
 
 
 def test_the_data_and_the_model_must_name_the_same_tasks(task_files, tmp_path, minilm_dir):
     data = MultiTaskData(task_files, data_dir=str(tmp_path), tokenizer_name_or_path=minilm_dir)
-    data.trainer = SimpleNamespace(world_size=1, lightning_module=SimpleNamespace(hparams={"tasks": {"pos": 2, "pair": 2}}))
+    data.trainer = SimpleNamespace(world_size=1, distributed_sampler_kwargs=None, lightning_module=SimpleNamespace(hparams={"tasks": {"pos": 2, "pair": 2}}))
     with pytest.raises(ValueError, match=r"has the tasks \['pos', 'pair', 'three'\] but the model has \['pos', 'pair'\]"):
         data.setup("fit")
-    data.trainer = SimpleNamespace(world_size=1, lightning_module=SimpleNamespace(hparams={"tasks": {"pos": 2, "pair": 2, "three": 4}}))
+    data.trainer = SimpleNamespace(world_size=1, distributed_sampler_kwargs=None, lightning_module=SimpleNamespace(hparams={"tasks": {"pos": 2, "pair": 2, "three": 4}}))
     with pytest.raises(ValueError, match=r"task 'three' has 3 labels .* the model's tasks give it 4"):
         data.setup("fit")
 

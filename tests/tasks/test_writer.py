@@ -1,6 +1,8 @@
 """``PredictionWriter``: one JSON object per example, in the dataset's order, from any dict of per-example values."""
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -150,25 +152,13 @@ def test_text_predictions_and_a_given_index_are_written(tmp_path, write_interval
     assert _read(out) == [{"index": i + 100, "prompt": f"prompt {i}", "completion": f"PROMPT {i}"} for i in range(5)]
 
 
-class _Constant(L.LightningModule):
-    """Predicts each example's own index, so a row written for the wrong example shows."""
-
-    def __init__(self):
-        super().__init__()
-        self.layer = torch.nn.Linear(1, 1)
-
-    def predict_step(self, batch, batch_idx):
-        return {"value": batch * 10}
-
-    def predict_dataloader(self):
-        return DataLoader(torch.arange(7), batch_size=2)
-
-
 @pytest.mark.timeout(300)
 def test_each_process_writes_its_own_part(tmp_path):
+    """DDP on 2 CPU processes (tests/scripts/ddp_predict_writer.py): rank r writes ``preds.rank<r>.jsonl``."""
     out = tmp_path / "preds.jsonl"
-    trainer = _trainer(strategy="ddp_spawn", devices=2, callbacks=[PredictionWriter(str(out))])
-    trainer.predict(_Constant(), return_predictions=False)
+    proc = subprocess.run([sys.executable, str(REPO / "tests" / "scripts" / "ddp_predict_writer.py"), str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=280)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     parts = [_read(tmp_path / f"preds.rank{r}.jsonl") for r in (0, 1)]
     assert not out.exists() and all(parts)
     rows = sorted(parts[0] + parts[1], key=lambda r: r["index"])
