@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, Optional, TextIO
@@ -40,9 +41,11 @@ class PredictionWriter(BasePredictionWriter):
         output_file: The JSONL file to write. Missing parent folders are created.
         write_interval: ``"batch"`` appends each batch's rows as soon as it is predicted (memory stays flat; a run
             that fails keeps the rows written so far); ``"epoch"`` writes all rows at the end, from the predictions
-            Lightning keeps in memory until then.
+            Lightning keeps in memory until then, through a temporary file renamed into place: a run that fails
+            leaves no file, or the earlier one as it was.
         overwrite: Replace an existing file. False refuses at the start of ``predict``, before any prediction is
-            made, so that an earlier run's predictions are not lost by accident.
+            made, so that an earlier run's predictions are not lost by accident. The file is opened at the first row
+            written: a run that fails before that leaves the earlier file as it was.
 
     Example::
 
@@ -68,6 +71,7 @@ class PredictionWriter(BasePredictionWriter):
         self._path: Optional[Path] = None
         self._file: Optional[TextIO] = None
         self._rows_written = 0
+        self._failed = False
         self._next_index: dict[int, int] = {}  # per dataloader, when Lightning has no sampler indices
 
     @staticmethod
@@ -93,12 +97,12 @@ class PredictionWriter(BasePredictionWriter):
                 " (--trainer.callbacks.overwrite=true) to replace it, or choose another output_file."
             )
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._path = path
+        self._path, self._rows_written, self._failed = path, 0, False
 
     @override
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         assert self._path is not None  # set in setup("predict")
-        self._file = open(self._path, "w", encoding="utf-8")
+        self._close(keep=False)
         self._rows_written, self._next_index = 0, {}
 
     @override
@@ -124,24 +128,29 @@ class PredictionWriter(BasePredictionWriter):
             indices = batch_indices[dataloader_idx] if dataloader_idx < len(batch_indices) else []
             for i, prediction in enumerate(batches):
                 self._write(trainer, prediction, indices[i] if i < len(indices) else None, dataloader_idx)
+        self._close(keep=True)
 
     @override
     def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._close()
+        self._close(keep=True)
         parts = "" if trainer.world_size == 1 else " (rank 0's part; each rank writes its own)"
         rank_zero_info(f"PredictionWriter: wrote {self._rows_written} predictions to {self._path}{parts}.")
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self._close()  # the rows written so far stay
+        self._failed = True
+        self._close(keep=self.interval.on_batch)  # "batch": the rows written so far stay; "epoch": no half file
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._close()
+        self._close(keep=self.interval.on_batch and not self._failed)
+        if stage == "predict" and not self._failed and self._path is not None and self._rows_written == 0:
+            # nothing to predict (Lightning skips an empty loader, hooks and all): an empty file says so
+            self._open()
+            self._close(keep=True)
 
     # -- rows -------------------------------------------------------------------------------------
     def _write(self, trainer: pl.Trainer, prediction: Any, batch_indices: Optional[Sequence[int]], dataloader_idx: int) -> None:
-        assert self._file is not None  # opened in on_predict_start
         rows = prediction_rows(prediction)
         if batch_indices:
             if len(batch_indices) != len(rows):
@@ -155,6 +164,9 @@ class PredictionWriter(BasePredictionWriter):
             indices = list(range(start, start + len(rows)))
             self._next_index[dataloader_idx] = start + len(rows)
         several = len(trainer.num_predict_batches) > 1
+        if self._file is None:
+            self._open()
+        assert self._file is not None
         for index, row in zip(indices, rows):
             head = {"index": int(index)} if "index" not in row else {}
             if several:
@@ -163,10 +175,27 @@ class PredictionWriter(BasePredictionWriter):
         self._file.flush()
         self._rows_written += len(rows)
 
-    def _close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+    def _writing_to(self) -> Path:
+        """Where rows go: ``output_file`` itself ("batch"), or a temporary file beside it ("epoch")."""
+        assert self._path is not None  # set in setup("predict")
+        return self._path if self.interval.on_batch else self._path.with_name(f".{self._path.name}.{os.getpid()}.tmp")
+
+    def _open(self) -> None:
+        self._file = open(self._writing_to(), "w", encoding="utf-8")
+
+    def _close(self, keep: bool) -> None:
+        """Close the file; in "epoch" mode move the temporary file into place (``keep``) or remove it."""
+        if self._file is None:
+            return
+        self._file.close()
+        self._file = None
+        written = self._writing_to()
+        if written == self._path:
+            return
+        if keep:
+            os.replace(written, self._path)
+        else:
+            written.unlink(missing_ok=True)
 
 
 def prediction_rows(prediction: Any) -> list[dict[str, Any]]:

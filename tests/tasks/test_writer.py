@@ -189,3 +189,46 @@ class _Short(_Generator):
 def test_a_row_count_that_is_not_the_batch_size_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"predict_step returned 1 rows for a batch of 2 examples"):
         _trainer(callbacks=[PredictionWriter(str(tmp_path / "p.jsonl"))]).predict(_Short(), return_predictions=False)
+
+
+class _FailsAt(_Generator):
+    """Fails at batch ``at``: in predict_step (``where="step"``), or with a value JSON cannot write (``"value"``)."""
+
+    def __init__(self, at, where="step"):
+        super().__init__()
+        self.at, self.where = at, where
+
+    def predict_step(self, batch, batch_idx):
+        if batch_idx == self.at and self.where == "step":
+            raise RuntimeError("out of memory, say")
+        out = super().predict_step(batch, batch_idx)
+        return {**out, "extra": [object()] * len(batch["prompt"])} if batch_idx == self.at else out
+
+
+@pytest.mark.parametrize("write_interval", ["batch", "epoch"])
+@pytest.mark.parametrize("at, where", [(0, "step"), (1, "step"), (2, "value")])
+def test_a_failed_predict_leaves_the_earlier_file_or_only_whole_batches(tmp_path, write_interval, at, where):
+    """overwrite=True replaces the earlier predictions only with the new run's rows: a run that fails before its
+    first row leaves the earlier file as it was; "epoch" writes through a temporary file, so a failure at any point
+    leaves the earlier file (no half file, no temporary file); "batch" keeps the whole batches written so far."""
+    out = tmp_path / "gen.jsonl"
+    out.write_text('{"index": 0, "earlier": true}\n')
+    writer = PredictionWriter(str(out), write_interval=write_interval, overwrite=True)
+    with pytest.raises((RuntimeError, TypeError), match=r"out of memory, say|cannot be written as JSON"):
+        _trainer(callbacks=[writer]).predict(_FailsAt(at, where), return_predictions=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gen.jsonl"]
+    if write_interval == "epoch" or at == 0:
+        assert out.read_text() == '{"index": 0, "earlier": true}\n'
+    else:
+        assert _read(out) == [{"index": i + 100, "prompt": f"prompt {i}", "completion": f"PROMPT {i}"} for i in range(2 * at)]
+
+
+def test_a_predict_with_no_rows_writes_an_empty_file(tmp_path):
+    class _Empty(_Generator):
+        def predict_dataloader(self):
+            return DataLoader(_Prompts(0), batch_size=2)
+
+    for write_interval in ("batch", "epoch"):
+        out = tmp_path / f"{write_interval}.jsonl"
+        _trainer(callbacks=[PredictionWriter(str(out), write_interval=write_interval)]).predict(_Empty(), return_predictions=False)
+        assert out.read_text() == ""
