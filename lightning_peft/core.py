@@ -445,7 +445,12 @@ def set_active_adapters(model: nn.Module, names: str | list[str]) -> nn.Module:
 
 
 def delete_adapter(model: nn.Module, name: str) -> nn.Module:
-    """Remove the adapter ``name`` from every layer of ``model`` (layers left without adapters are unwrapped)."""
+    """Remove the adapter ``name`` from every layer of ``model`` (layers left without adapters are unwrapped).
+
+    A module the adapter alone trained in full (``trainable_modules``, trained in place while no other adapter declares
+    it) stops training and is no longer saved with adapters; it keeps the values training gave it (no copy of its
+    original values was kept).
+    """
     _check_names(model, [name])
     layers = _named_layers(model)
     for _, m in layers:
@@ -458,11 +463,18 @@ def delete_adapter(model: nn.Module, name: str) -> nn.Module:
             # unwrapped, unless the layer took itself out (a soft prompt: no placeholder is left where it was)
             if not m.adapter_names() and model.get_submodule(parent)._modules.get(attr) is m:
                 model.set_submodule(qual, m.base_layer())
-    owners = peft_state(model).get("owners", {})
+    state = peft_state(model)
+    owners = state.get("owners", {})
     for module_name in list(owners):  # modules trained per adapter (module_copies): the adapter no longer owns its copy
         owners[module_name] = [n for n in owners[module_name] if n != name]
-        if not owners[module_name]:
-            del owners[module_name]
+        if owners[module_name]:
+            continue
+        del owners[module_name]
+        module = model.get_submodule(module_name)
+        if not isinstance(module, AdapterLayer):  # trained in place for this adapter alone: it stops training
+            own = {f"{module_name}.{p}" for p, _ in module.named_parameters()}
+            state["trainable"] = [t for t in state.get("trainable", []) if t not in own]
+            module.requires_grad_(False)
     return model
 
 

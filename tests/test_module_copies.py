@@ -251,3 +251,20 @@ def test_a_weighted_combination_takes_the_heads_of_the_adapter_named():
     add_weighted_adapter(model, ["a", "b"], [1.0, 0.0], "mix", heads_from="a")
     assert "mix" in peft_state(model)["owners"]["classifier"] and "mix" in model.classifier.frozen
     torch.testing.assert_close(_alone(model, "mix", ids), _alone(model, "a", ids), atol=1e-6, rtol=0)  # weight 1 on a: a
+
+
+def test_deleting_the_only_owner_of_a_head_trained_in_place_stops_training_it():
+    """One adapter trains the head in place (no copy): deleting that adapter leaves the head frozen and out of what
+    is saved, not training for nobody; with copies, deleting the last owner unwraps the original, frozen too."""
+    model = _bert()
+    LoRA(r=2, target_modules=["query"], adapter_name="a", trainable_modules=["classifier"]).inject(model)
+    state = peft_state(model)
+    assert model.classifier.weight.requires_grad and "classifier.weight" in state["trainable"]
+    delete_adapter(model, "a")
+    assert not any(p.requires_grad for p in model.parameters())
+    assert state["owners"] == {} and not [t for t in state["trainable"] if t.startswith("classifier.")]
+    model = _three()
+    for n in NAMES:
+        delete_adapter(model, n)
+    assert type(model.classifier) is nn.Linear and not any(p.requires_grad for p in model.parameters())
+    assert peft_state(model)["owners"] == {} and not peft_state(model)["trainable"]
