@@ -286,10 +286,11 @@ def lightning_shards_loaders(trainer: Optional[L.Trainer]) -> bool:
     return trainer is not None and trainer.distributed_sampler_kwargs is not None
 
 
-def _trained_batches(dm: L.LightningDataModule) -> Optional[Callable[[], int]]:
+def _trained_batches(dm: L.LightningDataModule, sharded_by_us: bool = False) -> Optional[Callable[[], int]]:
     """How many batches of the current epoch the fit loop has trained on (read when a checkpoint is saved); None
-    under a distributed strategy (the loader is then Lightning's to shard)."""
-    if lightning_shards_loaders(getattr(dm, "trainer", None)):
+    under a distributed strategy (the loader is then Lightning's to shard), unless the loader shards itself
+    (``sharded_by_us``: every process then counts its own batches, the same number)."""
+    if not sharded_by_us and lightning_shards_loaders(getattr(dm, "trainer", None)):
         return None
 
     def progress() -> int:

@@ -26,8 +26,10 @@ from typing import Any, Literal, Optional, Sequence, TypedDict
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
 from torchmetrics import MeanMetric
 from torchmetrics.classification import Accuracy, F1Score, MatthewsCorrCoef
 
@@ -150,6 +152,11 @@ class MultiTaskBatches(Sampler[list[int]]):
         lengths: Tokens of each dataset row; given, the epoch's rows are grouped by length: each run of
             ``GROUP_BATCHES`` batches is sorted by length and cut into batches again, and the batches are shuffled (the
             same rows per epoch, batches of similar lengths: less padding when tasks differ in length).
+        num_replicas: Processes that share the epoch (a distributed strategy's world size). Every process computes
+            the same epoch's batches (:meth:`batches`) and iterates its own: process ``rank`` takes batches ``rank,
+            rank + num_replicas, ...``; when the count does not divide, the epoch's first batches are repeated so that
+            every process has ``ceil(batches / num_replicas)`` (as torch's ``DistributedSampler`` pads).
+        rank: This process's rank, ``0 .. num_replicas - 1``.
     """
 
     #: Batches whose rows are sorted by length together when ``lengths`` is given.
@@ -157,10 +164,16 @@ class MultiTaskBatches(Sampler[list[int]]):
 
     def __init__(
         self, sizes: Sequence[int], batch_size: int, seed: int = 0, sampling: Sampling = "proportional", temperature: float = 1.0,
-        lengths: Optional[Sequence[int]] = None,
+        lengths: Optional[Sequence[int]] = None, num_replicas: int = 1, rank: int = 0,
     ) -> None:
         owner = "MultiTaskBatches"
-        check_values(MultiTaskBatches.__init__, owner, dict(sizes=sizes, batch_size=batch_size, seed=seed, sampling=sampling, temperature=temperature))
+        check_values(MultiTaskBatches.__init__, owner, dict(
+            sizes=sizes, batch_size=batch_size, seed=seed, sampling=sampling, temperature=temperature,
+            num_replicas=num_replicas, rank=rank,
+        ))
+        if num_replicas < 1 or not 0 <= rank < num_replicas:
+            raise ValueError(f"{owner}: rank must be in 0 .. num_replicas - 1 (num_replicas >= 1), got rank={rank}, num_replicas={num_replicas}.")
+        self.num_replicas, self.rank = num_replicas, rank
         _check_sampling(owner, sampling, temperature)
         if not sizes or any(n < 1 for n in sizes):
             raise ValueError(f"{owner}: every task needs at least one training row, got sizes {list(sizes)}.")
@@ -182,8 +195,22 @@ class MultiTaskBatches(Sampler[list[int]]):
         """Rows per epoch, ``N``."""
         return sum(self.sizes)
 
-    def __len__(self) -> int:
+    @property
+    def epoch_batches(self) -> int:
+        """Batches of an epoch, all processes together."""
         return math.ceil(self.total / self.batch_size)
+
+    def __len__(self) -> int:
+        """Batches this process iterates an epoch."""
+        return math.ceil(self.epoch_batches / self.num_replicas)
+
+    def own_batches(self, epoch: int) -> list[list[int]]:
+        """This process's batches of ``epoch``: ``batches(epoch)[rank::num_replicas]``, padded as described above."""
+        batches = self.batches(epoch)
+        if self.num_replicas == 1:
+            return batches
+        padded = [batches[i % len(batches)] for i in range(len(self) * self.num_replicas)]
+        return padded[self.rank :: self.num_replicas]
 
     def task_order(self, epoch: int) -> torch.Tensor:
         """The task of each of the epoch's ``N`` slots, ``(N,)``."""
@@ -246,7 +273,7 @@ class MultiTaskBatches(Sampler[list[int]]):
     def __iter__(self):
         (epoch, skip), self._next = self._next, (self._next[0] + 1, 0)
         self.epoch_state = epoch
-        return iter(self.batches(epoch)[skip:])
+        return iter(self.own_batches(epoch)[skip:])
 
     def resume(self, epoch_state: int, consumed: int) -> None:
         """Make the next iteration epoch ``epoch_state`` less its first ``consumed`` batches (the next epoch if none are
@@ -315,9 +342,11 @@ class MultiTaskData(L.LightningDataModule):
             tasks of different lengths (MRPC's sentence pairs beside SST-2's sentences) then pad less. Each epoch
             still trains each row the sampling gives once, in batches that still mix tasks.
 
+    Under DDP every process computes the same epoch of batches and trains on its own share of them (batches
+    ``rank, rank + world_size, ...``: see :class:`MultiTaskBatches`), resumable mid-epoch as in one process.
+
     Raises:
-        ValueError: At setup under a distributed strategy: Lightning cannot put its distributed sampler into the
-            multi-task batch sampler (this version trains in one process).
+        ValueError: At setup under FSDP or DeepSpeed (one process and DDP are supported).
 
     Example::
 
@@ -410,11 +439,10 @@ class MultiTaskData(L.LightningDataModule):
 
     def setup(self, stage: Optional[str] = None) -> None:
         trainer = getattr(self, "trainer", None)
-        if stage in (None, "fit") and lightning_shards_loaders(trainer):
+        if stage in (None, "fit") and lightning_shards_loaders(trainer) and not isinstance(trainer.strategy, DDPStrategy):
             raise ValueError(
-                f"MultiTaskData does not support distributed training yet ({type(trainer.strategy).__name__}, world size"
-                f" {trainer.world_size}): Lightning cannot put its distributed sampler into the multi-task batch sampler."
-                " Train on one device without a distributed strategy (devices=1, strategy=auto), or train each task"
+                f"MultiTaskData trains in one process or under DDP (strategy=ddp), not under {type(trainer.strategy).__name__}"
+                " yet: routing rows to adapters under FSDP and DeepSpeed is untested. Use strategy=ddp, or train each task"
                 " with TextClassificationData."
             )
         self.num_labels = self._resolve_num_labels()
@@ -461,11 +489,19 @@ class MultiTaskData(L.LightningDataModule):
         if self.train_dataset is None:
             raise RuntimeError("MultiTaskData: call setup('fit') first (the Trainer does), with a train_file for every task.")
         lengths = [len(row["input_ids"]) for row in self.train_dataset.examples] if hp.group_by_length else None
-        batches = MultiTaskBatches(self.train_sizes, hp.batch_size, hp.seed, hp.sampling, hp.temperature, lengths)
-        return ResumableLoader(
-            self.train_dataset, None, hp.seed, _trained_batches(self) or (lambda: 0), batch_sampler=batches,
+        trainer = getattr(self, "trainer", None)
+        replicas = trainer.distributed_sampler_kwargs if lightning_shards_loaders(trainer) else None
+        shares = {} if replicas is None else {"num_replicas": replicas["num_replicas"], "rank": replicas["rank"]}
+        batches = MultiTaskBatches(self.train_sizes, hp.batch_size, hp.seed, hp.sampling, hp.temperature, lengths, **shares)
+        loader = ResumableLoader(
+            self.train_dataset, None, hp.seed, _trained_batches(self, sharded_by_us=True), batch_sampler=batches,
             collate_fn=self._collate(), num_workers=hp.num_workers, persistent_workers=hp.num_workers > 0,
         )
+        if shares:
+            # the batch sampler yields this process's share already; a DistributedSampler in the loader's (unused)
+            # `sampler` tells Lightning so: it would otherwise try to put its own into the batch sampler, and fail
+            object.__setattr__(loader, "sampler", DistributedSampler(self.train_dataset, shuffle=False, **shares))
+        return loader
 
     def val_dataloader(self) -> list[DataLoader]:
         hp = self.hparams
@@ -623,6 +659,25 @@ class MultiTaskClassifier(PEFTMixin, L.LightningModule):
         return (sums[present] / counts[present]).mean()
 
     # -- steps ---------------------------------------------------------------------------------
+
+    def setup(self, stage: str) -> None:
+        # Under DDP a batch may hold no row of some task: that adapter (and its head) takes no part in the step, and
+        # DDP must be told to expect that before it wraps the model (after this hook). Lightning keeps DDP's
+        # arguments in `_ddp_kwargs`; `strategy=ddp_find_unused_parameters_true` sets the same flag.
+        strategy = self.trainer.strategy if self._trainer is not None else None
+        if stage == "fit" and isinstance(strategy, DDPStrategy):
+            kwargs = getattr(strategy, "_ddp_kwargs", None)
+            if not isinstance(kwargs, dict):
+                raise ValueError(
+                    "MultiTaskClassifier under DDP needs find_unused_parameters=True (a batch may hold no row of a task,"
+                    " whose adapter then takes no part in the step): pass strategy=ddp_find_unused_parameters_true."
+                )
+            if not kwargs.get("find_unused_parameters"):
+                kwargs["find_unused_parameters"] = True
+                rank_zero_info(
+                    "MultiTaskClassifier: DDP runs with find_unused_parameters=True (a batch may hold no row of a task,"
+                    " whose adapter then takes no part in the step)."
+                )
 
     def on_fit_start(self) -> None:
         # the adapters exist now (the LoRA callbacks inject them in setup)

@@ -164,6 +164,27 @@ def test_the_sampler_resumes_exactly_mid_epoch_and_after_a_complete_epoch(sampli
             assert list(resumed) == epochs[epoch + 1 if consumed < 13 else epoch + 2]
 
 
+@pytest.mark.parametrize("sizes, world", [([7, 30, 59], 2), ([7, 30, 60], 3), ([3, 2], 4)])
+def test_each_process_iterates_its_own_share_of_the_same_epoch(sizes, world):
+    """Under DDP each rank takes batches rank, rank + W, ... of the one epoch every rank computes; all ranks get as
+    many batches (the epoch's first ones repeated when W does not divide), and each resumes its own share."""
+    one = MultiTaskBatches(sizes, 8, seed=3, sampling="temperature", temperature=2.0)
+    ranks = [MultiTaskBatches(sizes, 8, seed=3, sampling="temperature", temperature=2.0, num_replicas=world, rank=r) for r in range(world)]
+    for epoch in range(2):
+        whole = one.batches(epoch)
+        shares = [list(r) for r in ranks]
+        assert all(len(share) == len(ranks[0]) == -(-len(whole) // world) for share in shares)
+        interleaved = [shares[i % world][i // world] for i in range(len(shares[0]) * world)]
+        assert interleaved[: len(whole)] == whole  # the one-process order, dealt out
+        assert interleaved[len(whole):] == [whole[i % len(whole)] for i in range(len(interleaved) - len(whole))]
+    for r, sampler in enumerate(ranks):
+        fresh = MultiTaskBatches(sizes, 8, seed=3, sampling="temperature", temperature=2.0, num_replicas=world, rank=r)
+        fresh.resume(1, 1)
+        assert list(fresh) == (sampler.own_batches(1)[1:] if len(sampler) > 1 else sampler.own_batches(2))
+    with pytest.raises(ValueError, match=r"rank must be in 0 .. num_replicas - 1 \(num_replicas >= 1\), got rank=2, num_replicas=2"):
+        MultiTaskBatches([3], 2, num_replicas=2, rank=2)
+
+
 def test_the_resumable_loader_saves_and_restores_a_multi_task_position():
     done = [0]
 
@@ -281,15 +302,20 @@ def test_the_sampler_checks_its_arguments():
         MultiTaskBatches([3, True], 2)
 
 
-def test_the_data_names_a_missing_file_under_data_dir_and_refuses_ddp(task_files, tmp_path, minilm_dir):
+def test_the_data_names_a_missing_file_under_data_dir_and_refuses_sharded_strategies(task_files, tmp_path, minilm_dir):
     missing = MultiTaskData({**task_files, "pos": {"train_file": "nope.tsv"}}, data_dir=str(tmp_path), tokenizer_name_or_path=minilm_dir)
     with pytest.raises(FileNotFoundError, match=r"task 'pos' train_file='nope.tsv' \(under data_dir=.*\) is .*nope.tsv', which is not a file"):
         missing.setup("fit")
     data = MultiTaskData(task_files, data_dir=str(tmp_path), tokenizer_name_or_path=minilm_dir)
-    for devices in (2, 1):  # DDP on one device too: Lightning still puts its sampler in
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    data.trainer = SimpleNamespace(strategy=ModelParallelStrategy(), distributed_sampler_kwargs={"num_replicas": 2, "rank": 0},
+                                   world_size=2, lightning_module=None)
+    with pytest.raises(ValueError, match=r"MultiTaskData trains in one process or under DDP \(strategy=ddp\), not under ModelParallelStrategy yet"):
+        data.setup("fit")
+    for devices in (2, 1):  # DDP (on one device too) and one process are fine
         data.trainer = L.Trainer(accelerator="cpu", strategy="ddp", devices=devices, logger=False)
-        with pytest.raises(ValueError, match=rf"does not support distributed training yet \(DDPStrategy, world size {devices}\).*devices=1, strategy=auto"):
-            data.setup("fit")
+        data.setup("fit")
     data.trainer = L.Trainer(accelerator="cpu", devices=1, logger=False)
     data.setup("fit")
 
