@@ -254,11 +254,36 @@ class ResumableLoader(DataLoader):
         self._rng: Optional[torch.Tensor] = None
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch_rng": self.batch_sampler.epoch_state, "consumed": int(self._progress()), "torch_rng": torch.get_rng_state()}
+        state = {"epoch_rng": self.batch_sampler.epoch_state, "consumed": int(self._progress()), "torch_rng": torch.get_rng_state()}
+        replicas = getattr(self.batch_sampler, "num_replicas", None)
+        if replicas is None:  # a sampler of one process
+            return state
+        state.update(num_replicas=int(replicas), share_batches=len(self.batch_sampler))
+        if replicas > 1:
+            # several processes, each with its own share of batches and its own random numbers (dropout): the
+            # checkpoint (written by rank 0) keeps every rank's. Lightning collects this state on every rank.
+            import torch.distributed as dist
+
+            states: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(states, state["torch_rng"])
+            state["torch_rng_per_rank"] = states
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.batch_sampler.resume(state_dict["epoch_rng"], int(state_dict["consumed"]))
-        self._rng = state_dict.get("torch_rng")
+        consumed = int(state_dict["consumed"])
+        saved, now = state_dict.get("num_replicas"), getattr(self.batch_sampler, "num_replicas", None)
+        share = state_dict.get("share_batches")
+        if saved is not None and now is not None and saved != now and share is not None and 0 < consumed < share:
+            raise ValueError(
+                f"ResumableLoader: the checkpoint was saved mid-epoch by {saved} process(es), each {consumed} of its"
+                f" {share} batches into the epoch; {now} process(es) would share the epoch's batches otherwise, so no"
+                f" position here resumes it exactly. Resume with {saved} process(es), or from a checkpoint saved at an"
+                " epoch's end."
+            )
+        self.batch_sampler.resume(state_dict["epoch_rng"], consumed)
+        per_rank = state_dict.get("torch_rng_per_rank")
+        rank = int(getattr(self.batch_sampler, "rank", 0))
+        self._rng = per_rank[rank] if per_rank and saved == now else state_dict.get("torch_rng")
 
     def __iter__(self):
         if self._rng is not None:  # resuming: the random numbers continue where the saved run was

@@ -33,10 +33,12 @@ def bert_without_dropout(tmp_path, minilm_dir):  # noqa: F811
     return str(folder)
 
 
-def _run(mode, tmp_path, bert, tasks):
-    proc = subprocess.run([sys.executable, str(SCRIPT), mode, str(tmp_path), bert, str(tmp_path), json.dumps(tasks)],
+def _run(mode, tmp_path, bert, tasks, dropout=0.0, out=None, ok=True):
+    out = out or tmp_path
+    out.mkdir(exist_ok=True)
+    proc = subprocess.run([sys.executable, str(SCRIPT), mode, str(out), bert, str(tmp_path), json.dumps(tasks), str(dropout)],
                           cwd=REPO, capture_output=True, text=True, timeout=280)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (proc.returncode == 0) == ok, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
 
@@ -55,8 +57,20 @@ def test_ddp_trains_the_adapters_and_heads_of_one_process_with_the_same_batches_
         assert torch.equal(rank0["trained"][n], rank1["trained"][n]), n  # every rank holds the same adapters
         torch.testing.assert_close(rank0["trained"][n], one["trained"][n], atol=2e-5, rtol=1e-4, msg=n)  # reduction order only
 
-    _run("resume", tmp_path, bert_without_dropout, task_files)
-    for rank, whole in ((0, rank0), (1, rank1)):
-        resumed = torch.load(tmp_path / f"resume_rank{rank}.pt")["trained"]
-        different = [n for n in names if not torch.equal(resumed[n], whole["trained"][n])]
+
+
+@pytest.mark.timeout(600)
+def test_a_ddp_run_with_dropout_resumed_mid_epoch_ends_bitwise_equal(tmp_path, task_files, bert_without_dropout):  # noqa: F811
+    """LoRA dropout 0.3: each rank draws its own masks, so each must resume with its own random state (the checkpoint
+    keeps every rank's). Resumed at step 5 of 9 per epoch, through the epoch boundary, to step 12. Resuming that
+    checkpoint in one process is refused (its batches are shared otherwise)."""
+    out = tmp_path / "dropout"
+    _run("ddp", tmp_path, bert_without_dropout, task_files, dropout=0.3, out=out)
+    _run("resume", tmp_path, bert_without_dropout, task_files, dropout=0.3, out=out)
+    for rank in (0, 1):
+        whole, resumed = (torch.load(out / f"{m}_rank{rank}.pt")["trained"] for m in ("ddp", "resume"))
+        assert whole and whole.keys() == resumed.keys()
+        different = [n for n in whole if not torch.equal(resumed[n], whole[n])]
         assert not different, (rank, different[:3])
+    refused = _run("resume_one", tmp_path, bert_without_dropout, task_files, dropout=0.3, out=out, ok=False)
+    assert "the checkpoint was saved mid-epoch by 2 process(es), each 5 of its 9 batches into the epoch" in refused.stderr
