@@ -66,3 +66,19 @@ def minilm_path():
 @pytest.fixture
 def shared_data():
     return require_shared_data()
+
+
+#: What Lightning's DDP writes into os.environ when it runs inside the test process: left there, a later test's DDP
+#: script (which inherits the environment) would take itself for an externally launched rank and wait forever.
+_DISTRIBUTED_ENV = ("LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture(autouse=True)
+def _no_distributed_environment_leaks():
+    before = {k: os.environ.get(k) for k in _DISTRIBUTED_ENV}
+    yield
+    for key, value in before.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
