@@ -7,18 +7,22 @@ on the right. The tokenizer is the LightningModule's ``tokenizer`` unless one is
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 import os
 import random
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any, Callable, Literal, Optional
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from lightning_peft.tasks._hf import ensure_pad_token, load_tokenizer
+from lightning_peft.validation import check_value
 
 __all__ = ["ResumableLoader", "TextClassificationData", "read_table"]
 
@@ -170,6 +174,29 @@ def _resolve_tokenizer(dm: L.LightningDataModule, own: Any) -> Any:
     return tokenizer
 
 
+#: Batches whose rows are sorted by length together by :func:`group_by_length`.
+GROUP_BATCHES = 50
+
+
+def group_by_length(
+    indices: torch.Tensor, lengths: torch.Tensor, batch_size: int, generator: torch.Generator, group_batches: int = GROUP_BATCHES
+) -> torch.Tensor:
+    """``indices`` (an epoch's order) reordered so that batches hold rows of similar lengths: each run of
+    ``group_batches`` batches is sorted by length (longest first, stable), cut into batches again, and the whole batches
+    are shuffled with ``generator`` (the last, partial batch stays last). The epoch keeps its rows; each batch pads
+    less when lengths differ."""
+    span = batch_size * group_batches
+    groups = []
+    for start in range(0, len(indices), span):
+        chunk = indices[start : start + span]
+        groups.append(chunk[torch.argsort(lengths[chunk], descending=True, stable=True)])
+    indices = torch.cat(groups)
+    full = len(indices) // batch_size
+    order = torch.randperm(full, generator=generator)
+    head = indices[: full * batch_size].view(full, batch_size)[order].reshape(-1)
+    return torch.cat([head, indices[full * batch_size :]])
+
+
 class ResumableBatches(Sampler[list[int]]):
     """Shuffled batches of indices, a different reproducible order every epoch, that resume mid-epoch.
 
@@ -179,10 +206,16 @@ class ResumableBatches(Sampler[list[int]]):
     :meth:`state_dict` records the generator state at the start of the current epoch; after
     :meth:`load_state_dict` with ``consumed`` batches, the next iteration replays that epoch's order and skips the
     batches already trained on (or, if the epoch was complete, starts the next one).
+
+    With ``lengths`` (tokens per row) the epoch's order is then grouped by length (:func:`group_by_length`, the
+    batches shuffled with a generator seeded from the epoch's state, so a resume replays it too).
     """
 
-    def __init__(self, n: int, batch_size: int, seed: int) -> None:
+    def __init__(self, n: int, batch_size: int, seed: int, lengths: Optional[Sequence[int]] = None) -> None:
         self.n, self.batch_size = n, batch_size
+        if lengths is not None and len(lengths) != n:
+            raise ValueError(f"ResumableBatches: lengths has {len(lengths)} entries for {n} rows: give one per row.")
+        self.lengths = None if lengths is None else torch.as_tensor(list(lengths), dtype=torch.long)
         self.generator = torch.Generator().manual_seed(seed)
         self.epoch_state: torch.Tensor = self.generator.get_state()
         self._resume: Optional[tuple[torch.Tensor, int]] = None
@@ -202,8 +235,13 @@ class ResumableBatches(Sampler[list[int]]):
                 torch.empty((), dtype=torch.int64).random_(generator=self.generator)
                 skip = 0
         self.epoch_state = self.generator.get_state()
-        order = torch.randperm(self.n, generator=self.generator).tolist()
+        order = torch.randperm(self.n, generator=self.generator)
         torch.randperm(self.n, generator=self.generator)  # RandomSampler's trailing draw, as it is exhausted
+        if self.lengths is not None:
+            digest = hashlib.sha256(self.epoch_state.numpy().tobytes()).digest()
+            shuffle = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+            order = group_by_length(order, self.lengths, self.batch_size, shuffle)
+        order = order.tolist()
         for start in range(skip * self.batch_size, self.n, self.batch_size):
             yield order[start : start + self.batch_size]
 
@@ -294,11 +332,22 @@ class ResumableLoader(DataLoader):
 
 def _loader(
     dataset: Dataset, batch_size: int, shuffle: bool, seed: int, num_workers: int, collate: _PadCollator,
-    progress: Optional[Callable[[], int]] = None,
+    progress: Optional[Callable[[], int]] = None, grouped: bool = False,
 ) -> DataLoader:
+    """The loader of one split. Training (``shuffle`` with ``progress``): a :class:`ResumableLoader`, its rows grouped
+    by length if ``grouped``; under a distributed strategy (no ``progress``) a plain one for Lightning to shard."""
     common = dict(num_workers=num_workers, persistent_workers=num_workers > 0, collate_fn=collate)
     if shuffle and progress is not None:  # training in one process: a seeded order every epoch, resumable mid-epoch
-        return ResumableLoader(dataset, batch_size, seed, progress, **common)
+        batches = None
+        if grouped:
+            lengths = [len(row["input_ids"]) for row in dataset.examples]  # type: ignore[attr-defined]
+            batches = ResumableBatches(len(dataset), batch_size, seed, lengths)  # type: ignore[arg-type]
+        return ResumableLoader(dataset, batch_size, seed, progress, batch_sampler=batches, **common)
+    if grouped and shuffle:
+        rank_zero_warn(
+            "group_by_length has no effect under a distributed strategy: Lightning's DistributedSampler shuffles the"
+            " rows. Batches are padded to their longest row as without it."
+        )
     # evaluation; or training under a distributed strategy, where Lightning puts in its DistributedSampler (which
     # resumes at epoch boundaries, not mid-epoch)
     generator = torch.Generator().manual_seed(seed) if shuffle else None
@@ -455,6 +504,9 @@ class TextClassificationData(L.LightningDataModule):
         max_train_rows: Train on a random subset of this many rows (drawn with ``seed``); None uses all.
         seed: Seed of the training subset and of the per-epoch shuffle.
         tokenizer_name_or_path: Tokenizer directory; None uses the LightningModule's ``tokenizer``.
+        group_by_length: Put training rows of similar lengths in the same batches (:func:`group_by_length`): each run
+            of 50 batches of the epoch's shuffle sorted by length, the batches shuffled. Each epoch keeps its rows,
+            batches pad less; still resumable mid-epoch. One process only (under DDP Lightning's sampler shuffles).
 
     Example::
 
@@ -484,9 +536,11 @@ class TextClassificationData(L.LightningDataModule):
         max_train_rows: Optional[int] = None,
         seed: int = 0,
         tokenizer_name_or_path: Optional[str] = None,
+        group_by_length: bool = False,
     ) -> None:
         super().__init__()
         owner = type(self).__name__
+        check_value(owner, "group_by_length", group_by_length, bool)
         _check_loader_args(owner, batch_size, eval_batch_size, num_workers, max_length)
         if label_names is not None and len(set(label_names)) != len(label_names):
             raise ValueError(f"{owner}: label_names must be distinct, got {label_names}.")
@@ -566,7 +620,8 @@ class TextClassificationData(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         hp = self.hparams
-        return _loader(self.datasets["train"], hp.batch_size, True, hp.seed, hp.num_workers, self._collate(), _trained_batches(self))
+        return _loader(self.datasets["train"], hp.batch_size, True, hp.seed, hp.num_workers, self._collate(),
+                       _trained_batches(self), grouped=hp.group_by_length)
 
     def val_dataloader(self) -> DataLoader | list:
         return self._eval_loader("val")

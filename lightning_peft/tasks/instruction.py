@@ -401,6 +401,8 @@ class InstructionData(L.LightningDataModule):
             before the validation split); None uses all.
         seed: Seed of the subset, the validation split and the per-epoch shuffle.
         tokenizer_name_or_path: Tokenizer directory; None uses the LightningModule's ``tokenizer``.
+        group_by_length: Put training examples of similar lengths in the same batches (as ``TextClassificationData``'s
+            ``group_by_length``); packed rows are full already, so not with ``packing``.
     """
 
     def __init__(
@@ -423,9 +425,16 @@ class InstructionData(L.LightningDataModule):
         max_rows: Optional[int] = None,
         seed: int = 0,
         tokenizer_name_or_path: Optional[str] = None,
+        group_by_length: bool = False,
     ) -> None:
         super().__init__()
         owner = type(self).__name__
+        check_value(owner, "group_by_length", group_by_length, bool)
+        if group_by_length and packing:
+            raise ValueError(
+                f"{owner}: group_by_length=True with packing=True: packed rows are full already (max_length tokens each)."
+                " Use one of the two: packing for the least padding, group_by_length to keep one example per row."
+            )
         for name, value, tp in (
             ("max_length", max_length, int), ("batch_size", batch_size, int), ("eval_batch_size", eval_batch_size, Optional[int]),
             ("num_workers", num_workers, int), ("val_fraction", val_fraction, float), ("max_rows", max_rows, Optional[int]),
@@ -562,7 +571,8 @@ class InstructionData(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         hp = self.hparams
         collate = _PackedCollator(self.tokenizer.pad_token_id) if hp.packing else self._collate()
-        return _loader(self.datasets["train"], hp.batch_size, True, hp.seed, hp.num_workers, collate, _trained_batches(self))
+        return _loader(self.datasets["train"], hp.batch_size, True, hp.seed, hp.num_workers, collate, _trained_batches(self),
+                       grouped=hp.group_by_length)
 
     def val_dataloader(self) -> DataLoader | list:
         if "val" not in self.datasets:

@@ -44,6 +44,7 @@ from lightning_peft.tasks._hf import (
 from lightning_peft.tasks._optim import adamw_with_linear_schedule, check_schedule_args
 from lightning_peft.tasks.classification import _MODEL_INPUTS
 from lightning_peft.tasks.data import (
+    GROUP_BATCHES,
     ResumableLoader,
     _attached_module,
     _check_loader_args,
@@ -53,6 +54,7 @@ from lightning_peft.tasks.data import (
     _resolve_tokenizer,
     _tokenize_table,
     _trained_batches,
+    group_by_length,
     lightning_shards_loaders,
 )
 from lightning_peft.validation import check_value, check_values
@@ -160,7 +162,7 @@ class MultiTaskBatches(Sampler[list[int]]):
     """
 
     #: Batches whose rows are sorted by length together when ``lengths`` is given.
-    GROUP_BATCHES = 50
+    GROUP_BATCHES = GROUP_BATCHES
 
     def __init__(
         self, sizes: Sequence[int], batch_size: int, seed: int = 0, sampling: Sampling = "proportional", temperature: float = 1.0,
@@ -252,23 +254,9 @@ class MultiTaskBatches(Sampler[list[int]]):
             slots = (order == t).nonzero().squeeze(1)
             indices[slots] = self.offsets[t] + self._stream(t, int(starts[t]), len(slots))
         if self.lengths is not None:
-            indices = self._grouped_by_length(indices, epoch)
+            indices = group_by_length(indices, self.lengths, self.batch_size, _generator(self.seed, "batches", epoch), self.GROUP_BATCHES)
         flat = indices.tolist()
         return [flat[i : i + self.batch_size] for i in range(0, self.total, self.batch_size)]
-
-    def _grouped_by_length(self, indices: torch.Tensor, epoch: int) -> torch.Tensor:
-        """``indices`` reordered so that batches hold rows of similar lengths: each run of ``GROUP_BATCHES`` batches
-        sorted by length (longest first, stable), then the whole batches shuffled (the last, partial one stays last)."""
-        span = self.batch_size * self.GROUP_BATCHES
-        groups = []
-        for start in range(0, len(indices), span):
-            chunk = indices[start : start + span]
-            groups.append(chunk[torch.argsort(self.lengths[chunk], descending=True, stable=True)])
-        indices = torch.cat(groups)
-        full = len(indices) // self.batch_size
-        order = torch.randperm(full, generator=_generator(self.seed, "batches", epoch))
-        head = indices[: full * self.batch_size].view(full, self.batch_size)[order].reshape(-1)
-        return torch.cat([head, indices[full * self.batch_size :]])
 
     def __iter__(self):
         (epoch, skip), self._next = self._next, (self._next[0] + 1, 0)

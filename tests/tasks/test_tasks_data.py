@@ -302,3 +302,74 @@ def test_instruction_alpaca_sample_split():
     assert [e["input_ids"] for e in make().datasets["val"].examples] == [e["input_ids"] for e in val]  # seeded split
     batch = next(iter(dm.val_dataloader()))
     assert batch["input_ids"].shape[0] == 3
+
+
+# ---------------------------------------------------------------------------------------------- group_by_length
+
+
+def _epoch(loader):
+    rows, padded = [], 0
+    for batch in loader:
+        padded += batch["input_ids"].numel()
+        rows += [tuple(r[m.bool()].tolist()) for r, m in zip(batch["input_ids"], batch["attention_mask"])]
+    return rows, padded
+
+
+def test_group_by_length_keeps_each_epochs_rows_pads_less_and_resumes_mid_epoch(tmp_path, minilm_dir):
+    words = "a gorgeous witty seductive movie that never lets go of its plot".split()
+    rows = [(" ".join(words[j % len(words)] for j in range(i, i + 1 + (7 * i) % 37)), i % 2) for i in range(600)]
+    path = _tsv(tmp_path, rows=rows)
+
+    def data(grouped, seed=0):
+        dm = TextClassificationData(train_file=path, batch_size=8, seed=seed, max_length=64, tokenizer_name_or_path=minilm_dir,
+                                    group_by_length=grouped)
+        dm.setup("fit")
+        return dm
+
+    plain, grouped = data(False).train_dataloader(), data(True).train_dataloader()
+    for _ in range(2):  # two epochs
+        (rows_plain, pad_plain), (rows_grouped, pad_grouped) = _epoch(plain), _epoch(grouped)
+        assert sorted(rows_plain) == sorted(rows_grouped) and len(rows_grouped) == 600  # the epoch's rows, each once
+        assert pad_grouped < 0.7 * pad_plain, (pad_grouped, pad_plain)
+    assert _epoch(data(True).train_dataloader())[0] == _epoch(data(True).train_dataloader())[0]  # seeded
+    assert _epoch(data(True).train_dataloader())[0] != _epoch(data(True, seed=1).train_dataloader())[0]
+
+    done = [0]
+    whole = data(True).train_dataloader()
+    epochs = [[b["input_ids"].tolist() for b in whole] for _ in range(2)]
+    for consumed in (3, 40, 75):  # 75 batches an epoch: the last resumes with the next epoch
+        saved = data(True).train_dataloader()
+        saved._progress = lambda: done[0]
+        it = iter(saved)
+        for _ in range(consumed):
+            next(it)
+        done[0] = consumed
+        resumed = data(True).train_dataloader()
+        resumed.load_state_dict(saved.state_dict())
+        expected = epochs[0][consumed:] if consumed < 75 else epochs[1]
+        assert [b["input_ids"].tolist() for b in resumed] == expected, consumed
+
+
+def test_group_by_length_is_checked_and_refused_with_packing(tmp_path, minilm_dir):
+    from lightning_peft.tasks.data import _loader
+
+    with pytest.raises(TypeError, match=r"group_by_length='true' \(str\) must be True or False"):
+        TextClassificationData(train_file="x.tsv", group_by_length="true")
+    with pytest.raises(ValueError, match=r"group_by_length=True with packing=True: packed rows are full already"):
+        InstructionData(train_file="x.json", packing=True, group_by_length=True)
+    with pytest.warns(UserWarning, match=r"group_by_length has no effect under a distributed strategy"):
+        _loader([{"input_ids": [1]}], 1, True, 0, 0, list, progress=None, grouped=True)
+
+
+def test_instruction_data_grouped_by_length_pads_less(tmp_path, minilm_dir):
+    rows = [{"instruction": "Repeat the word.", "input": "", "output": " ".join(["river"] * (1 + (11 * i) % 40))} for i in range(160)]
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps(rows))
+
+    def padded(grouped):
+        dm = InstructionData(train_file=str(path), val_fraction=0.0, batch_size=8, tokenizer_name_or_path=minilm_dir, group_by_length=grouped)
+        dm.setup("fit")
+        return _epoch(dm.train_dataloader())
+
+    (plain_rows, plain), (grouped_rows, grouped) = padded(False), padded(True)
+    assert sorted(plain_rows) == sorted(grouped_rows) and grouped < 0.85 * plain, (grouped, plain)  # a template of ~25 tokens in every row
