@@ -472,9 +472,11 @@ def delete_adapter(model: nn.Module, name: str) -> nn.Module:
         del owners[module_name]
         module = model.get_submodule(module_name)
         if not isinstance(module, AdapterLayer):  # trained in place for this adapter alone: it stops training
-            own = {f"{module_name}.{p}" for p, _ in module.named_parameters()}
+            own = {f"{module_name}.{p}": p_ for p, p_ in module.named_parameters()}
+            trained = [t for t in state.get("trainable", []) if t in own]
             state["trainable"] = [t for t in state.get("trainable", []) if t not in own]
-            module.requires_grad_(False)
+            for name in trained:  # its own parameters only: an adapter another adapter put inside it trains on
+                own[name].requires_grad_(False)
     return model
 
 

@@ -193,6 +193,7 @@ def generate_main(args: list[str]) -> list[dict[str, Any]]:
     parser.add_argument("--output", type=Optional[str], default=None, help="Write one JSON object per prompt (prompt, completion, tokens) to this .jsonl file.")
     parser.add_argument("--batch_size", type=int, default=8, help="Prompts generated together.")
     cfg = parser.parse_args(args)
+    cfg.system = cfg.system or None  # --system "" is no system message, everywhere
     check_generation_args("lightning-peft generate", cfg.max_new_tokens, cfg.temperature, cfg.top_p)
     if not cfg.prompt and cfg.prompts_file is None:
         raise ValueError("Nothing to generate from: pass --prompt TEXT (repeatable) and/or --prompts_file FILE.")
@@ -242,6 +243,7 @@ def chat_main(args: list[str], stdin: Any = None) -> None:
     from lightning_peft.tasks.generation import check_generation_args, context_length, generate_ids, strip_stop
 
     cfg = _parser("lightning-peft chat", "Talk to a trained causal-LM adapter: type a message and press enter; /reset starts over, /exit (or end of input) quits.").parse_args(args)
+    cfg.system = cfg.system or None  # --system "" is no system message
     check_generation_args("lightning-peft chat", cfg.max_new_tokens, cfg.temperature, cfg.top_p)
     module, data_args, config_path = _load(cfg)
     _place(module, cfg.device, cfg.dtype)
@@ -274,8 +276,9 @@ def chat_main(args: list[str], stdin: Any = None) -> None:
             prompt = formatter.encode_prompt({formatter.instruction_column: text})
             prompt = prompt if limit is None or len(prompt) + cfg.max_new_tokens <= limit else None
         if prompt is None:
-            print(f"(not sent: the message is too long for the model's context of {limit} positions with --max_new_tokens"
-                  f" {cfg.max_new_tokens}; the conversation is as it was)", file=sys.stderr, flush=True)
+            with_system = " with the system message" if chat and cfg.system else ""
+            print(f"(not sent: the message{with_system} is too long for the model's context of {limit} positions with"
+                  f" --max_new_tokens {cfg.max_new_tokens}; the conversation is as it was)", file=sys.stderr, flush=True)
             continue
         if chat:
             if len(kept) < len(history) + 1:

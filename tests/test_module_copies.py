@@ -268,3 +268,24 @@ def test_deleting_the_only_owner_of_a_head_trained_in_place_stops_training_it():
         delete_adapter(model, n)
     assert type(model.classifier) is nn.Linear and not any(p.requires_grad for p in model.parameters())
     assert peft_state(model)["owners"] == {} and not peft_state(model)["trainable"]
+
+
+def test_deleting_the_owner_of_a_head_leaves_another_adapters_layers_inside_it_training():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Linear(4, 4)
+            self.head = nn.Sequential()
+            self.head.add_module("dense", nn.Linear(4, 4))
+            self.head.add_module("out", nn.Linear(4, 2))
+
+        def forward(self, x):
+            return self.head(self.body(x))
+
+    model = Net()
+    LoRA(r=2, target_modules=["body"], adapter_name="a", trainable_modules=["head"]).inject(model)
+    LoRA(r=2, target_modules=["head.dense"], adapter_name="b").inject(model)
+    delete_adapter(model, "a")
+    training = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    assert training and all(".b" in n and "lora_" in n for n in training), training  # b's LoRA in the head trains on
+    assert not model.head.out.weight.requires_grad

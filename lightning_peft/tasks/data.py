@@ -292,16 +292,17 @@ class ResumableLoader(DataLoader):
         self._rng: Optional[torch.Tensor] = None
 
     def state_dict(self) -> dict[str, Any]:
-        state = {"epoch_rng": self.batch_sampler.epoch_state, "consumed": int(self._progress()), "torch_rng": torch.get_rng_state()}
+        state = {"epoch_rng": self.batch_sampler.epoch_state, "consumed": int(self._progress()), "torch_rng": torch.get_rng_state(),
+                 "grouped": getattr(self.batch_sampler, "lengths", None) is not None}
         replicas = getattr(self.batch_sampler, "num_replicas", None)
         if replicas is None:  # a sampler of one process
             return state
         state.update(num_replicas=int(replicas), share_batches=len(self.batch_sampler))
-        if replicas > 1:
+        import torch.distributed as dist
+
+        if replicas > 1 and dist.is_available() and dist.is_initialized():
             # several processes, each with its own share of batches and its own random numbers (dropout): the
             # checkpoint (written by rank 0) keeps every rank's. Lightning collects this state on every rank.
-            import torch.distributed as dist
-
             states: list[Any] = [None] * dist.get_world_size()
             dist.all_gather_object(states, state["torch_rng"])
             state["torch_rng_per_rank"] = states
@@ -309,14 +310,29 @@ class ResumableLoader(DataLoader):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         consumed = int(state_dict["consumed"])
-        saved, now = state_dict.get("num_replicas"), getattr(self.batch_sampler, "num_replicas", None)
-        share = state_dict.get("share_batches")
-        if saved is not None and now is not None and saved != now and share is not None and 0 < consumed < share:
+        now = getattr(self.batch_sampler, "num_replicas", None)
+        saved, share = state_dict.get("num_replicas"), state_dict.get("share_batches")
+        if now is not None and saved is None:  # written before the state recorded it: by one process
+            saved, share = 1, getattr(self.batch_sampler, "epoch_batches", None)
+        if now is not None and saved != now and share is not None:
+            if 0 < consumed < share:
+                raise ValueError(
+                    f"ResumableLoader: the checkpoint was saved mid-epoch by {saved} process(es), each {consumed} of its"
+                    f" {share} batches into the epoch; {now} process(es) would share the epoch's batches otherwise, so no"
+                    f" position here resumes it exactly. Resume with {saved} process(es), or from a checkpoint saved at an"
+                    " epoch's end."
+                )
+            if consumed >= share:  # the saved epoch was complete: the next one starts, whatever this share's length
+                consumed = len(self.batch_sampler)
+        grouped = getattr(self.batch_sampler, "lengths", None) is not None
+        was_grouped = state_dict.get("grouped")
+        if was_grouped is None and isinstance(self.batch_sampler, ResumableBatches):
+            was_grouped = False  # written before ResumableBatches could group
+        if was_grouped is not None and was_grouped != grouped and 0 < consumed < len(self.batch_sampler):
             raise ValueError(
-                f"ResumableLoader: the checkpoint was saved mid-epoch by {saved} process(es), each {consumed} of its"
-                f" {share} batches into the epoch; {now} process(es) would share the epoch's batches otherwise, so no"
-                f" position here resumes it exactly. Resume with {saved} process(es), or from a checkpoint saved at an"
-                " epoch's end."
+                f"ResumableLoader: the checkpoint was saved mid-epoch with group_by_length={was_grouped}, and"
+                f" this run has group_by_length={grouped}: the epoch's batches differ, so its position cannot be resumed."
+                " Resume with the setting it was saved with, or from a checkpoint saved at an epoch's end."
             )
         self.batch_sampler.resume(state_dict["epoch_rng"], consumed)
         per_rank = state_dict.get("torch_rng_per_rank")
@@ -355,8 +371,10 @@ def _loader(
 
 
 def lightning_shards_loaders(trainer: Optional[L.Trainer]) -> bool:
-    """Whether Lightning puts its DistributedSampler into the loaders: under any distributed strategy (DDP, FSDP,
-    DeepSpeed, ...), one device included (``strategy="ddp", devices=1``), not only when the world size is above 1."""
+    """Whether the training loader is Lightning's to shard: under any distributed strategy (DDP, FSDP, DeepSpeed, ...),
+    one device included (``strategy="ddp", devices=1``), not only when the world size is above 1. (With
+    ``Trainer(use_distributed_sampler=False)`` Lightning puts no sampler in, and every process then gets the same
+    shuffle: sharding is then the user's.)"""
     return trainer is not None and trainer.distributed_sampler_kwargs is not None
 
 

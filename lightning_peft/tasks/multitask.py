@@ -26,7 +26,7 @@ from typing import Any, Literal, Optional, Sequence, TypedDict
 import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, XLAStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
@@ -270,6 +270,12 @@ class MultiTaskBatches(Sampler[list[int]]):
         self._next = (epoch + 1, 0) if consumed >= len(self) else (epoch, consumed)
 
 
+def _plain_ddp(strategy: Any) -> bool:
+    """DDP itself (``ddp``, ``ddp_spawn``, ``ddp_find_unused_parameters_true``, ...): not its subclasses DeepSpeed and XLA,
+    which shard or place the model their own way."""
+    return isinstance(strategy, DDPStrategy) and not isinstance(strategy, (DeepSpeedStrategy, XLAStrategy))
+
+
 def _check_sampling(owner: str, sampling: str, temperature: float) -> None:
     if temperature <= 0:
         raise ValueError(f"{owner}: temperature must be > 0 (1 is proportional sampling, larger is closer to uniform), got {temperature}.")
@@ -427,7 +433,7 @@ class MultiTaskData(L.LightningDataModule):
 
     def setup(self, stage: Optional[str] = None) -> None:
         trainer = getattr(self, "trainer", None)
-        if stage in (None, "fit") and lightning_shards_loaders(trainer) and not isinstance(trainer.strategy, DDPStrategy):
+        if stage in (None, "fit") and lightning_shards_loaders(trainer) and not _plain_ddp(trainer.strategy):
             raise ValueError(
                 f"MultiTaskData trains in one process or under DDP (strategy=ddp), not under {type(trainer.strategy).__name__}"
                 " yet: routing rows to adapters under FSDP and DeepSpeed is untested. Use strategy=ddp, or train each task"
@@ -653,7 +659,7 @@ class MultiTaskClassifier(PEFTMixin, L.LightningModule):
         # DDP must be told to expect that before it wraps the model (after this hook). Lightning keeps DDP's
         # arguments in `_ddp_kwargs`; `strategy=ddp_find_unused_parameters_true` sets the same flag.
         strategy = self.trainer.strategy if self._trainer is not None else None
-        if stage == "fit" and isinstance(strategy, DDPStrategy):
+        if stage == "fit" and _plain_ddp(strategy):
             kwargs = getattr(strategy, "_ddp_kwargs", None)
             if not isinstance(kwargs, dict):
                 raise ValueError(

@@ -164,14 +164,16 @@ class PredictionWriter(BasePredictionWriter):
             indices = list(range(start, start + len(rows)))
             self._next_index[dataloader_idx] = start + len(rows)
         several = len(trainer.num_predict_batches) > 1
-        if self._file is None:
-            self._open()
-        assert self._file is not None
+        lines = []  # the whole batch first: a row JSON cannot hold leaves no part of its batch in the file
         for index, row in zip(indices, rows):
             head = {"index": int(index)} if "index" not in row else {}
             if several:
                 head["dataloader_idx"] = dataloader_idx
-            self._file.write(json.dumps({**head, **row}, ensure_ascii=False, default=_not_serialisable) + "\n")
+            lines.append(json.dumps({**head, **row}, ensure_ascii=False, default=_not_serialisable) + "\n")
+        if self._file is None:
+            self._open()
+        assert self._file is not None
+        self._file.write("".join(lines))
         self._file.flush()
         self._rows_written += len(rows)
 

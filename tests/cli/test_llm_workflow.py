@@ -211,7 +211,7 @@ def test_chat_drops_the_earliest_exchanges_to_fit_the_models_context(trained, mo
     prompts, replies, err = _chat(trained, monkeypatch, [long + " one", long + " two", long + " three", " ".join(["sun"] * 600), "Add 2 and 3."],
                                   "--system", "Be brief.", "--max_new_tokens=400")
     assert "earliest messages were dropped to fit the model's context of 512 positions" in err
-    assert "(not sent: the message is too long for the model's context of 512 positions" in err
+    assert "(not sent: the message with the system message is too long for the model's context of 512 positions" in err
     assert len(prompts) == 4 and len(replies) == 4  # the 600-word message got no reply
     assert all(len(p) + 400 <= 512 for p in prompts)
 

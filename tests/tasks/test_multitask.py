@@ -307,12 +307,15 @@ def test_the_data_names_a_missing_file_under_data_dir_and_refuses_sharded_strate
     with pytest.raises(FileNotFoundError, match=r"task 'pos' train_file='nope.tsv' \(under data_dir=.*\) is .*nope.tsv', which is not a file"):
         missing.setup("fit")
     data = MultiTaskData(task_files, data_dir=str(tmp_path), tokenizer_name_or_path=minilm_dir)
-    from lightning.pytorch.strategies import ModelParallelStrategy
+    from lightning.pytorch.strategies import DeepSpeedStrategy, ModelParallelStrategy
 
-    data.trainer = SimpleNamespace(strategy=ModelParallelStrategy(), distributed_sampler_kwargs={"num_replicas": 2, "rank": 0},
-                                   world_size=2, lightning_module=None)
-    with pytest.raises(ValueError, match=r"MultiTaskData trains in one process or under DDP \(strategy=ddp\), not under ModelParallelStrategy yet"):
-        data.setup("fit")
+    pytest.importorskip("deepspeed")
+    for strategy in (ModelParallelStrategy(), DeepSpeedStrategy(stage=2)):  # DeepSpeed is a DDPStrategy subclass
+        data.trainer = SimpleNamespace(strategy=strategy, distributed_sampler_kwargs={"num_replicas": 2, "rank": 0},
+                                       world_size=2, lightning_module=None)
+        name = type(strategy).__name__
+        with pytest.raises(ValueError, match=rf"MultiTaskData trains in one process or under DDP \(strategy=ddp\), not under {name} yet"):
+            data.setup("fit")
     for devices in (2, 1):  # DDP (on one device too) and one process are fine
         data.trainer = L.Trainer(accelerator="cpu", strategy="ddp", devices=devices, logger=False)
         data.setup("fit")
@@ -528,3 +531,27 @@ def test_activation_checkpointing_recomputes_each_row_through_its_adapter(tiny_b
     assert trained[0].keys() == trained[1].keys() and trained[0]
     for n in trained[0]:
         torch.testing.assert_close(trained[1][n], trained[0][n], atol=1e-6, rtol=1e-5, msg=n)
+
+
+def test_a_loader_position_resumes_across_process_counts_only_at_an_epochs_end():
+    """Each process's position counts its own share: saved mid-epoch by 2 processes it cannot be resumed by 1 (the
+    shares differ: refused); saved at the epoch's end it resumes with the next epoch, whatever the share's length.
+    A position saved with group_by_length cannot be resumed mid-epoch without it (the batches differ)."""
+    def loader(replicas=1, rank=0, done=0, lengths=None):
+        batches = MultiTaskBatches([7, 29], 4, seed=1, num_replicas=replicas, rank=rank, lengths=lengths)
+        return ResumableLoader(list(range(36)), None, 0, lambda: done, batch_sampler=batches, collate_fn=list)
+
+    two = loader(2, 0, done=3).state_dict()  # no process group here: only this rank's random state is kept
+    assert two["num_replicas"] == 2 and two["share_batches"] == 5 and "torch_rng_per_rank" not in two
+    with pytest.raises(ValueError, match=r"saved mid-epoch by 2 process\(es\), each 3 of its 5 batches .* Resume with 2 process\(es\)"):
+        loader(1).load_state_dict(two)
+    ended = loader(2, 0, done=5).state_dict()
+    one = loader(1)
+    one.load_state_dict(ended)
+    assert list(one) == one.batch_sampler.own_batches(1)  # the next epoch, not batches 5.. of the finished one
+    old = {k: v for k, v in loader(1, done=3).state_dict().items() if k not in ("num_replicas", "share_batches")}
+    with pytest.raises(ValueError, match=r"saved mid-epoch by 1 process\(es\), each 3 of its 9 batches"):
+        loader(2).load_state_dict(old)  # a checkpoint from before the state recorded it: one process
+    grouped = loader(1, done=3, lengths=list(range(36))).state_dict()
+    with pytest.raises(ValueError, match=r"saved mid-epoch with group_by_length=True, and this run has group_by_length=False"):
+        loader(1).load_state_dict(grouped)

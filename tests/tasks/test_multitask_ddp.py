@@ -37,7 +37,7 @@ def _run(mode, tmp_path, bert, tasks, dropout=0.0, out=None, ok=True):
     out = out or tmp_path
     out.mkdir(exist_ok=True)
     proc = subprocess.run([sys.executable, str(SCRIPT), mode, str(out), bert, str(tmp_path), json.dumps(tasks), str(dropout)],
-                          cwd=REPO, capture_output=True, text=True, timeout=280)
+                          cwd=REPO, capture_output=True, text=True, timeout=180)
     assert (proc.returncode == 0) == ok, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 

@@ -202,11 +202,11 @@ class _FailsAt(_Generator):
         if batch_idx == self.at and self.where == "step":
             raise RuntimeError("out of memory, say")
         out = super().predict_step(batch, batch_idx)
-        return {**out, "extra": [object()] * len(batch["prompt"])} if batch_idx == self.at else out
+        return {**out, "extra": [1] * (len(batch["prompt"]) - 1) + [object()]} if batch_idx == self.at else out  # the last row only
 
 
 @pytest.mark.parametrize("write_interval", ["batch", "epoch"])
-@pytest.mark.parametrize("at, where", [(0, "step"), (1, "step"), (2, "value")])
+@pytest.mark.parametrize("at, where", [(0, "step"), (1, "step"), (1, "value")])
 def test_a_failed_predict_leaves_the_earlier_file_or_only_whole_batches(tmp_path, write_interval, at, where):
     """overwrite=True replaces the earlier predictions only with the new run's rows: a run that fails before its
     first row leaves the earlier file as it was; "epoch" writes through a temporary file, so a failure at any point
