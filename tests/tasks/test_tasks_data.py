@@ -202,10 +202,12 @@ def test_classification_max_train_rows_and_predict_without_labels(tmp_path, mini
     rows = [(f"sentence {i}", i % 2) for i in range(10)]
     pred = _write(tmp_path / "test.tsv", "index\tsentence\n0\thello\n1\tworld\n")
     dm = TextClassificationData(
-        train_file=_tsv(tmp_path, rows=rows), predict_file=pred, max_train_rows=4, tokenizer_name_or_path=minilm_dir
+        train_file=_tsv(tmp_path, rows=rows), val_file=_tsv(tmp_path, "dev.tsv", rows=rows), test_file=_tsv(tmp_path, "t.tsv", rows=rows),
+        predict_file=pred, max_train_rows=4, tokenizer_name_or_path=minilm_dir
     )
     dm.setup()
     assert len(dm.datasets["train"]) == 4
+    assert len(dm.datasets["val"]) == len(dm.datasets["test"]) == 10  # evaluation files are never subsampled
     assert "labels" not in next(iter(dm.predict_dataloader()))
 
 
