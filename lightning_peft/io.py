@@ -9,9 +9,12 @@ the module itself), so ``peft.PeftModel.from_pretrained(hf_model, path)`` loads 
 
 Stored whole, as PEFT does: the modules trained in full (``trainable_modules``) and, for a sequence or token
 classifier (``task_type`` ``SEQ_CLS`` / ``TOKEN_CLS``), its head ``classifier`` / ``score``, trained or not (PEFT's
-classifier models always load the head from the file). PEFT takes every module whose qualified name *ends with*
-a ``modules_to_save`` entry (``"classifier"`` also takes DistilBERT's ``pre_classifier``), with all its
-parameters (RoBERTa's ``classifier.dense`` and ``classifier.out_proj``); files are written and read by that rule.
+classifier models always load the head from the file). PEFT up to 0.21 took every module whose qualified name
+*ends with* a ``modules_to_save`` entry (``"classifier"`` also took DistilBERT's ``pre_classifier``), with all its
+parameters (RoBERTa's ``classifier.dense`` and ``classifier.out_proj``); files are written by that rule, which
+both old and new PEFT load. PEFT 0.22 matches at dots (``pre_classifier`` is no ``classifier``; its ``SEQ_CLS``
+models name ``pre_classifier`` instead): reading, a module matched at dots must be in the file whole, one matched
+only by the old suffix rule is loaded if the file holds it (whole), and may be absent.
 ``task_type`` is ``CAUSAL_LM``, ``SEQ_CLS`` or ``TOKEN_CLS`` from the model class (else null: PEFT's plain
 ``PeftModel``), and ``base_model_name_or_path`` the path the base was loaded from, so ``peft.AutoPeftModelFor...``
 can load the directory alone. The config holds PEFT's fields only (PEFT warns about others); the safetensors
@@ -439,10 +442,11 @@ def _peft_task_type(base: nn.Module) -> Optional[str]:
     return task if task in ("CAUSAL_LM", *_CLASSIFIER_TASKS) else None
 
 
-def _peft_matches(module_names: list[str], entries: list[str]) -> list[str]:
+def _peft_matches(module_names: list[str], entries: list[str], at_dots: bool = False) -> list[str]:
     """The modules PEFT wraps for ``modules_to_save=entries``: every module whose qualified name ends with an entry
-    (a plain suffix: ``"classifier"`` also takes ``pre_classifier``), outermost only (the others are inside them)."""
-    hit = [n for n in module_names if any(n.endswith(e) for e in entries)]
+    (PEFT <= 0.21: a plain suffix, ``"classifier"`` also takes ``pre_classifier``; ``at_dots``, PEFT >= 0.22: the
+    whole name or a dotted suffix), outermost only (the others are inside them)."""
+    hit = [n for n in module_names if any((n == e or n.endswith("." + e)) if at_dots else n.endswith(e) for e in entries)]
     return [n for n in hit if not any(n.startswith(o + ".") for o in hit)]
 
 
@@ -560,8 +564,14 @@ def load_adapter(
     fmt = _FORMATS[config["peft_type"]]
     full, rest = _split_modules_to_save(base, tensors, entries, directory, fmt.key_prefix, adapter_name)
     module_names = _module_names(base)
-    listed = _peft_matches(module_names, [m for m in saved_modules if m])
-    lacking = [f"{m}.{k}" for m in listed for k in module_copy(base, m, adapter_name).state_dict() if f"{m}.{k}" not in full]
+    lacking = []
+    required = _peft_matches(module_names, [m for m in saved_modules if m], at_dots=True)
+    for m in _peft_matches(module_names, [m for m in saved_modules if m]):
+        keys = [f"{m}.{k}" for k in module_copy(base, m, adapter_name).state_dict()]
+        missing = [k for k in keys if k not in full]
+        # matched at dots (PEFT >= 0.22's rule): required; matched by the old suffix rule only: all of it, or none
+        if m in required or len(missing) < len(keys):
+            lacking += missing
     if lacking:
         raise AdapterFileError(
             f"{directory}: modules_to_save lists {saved_modules}, but the file lacks {len(lacking)} of their tensors "

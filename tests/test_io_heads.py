@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+from packaging.version import Version
 from torch import nn
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -34,9 +35,9 @@ def _config(arch, **kw):
     return BertConfig(max_position_embeddings=64, **bert_like)
 
 
-def _classifier(arch, head_seed=None, task="seq"):
-    """The same encoder every call (seed 0); the head (every module PEFT matches as ``classifier``) re-drawn from
-    ``head_seed`` if given, so that a round trip only passes if the file restores the head."""
+def _classifier(arch, head_seed=None, task="seq", head_keys=None):
+    """The same encoder every call (seed 0); the head (every module PEFT matches as ``classifier``, or the parameters
+    ``head_keys``) re-drawn from ``head_seed`` if given, so that a round trip only passes if the file restores it."""
     import transformers
 
     names = {"bert": "Bert", "roberta": "Roberta", "deberta-v2": "DebertaV2", "distilbert": "DistilBert"}
@@ -47,7 +48,7 @@ def _classifier(arch, head_seed=None, task="seq"):
         g = torch.Generator().manual_seed(head_seed)
         with torch.no_grad():
             for n, p in model.named_parameters():
-                if n.split(".")[0].endswith("classifier"):
+                if (n in head_keys) if head_keys is not None else n.split(".")[0].endswith("classifier"):
                     p.copy_(torch.randn(p.shape, generator=g) * 0.5)
     return model
 
@@ -61,6 +62,16 @@ HEAD_KEYS = {
     "distilbert": ["classifier.bias", "classifier.weight", "pre_classifier.bias", "pre_classifier.weight"],
 }
 ARCHS = list(LORA_TARGETS)
+#: peft 0.22 matches modules_to_save at dot boundaries: an explicit ["classifier"] no longer takes DistilBERT's
+#: pre_classifier (task_type="SEQ_CLS" adds "pre_classifier" by name instead)
+PEFT_MATCHES_AT_DOTS = Version(peft.__version__) >= Version("0.22.0")
+
+
+def _peft_head_keys(arch, explicit_modules_to_save):
+    """What PEFT stores of the head: HEAD_KEYS, less pre_classifier for an explicit ["classifier"] in peft >= 0.22."""
+    if explicit_modules_to_save and PEFT_MATCHES_AT_DOTS:
+        return [k for k in HEAD_KEYS[arch] if not k.startswith("pre_classifier.")]
+    return HEAD_KEYS[arch]
 
 
 def _batch(n=2, t=9):
@@ -134,15 +145,16 @@ def test_lora_classifier_saved_by_peft_loads_here(tmp_path, arch, peft_config):
     theirs = peft.get_peft_model(_classifier(arch), peft.LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS[arch], **kw)).eval()
     _perturb(theirs, ("lora_B", "modules_to_save"))
     theirs.save_pretrained(tmp_path / "p")
-    assert {k for k in _keys(tmp_path / "p") if "lora_" not in k} == {f"base_model.model.{k}" for k in HEAD_KEYS[arch]}
-    ours = load_adapter(_classifier(arch, head_seed=11), tmp_path / "p")
+    head = _peft_head_keys(arch, peft_config == "modules_to_save")
+    assert {k for k in _keys(tmp_path / "p") if "lora_" not in k} == {f"base_model.model.{k}" for k in head}
+    ours = load_adapter(_classifier(arch, head_seed=11, head_keys=head), tmp_path / "p")  # what the file holds re-drawn
     torch.testing.assert_close(_logits(ours, _batch()), _logits(theirs, _batch()), atol=1e-5, rtol=0)
     saved = load_file(tmp_path / "p" / "adapter_model.safetensors")
     params = dict(ours.named_parameters())
-    for key in HEAD_KEYS[arch]:
+    for key in head:
         assert torch.equal(params[key], saved[f"base_model.model.{key}"]), key
-    trainable = load_adapter(_classifier(arch, head_seed=11), tmp_path / "p", is_trainable=True)
-    expected = set(adapter_param_names(trainable)) | set(HEAD_KEYS[arch])
+    trainable = load_adapter(_classifier(arch, head_seed=11, head_keys=head), tmp_path / "p", is_trainable=True)
+    expected = set(adapter_param_names(trainable)) | set(head)
     assert {n for n, p in trainable.named_parameters() if p.requires_grad} == expected
     peft_trainable = {n for n, p in peft.get_peft_model(_classifier(arch), peft.LoraConfig(r=4, target_modules=LORA_TARGETS[arch], **kw)).named_parameters() if p.requires_grad}
     assert len(peft_trainable) == len(expected)  # PEFT trains the same parameters
@@ -427,3 +439,32 @@ def test_a_module_both_trained_whole_and_adapted_is_refused_with_the_fix(tmp_pat
     with pytest.raises(NotImplementedError, match=r"Modules \['classifier\.dense'\] are trained in full \(trainable_modules\) and also carry adapter "
                                                   r"layers.*Leave them out of trainable_modules or out of the adapter's target_modules"):
         save_adapter(ours, tmp_path / "a")
+
+
+@pytest.mark.parametrize("kept", [(), ("pre_classifier.weight",)], ids=["none", "weight-only"])
+def test_a_head_matched_only_by_the_old_suffix_rule_may_be_absent_but_not_partial(tmp_path, kept):
+    """modules_to_save=["classifier"] on DistilBERT: PEFT <= 0.21 stored pre_classifier too (suffix match), PEFT 0.22
+    does not (dot match). Both files load; one holding part of pre_classifier is refused, naming what is missing."""
+    from safetensors.torch import load_file as load_tensors
+
+    ours = _classifier("distilbert")
+    LoRA(r=4, alpha=8, target_modules=LORA_TARGETS["distilbert"], trainable_modules=["classifier"]).inject(ours)
+    _randomize_lora(ours)
+    randomize(ours.classifier, seed=7)
+    save_adapter(ours, tmp_path / "a")
+    tensors = load_tensors(tmp_path / "a" / "adapter_model.safetensors")
+    assert {"base_model.model.pre_classifier.weight", "base_model.model.pre_classifier.bias"} <= set(tensors)
+    save_file({k: v for k, v in tensors.items() if "pre_classifier" not in k or any(k.endswith(x) for x in kept)},
+              tmp_path / "a" / "adapter_model.safetensors")
+    config = _config_of(tmp_path / "a")
+    config.update(task_type=None, modules_to_save=["classifier"])  # what PEFT 0.22 writes for an explicit list
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(config))
+    fresh = _classifier("distilbert", head_seed=11, head_keys=["classifier.weight", "classifier.bias"])
+    if kept:
+        with pytest.raises(AdapterFileError, match=r"lacks 1 of their tensors \(pre_classifier.bias\)"):
+            load_adapter(fresh, tmp_path / "a", check_base=False)
+        return
+    before = fresh.pre_classifier.weight.detach().clone()
+    load_adapter(fresh, tmp_path / "a", check_base=False)
+    assert torch.equal(fresh.pre_classifier.weight, before)  # not in the file: the model's own, as PEFT 0.22 leaves it
+    torch.testing.assert_close(fresh.classifier.weight, ours.classifier.weight, rtol=0, atol=0)
